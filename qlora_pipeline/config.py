@@ -90,9 +90,7 @@ def _describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin is list:
-        return "a list of " + _PLURALS.get(
-            args[0], "mappings" if dataclasses.is_dataclass(args[0]) else "values"
-        )
+        return "a list of " + _PLURALS.get(args[0], "mappings" if dataclasses.is_dataclass(args[0]) else "values")
     names = {str: "a string", int: "an integer", float: "a float", bool: "true or false", type(None): "null"}
     return names.get(hint, "a mapping")
 
@@ -193,9 +191,7 @@ class SourceConfig:
         _check("name", self.name, name_ok, "letters, digits, '_', '.' or '-' (it names output folders)")
         _check("corpus", self.corpus, bool(self.corpus), "a non-empty string")
         if self.type == "local" and not self.path:
-            raise _FieldError(
-                "path", "is required when type is 'local'; set it to a .csv/.tsv/.jsonl/.parquet file"
-            )
+            raise _FieldError("path", "is required when type is 'local'; set it to a .csv/.tsv/.jsonl/.parquet file")
         if self.type != "local" and self.path is not None:
             raise _FieldError("path", f"is only read when type is 'local' (type is '{self.type}'); remove it")
         for column in ("text_column", "label_column"):
@@ -246,14 +242,12 @@ class ModelConfig:
     )
     revision: str | None = param(None, "Hub revision (tag or commit) to pin; null takes the default branch.")
     quantization: Literal["4bit", "8bit", "none", "auto"] = param(
-        "4bit", "Weight quantization; auto tries 4bit, then 8bit, then none, and records which it got."
+        "4bit", "Weight quantization; auto uses 4bit where bitsandbytes runs, else none, and records which it got."
     )
-    quant_type: Literal["nf4", "fp4"] = param(
-        "nf4", "4-bit data type; NF4 suits normally distributed weights."
-    )
+    quant_type: Literal["nf4", "fp4"] = param("nf4", "4-bit data type; NF4 suits normally distributed weights.")
     double_quant: bool = param(True, "Also quantize the quantization constants (saves ~0.4 bits per weight).")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = param(
-        "auto", "Dtype for matmuls; auto picks bfloat16 on GPUs that support it, else float32."
+        "auto", "Dtype for matmuls; auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = param("auto", "auto uses CUDA when available, else CPU.")
     trust_remote_code: bool = param(False, "Allow model code from the hub; off because it runs foreign code.")
@@ -286,9 +280,7 @@ class EmbeddingConfig:
             raise _FieldError(
                 "prompt_template", "may only use {instruction} and {text} (write other braces as {{ }})"
             ) from err
-        _check(
-            "prompt_template", self.prompt_template, "{text}" in self.prompt_template, "a string with {text}"
-        )
+        _check("prompt_template", self.prompt_template, "{text}" in self.prompt_template, "a string with {text}")
         if self.instruction is not None and "{instruction}" not in self.prompt_template:
             raise _FieldError("prompt_template", "must contain {instruction} when instruction is set")
         _check("max_length", self.max_length, self.max_length >= 1, ">= 1")
@@ -297,19 +289,11 @@ class EmbeddingConfig:
 
 @dataclass
 class ClassifierConfig:
-    heads: list[str] = param(
-        ["logreg"], "Classifier heads trained on the embeddings (names from the registry)."
-    )
-    C: float = param(
-        1.0, "Inverse regularisation strength for logistic regression; 1.0 is sklearn's default."
-    )
+    heads: list[str] = param(["logreg"], "Classifier heads trained on the embeddings (names from the registry).")
+    C: float = param(1.0, "Inverse regularisation strength for logistic regression; 1.0 is sklearn's default.")
     max_iter: int = param(1000, "Solver iterations; 1000 lets lbfgs converge on ~1k-dim embeddings.")
-    standardize: bool = param(
-        True, "Scale embedding features to zero mean and unit variance before the heads."
-    )
-    class_weight: Literal["none", "balanced"] = param(
-        "none", "balanced reweights classes by inverse frequency."
-    )
+    standardize: bool = param(True, "Scale embedding features to zero mean and unit variance before the heads.")
+    class_weight: Literal["none", "balanced"] = param("none", "balanced reweights classes by inverse frequency.")
     threshold_metric: Literal["none", "f1", "macro_f1"] = param(
         "none", "Binary only: tune the decision threshold on validation for this metric; none keeps 0.5."
     )
@@ -326,15 +310,11 @@ class ClassifierConfig:
 
 @dataclass
 class TrainingConfig:
-    learning_rate: float = param(
-        2e-4, "Peak learning rate; 2e-4 is the QLoRA paper's value for small models."
-    )
+    learning_rate: float = param(2e-4, "Peak learning rate; 2e-4 is the QLoRA paper's value for small models.")
     epochs: float = param(1.0, "Passes over the training split (fractions allowed).")
     max_steps: int | None = param(None, "Stop after this many optimizer steps; overrides epochs when set.")
     batch_size: int = param(8, "Examples per device per step.")
-    gradient_accumulation_steps: int = param(
-        1, "Steps to accumulate before an update (effective batch x this)."
-    )
+    gradient_accumulation_steps: int = param(1, "Steps to accumulate before an update (effective batch x this).")
     warmup_ratio: float = param(0.03, "Fraction of steps spent warming up the learning rate.")
     weight_decay: float = param(0.0, "AdamW weight decay; 0 because LoRA's low rank already regularises.")
     max_length: int = param(256, "Truncate texts to this many tokens.")
@@ -346,9 +326,7 @@ class TrainingConfig:
     )
     optimizer: str = param("paged_adamw_32bit", "Trainer optimizer; paged AdamW avoids OOM spikes (QLoRA).")
     gradient_checkpointing: bool = param(True, "Recompute activations in backward: less memory, ~30% slower.")
-    eval_steps: int | None = param(
-        None, "Evaluate on validation every N steps; null evaluates once per epoch."
-    )
+    eval_steps: int | None = param(None, "Evaluate on validation every N steps; null evaluates once per epoch.")
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -395,9 +373,7 @@ class Config:
     data: DataConfig = param(DataConfig(), "Where texts come from, how they are cleaned and split.")
     model: ModelConfig = param(ModelConfig(), "The base model and how it is quantized.")
     embedding: EmbeddingConfig = param(EmbeddingConfig(), "How texts become vectors (mode embeddings).")
-    classifier: ClassifierConfig = param(
-        ClassifierConfig(), "Heads trained on the embeddings (mode embeddings)."
-    )
+    classifier: ClassifierConfig = param(ClassifierConfig(), "Heads trained on the embeddings (mode embeddings).")
     training: TrainingConfig = param(TrainingConfig(), "The QLoRA recipe (mode qlora).")
     evaluation: EvaluationConfig = param(EvaluationConfig(), "What is scored and saved.")
     output: OutputConfig = param(OutputConfig(), "Where run directories go.")
@@ -411,9 +387,7 @@ class Config:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
         if not isinstance(data, Mapping):
-            raise ConfigError(
-                f"a config must be a mapping of sections ({', '.join(_hints(cls))}), got {_got(data)}"
-            )
+            raise ConfigError(f"a config must be a mapping of sections ({', '.join(_hints(cls))}), got {_got(data)}")
         return _build(cls, apply_overrides(data, overrides))
 
 
@@ -457,9 +431,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             if node.get(key) is None:
                 node[key] = {}
             if not isinstance(node[key], dict):
-                raise ConfigError(
-                    f"override '{item}': {'.'.join(keys[: depth + 1])} is not a mapping in the config"
-                )
+                raise ConfigError(f"override '{item}': {'.'.join(keys[: depth + 1])} is not a mapping in the config")
             node = node[key]
         node[keys[-1]] = value
     return result
@@ -529,9 +501,7 @@ def _parse_json(text: str, path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(
-            f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
-        ) from err
+        raise ConfigError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
 
 
 def save_config(config: Config, path: str | Path) -> None:

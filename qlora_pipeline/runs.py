@@ -59,9 +59,7 @@ def allocate_run_dir(root: str | Path) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(
-            f"cannot create output root {root}: {exc.strerror}; choose another with --output-dir"
-        ) from exc
+        raise UserError(f"cannot create output root {root}: {exc.strerror}; choose another with --output-dir") from exc
     if not os.access(root, os.W_OK | os.X_OK):
         raise UserError(f"output root {root} is not writable; choose another with --output-dir")
     taken = [int(m.group(1)) for p in root.iterdir() if (m := RUN_PATTERN.match(p.name))]

@@ -116,9 +116,7 @@ def test_bool_is_refused_for_an_int() -> None:
 
 
 def test_literal_error_lists_the_allowed_values() -> None:
-    with pytest.raises(
-        ConfigError, match=r"model\.quantization must be one of '4bit', '8bit', 'none', 'auto'"
-    ):
+    with pytest.raises(ConfigError, match=r"model\.quantization must be one of '4bit', '8bit', 'none', 'auto'"):
         Config.from_dict({"model": {"quantization": "3bit"}})
 
 
@@ -159,9 +157,7 @@ def test_list_override_works() -> None:
 
 
 def test_unknown_override_path_is_refused_with_a_suggestion() -> None:
-    with pytest.raises(
-        ConfigError, match=r"unknown key 'training\.learnin_rate' — did you mean 'learning_rate'"
-    ):
+    with pytest.raises(ConfigError, match=r"unknown key 'training\.learnin_rate' — did you mean 'learning_rate'"):
         apply_overrides({}, ["training.learnin_rate=1e-4"])
 
 
@@ -223,9 +219,7 @@ def test_missing_file_names_the_path_and_the_shipped_configs(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("name", ["quick_test", "quick_test.yaml", "configs/quick_test.yaml"])
-def test_bare_name_resolves_to_the_shipped_config(
-    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_bare_name_resolves_to_the_shipped_config(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)  # away from the checkout, as an installed user would be
     assert resolve_config_path(name) == shipped_configs_dir() / "quick_test.yaml"
 
@@ -239,10 +233,7 @@ def test_existing_path_wins_over_a_shipped_name(monkeypatch: pytest.MonkeyPatch,
 def test_every_field_has_help_text() -> None:
     sections = [Config, SourceConfig, *(type(getattr(Config(), f.name)) for f in dataclasses.fields(Config))]
     missing = [
-        f"{cls.__name__}.{f.name}"
-        for cls in sections
-        for f in dataclasses.fields(cls)
-        if not f.metadata.get("help")
+        f"{cls.__name__}.{f.name}" for cls in sections for f in dataclasses.fields(cls) if not f.metadata.get("help")
     ]
     assert missing == []
 

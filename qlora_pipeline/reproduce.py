@@ -1,0 +1,99 @@
+"""Rerun an archived config.json and check that every metric and every prediction matches the original."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qlora_pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from qlora_pipeline.config import Config
+
+
+def locate_archive(path: str | Path) -> tuple[Path, Path]:
+    """Return (run directory, config.json) for a run directory or the path of its config.json."""
+    path = Path(path)
+    config_json = path / "config.json" if path.is_dir() else path
+    if not config_json.is_file():
+        raise UserError(
+            f"no archived config at {config_json}: pass a run directory (outputs/run_XXX) or its config.json"
+        )
+    return config_json.parent, config_json
+
+
+def load_archived_config(config_json: Path) -> Config:
+    from qlora_pipeline.config import Config
+
+    try:
+        record = json.loads(config_json.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_json} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
+    if not isinstance(record, dict) or "config" not in record:
+        raise UserError(f"{config_json} is not a qlora run archive (no 'config' key)")
+    return Config.from_dict(record["config"])
+
+
+def compare_runs(original: Path, new: Path) -> dict[str, Any]:
+    """Compare data fingerprint, every metric and every predictions.csv byte for byte."""
+    checks = [compare_fingerprint(original, new), compare_metrics(original, new)]
+    originals = sorted(p.relative_to(original) for p in original.glob("*/*/predictions.csv"))
+    for relative in originals:
+        checks.append(compare_predictions(original / relative, new / relative, relative.as_posix()))
+    if not originals:
+        checks.append({"what": "predictions", "match": False, "detail": "the original run has no predictions.csv"})
+    return {"original": str(original), "matches": all(c["match"] for c in checks), "checks": checks}
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def compare_fingerprint(original: Path, new: Path) -> dict[str, Any]:
+    before = (_read(original / "data_summary.json") or {}).get("fingerprint")
+    after = (_read(new / "data_summary.json") or {}).get("fingerprint")
+    detail = f"{str(after)[:16]}…" if before == after else f"{str(before)[:16]}… vs {str(after)[:16]}…"
+    return {"what": "data fingerprint", "match": before is not None and before == after, "detail": detail}
+
+
+def compare_metrics(original: Path, new: Path) -> dict[str, Any]:
+    before, after = _read(original / "metrics.json"), _read(new / "metrics.json")
+    if before is None:
+        return {"what": "metrics.json", "match": False, "detail": "missing in the original run"}
+    differing = sorted(set(flatten(before).items()) ^ set(flatten(after or {}).items()))
+    names = sorted({key for key, _ in differing})
+    detail = "all identical" if not names else f"{len(names)} differ, e.g. {', '.join(names[:3])}"
+    return {"what": "metrics.json", "match": not names, "detail": detail}
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list):
+        return {prefix: json.dumps(data)}
+    return {prefix: data}
+
+
+def compare_predictions(before: Path, after: Path, name: str) -> dict[str, Any]:
+    if not after.is_file():
+        return {"what": name, "match": False, "detail": "missing in the reproduced run"}
+    if before.read_bytes() == after.read_bytes():
+        rows = sum(1 for _ in before.open(encoding="utf-8")) - 1
+        return {"what": name, "match": True, "detail": f"{rows} rows, byte-identical"}
+    import pandas as pd
+
+    old, new = pd.read_csv(before), pd.read_csv(after)
+    if len(old) != len(new) or list(old.columns) != list(new.columns):
+        return {"what": name, "match": False, "detail": f"shape {old.shape} vs {new.shape}"}
+    changed = int((old["prediction"] != new["prediction"]).sum())
+    prob_columns = [c for c in old.columns if c.startswith("prob_")]
+    largest = float((old[prob_columns] - new[prob_columns]).abs().to_numpy().max())
+    return {
+        "what": name,
+        "match": False,
+        "detail": f"{changed} of {len(old)} predictions differ; largest probability difference {largest:.3g}",
+    }
