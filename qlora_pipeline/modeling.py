@@ -60,6 +60,21 @@ def resolve_compute_dtype(cfg: ModelConfig, device: str) -> torch.dtype:
     return torch.float32  # bf16 matmuls on CPU are not yet measured here
 
 
+class _KernelProbeFilter(logging.Filter):
+    """bitsandbytes' CPU backend tries, at import, to fetch an optional fused kernel from the hub and warns when
+    it cannot ("Failed to load CPU gemm_4bit_forward from kernels-community"). Its built-in kernels are used
+    instead and give the same NF4 results, so this is demoted to a debug line rather than alarm every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"):
+            log.debug("bitsandbytes: optional hub kernel unavailable, using built-in CPU kernels")
+            return False
+        return True
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelProbeFilter())
+
+
 def bitsandbytes_problem(device: str) -> str | None:
     """Why bitsandbytes cannot quantize on `device`, or None when it can."""
     from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION, is_bitsandbytes_available

