@@ -351,11 +351,20 @@ class TrainingConfig:
 class EvaluationConfig:
     splits: list[Literal["validation", "test"]] = param(["validation", "test"], "Splits to score and report.")
     save_predictions: bool = param(True, "Write predictions.csv per split, for error analysis.")
+    bootstrap: int = param(1000, "Bootstrap resamples for 95% confidence intervals (seeded); 0 disables them.")
+    ece_bins: int = param(15, "Equal-width confidence bins for expected calibration error and reliability plots.")
+    error_examples: int = param(10, "Most confidently wrong examples listed per dataset and split.")
+    length_buckets: int = param(4, "Text-length quantile buckets for metrics by length.")
+    figures: bool = param(True, "Write PNG figures per dataset and split, and dashboard.html.")
 
     def __post_init__(self) -> None:
         _check_types(self)
         ok = len(self.splits) >= 1 and len(set(self.splits)) == len(self.splits)
         _check("splits", self.splits, ok, "a non-empty list without repeats")
+        _check("bootstrap", self.bootstrap, self.bootstrap == 0 or self.bootstrap >= 100, "0 (off) or >= 100")
+        _check("ece_bins", self.ece_bins, 2 <= self.ece_bins <= 100, "between 2 and 100")
+        _check("error_examples", self.error_examples, self.error_examples >= 0, ">= 0")
+        _check("length_buckets", self.length_buckets, self.length_buckets >= 1, ">= 1")
 
 
 @dataclass

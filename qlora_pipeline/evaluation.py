@@ -1,4 +1,4 @@
-"""Metrics from scikit-learn, overall and per dataset, and the predictions table they are computed from."""
+"""Metrics from scikit-learn, overall and per dataset, with seeded bootstrap intervals; the predictions table."""
 
 from __future__ import annotations
 
@@ -9,15 +9,20 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
+    brier_score_loss,
     confusion_matrix,
     f1_score,
-    precision_score,
-    recall_score,
+    matthews_corrcoef,
+    precision_recall_fscore_support,
     roc_auc_score,
 )
 
+from qlora_pipeline.bootstrap import bootstrap_intervals
+from qlora_pipeline.errors import DataError
+
 # The metrics shown in report tables, in this order.
-HEADLINE = ("accuracy", "macro_f1", "f1", "precision", "recall", "roc_auc")
+HEADLINE = ("accuracy", "macro_f1", "f1", "precision", "recall", "roc_auc", "pr_auc", "mcc", "brier", "ece")
 
 
 def predictions_frame(
@@ -39,39 +44,101 @@ def predictions_frame(
     return frame
 
 
-def compute_metrics(labels: np.ndarray, proba: np.ndarray, prediction: np.ndarray, n_classes: int) -> dict[str, Any]:
+def proba_columns(label_names: tuple[str, ...] | list[str]) -> list[str]:
+    return [f"prob_{name}" for name in label_names]
+
+
+def check_probabilities(predictions: pd.DataFrame, label_names: tuple[str, ...] | list[str]) -> None:
+    """Refuse NaN probabilities: a metric computed around them would be silently wrong."""
+    bad = predictions[proba_columns(label_names)].isna().any(axis=1)
+    if bad.any():
+        first = predictions.loc[bad, "id"].iloc[0]
+        raise DataError(
+            f"{int(bad.sum())} of {len(predictions)} rows have NaN probabilities (first: id {first}); "
+            "the model produced invalid scores, check its inputs and numerical precision"
+        )
+
+
+def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int) -> float:
+    """Top-label ECE: sum over equal-width confidence bins of |accuracy - confidence| weighted by bin size."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    gap = np.abs(np.bincount(index, correct, bins) - np.bincount(index, confidence, bins))
+    return float(gap.sum() / max(counts.sum(), 1))
+
+
+def compute_metrics(
+    labels: np.ndarray,
+    proba: np.ndarray,
+    prediction: np.ndarray,
+    label_names: tuple[str, ...] | list[str],
+    ece_bins: int = 15,
+) -> dict[str, Any]:
+    n_classes = len(label_names)
     binary = n_classes == 2
     average = "binary" if binary else "macro"
+    every = list(range(n_classes))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, prediction, labels=every, zero_division=0)
+    p, r, f, _ = precision_recall_fscore_support(labels, prediction, average=average, zero_division=0)
     metrics: dict[str, Any] = {
         "n": len(labels),
         "accuracy": accuracy_score(labels, prediction),
         "macro_f1": f1_score(labels, prediction, average="macro", zero_division=0),
-        "f1": f1_score(labels, prediction, average=average, zero_division=0),
-        "precision": precision_score(labels, prediction, average=average, zero_division=0),
-        "recall": recall_score(labels, prediction, average=average, zero_division=0),
-        "confusion_matrix": confusion_matrix(labels, prediction, labels=list(range(n_classes))).tolist(),
+        "f1": f,
+        "precision": p,
+        "recall": r,
+        "mcc": matthews_corrcoef(labels, prediction),
+        "brier": brier_score_loss(labels, proba[:, 1]) if binary else brier_score_loss(labels, proba, labels=every),
+        "ece": expected_calibration_error(labels == prediction, proba.max(axis=1), ece_bins),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "n": int(support[i]),
+            }
+            for i, name in enumerate(label_names)
+        },
+        "confusion_matrix": confusion_matrix(labels, prediction, labels=every).tolist(),
     }
-    if len(np.unique(labels)) < 2:
-        metrics["roc_auc"] = None
-        metrics["notes"] = ["ROC-AUC undefined: only one class present"]
+    present = np.unique(labels)
+    if len(present) < 2 or (not binary and len(present) < n_classes):
+        metrics["roc_auc"] = metrics["pr_auc"] = None
+        missing = ", ".join(name for i, name in enumerate(label_names) if i not in present)
+        metrics["auc_undefined"] = "one class" if len(present) < 2 else "a class is missing"
+        metrics["notes"] = [f"ROC-AUC and PR-AUC undefined: no examples of {missing}"]
     elif binary:
         metrics["roc_auc"] = roc_auc_score(labels, proba[:, 1])
+        metrics["pr_auc"] = average_precision_score(labels, proba[:, 1])
     else:
         metrics["roc_auc"] = roc_auc_score(labels, proba, multi_class="ovr", average="macro")
+        metrics["pr_auc"] = average_precision_score(np.eye(n_classes)[labels], proba, average="macro")
     return {k: float(v) if isinstance(v, np.floating) else v for k, v in metrics.items()}
 
 
-def evaluate(predictions: pd.DataFrame, label_names: tuple[str, ...]) -> dict[str, Any]:
-    """Metrics overall and for each dataset in the predictions table."""
-    proba_columns = [f"prob_{name}" for name in label_names]
+def evaluate(
+    predictions: pd.DataFrame,
+    label_names: tuple[str, ...] | list[str],
+    *,
+    ece_bins: int = 15,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics overall and for each dataset in the predictions table, each with bootstrap intervals under "ci"."""
+    check_probabilities(predictions, label_names)
+    columns = proba_columns(label_names)
 
     def metrics_of(frame: pd.DataFrame) -> dict[str, Any]:
-        return compute_metrics(
-            frame["label"].to_numpy(),
-            frame[proba_columns].to_numpy(),
-            frame["prediction"].to_numpy(),
-            len(label_names),
-        )
+        labels, proba = frame["label"].to_numpy(), frame[columns].to_numpy(dtype=np.float64)
+        prediction = frame["prediction"].to_numpy()
+        metrics = compute_metrics(labels, proba, prediction, label_names, ece_bins)
+        if bootstrap:
+            metrics["ci"] = bootstrap_intervals(labels, proba, prediction, bootstrap, seed)
+            for name in ("roc_auc", "pr_auc"):
+                if metrics[name] is None:
+                    metrics["ci"][name] = None
+        return metrics
 
     results: dict[str, Any] = {"overall": metrics_of(predictions), "per_dataset": {}}
     for dataset, frame in predictions.groupby("dataset", sort=True):
@@ -83,3 +150,13 @@ def format_metric(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.4f}"
+
+
+def metric_cell(metrics: dict[str, Any], name: str, with_ci: bool = False) -> str:
+    """A table cell: the value, its interval when asked for, or why it is undefined."""
+    value = metrics.get(name)
+    if value is None and name in ("roc_auc", "pr_auc") and metrics.get("auc_undefined"):
+        return f"n/a — {metrics['auc_undefined']}"
+    cell = format_metric(value)
+    interval = (metrics.get("ci") or {}).get(name) if with_ci else None
+    return f"{cell} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else cell

@@ -1,0 +1,121 @@
+"""Seeded bootstrap 95% confidence intervals, vectorized over resamples.
+
+A resample is a row of counts (how often each example was drawn), so every metric of every resample is a
+matrix product or a cumulative sum over the count matrix: no Python loop over sklearn calls. The formulas
+match sklearn's on the same resample (tests check this): accuracy, F1, MCC from confusion counts; ROC-AUC as
+the trapezoid over distinct thresholds; PR-AUC as sklearn's average precision; Brier as mean squared error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Metrics that get an interval. PR-AUC and ROC-AUC only when both classes are present.
+CI_METRICS = ("accuracy", "macro_f1", "f1", "mcc", "roc_auc", "pr_auc", "brier")
+# Resamples per block: bounds memory at block x n floats (8 MB per 10k rows).
+BLOCK = 100
+
+
+def resample_counts(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """`size` x `n` matrix: how often each row is drawn in each resample (each row sums to n)."""
+    draws = rng.integers(0, n, size=(size, n))
+    offsets = (np.arange(size) * n)[:, None]
+    return np.bincount((draws + offsets).ravel(), minlength=size * n).reshape(size, n).astype(np.float64)
+
+
+def confusion_counts(weights: np.ndarray, labels: np.ndarray, prediction: np.ndarray, k: int) -> np.ndarray:
+    """Resamples x k x k confusion matrices (rows true, columns predicted)."""
+    cell = labels * k + prediction
+    onehot = np.zeros((len(cell), k * k))
+    onehot[np.arange(len(cell)), cell] = 1.0
+    return (weights @ onehot).reshape(-1, k, k)
+
+
+def f1_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """Resamples x k per-class F1 (0 where a class is neither true nor predicted, as sklearn's zero_division=0)."""
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    denominator = cm.sum(axis=2) + cm.sum(axis=1)
+    return np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+
+
+def mcc_from_confusion(cm: np.ndarray) -> np.ndarray:
+    """Matthews correlation as sklearn computes it from the confusion matrix (0 when undefined)."""
+    t = cm.sum(axis=2)
+    p = cm.sum(axis=1)
+    c = np.trace(cm, axis1=1, axis2=2)
+    s = cm.sum(axis=(1, 2))
+    cov_ytyp = c * s - (t * p).sum(axis=1)
+    cov_ypyp = s**2 - (p * p).sum(axis=1)
+    cov_ytyt = s**2 - (t * t).sum(axis=1)
+    denominator = np.sqrt(cov_ytyt * cov_ypyp)
+    return np.divide(cov_ytyp, denominator, out=np.zeros_like(cov_ytyp), where=denominator > 0)
+
+
+def ranking_metrics(weights: np.ndarray, positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC-AUC and average precision of `score` for the binary `positive` mask, per resample (NaN if one class)."""
+    order = np.argsort(-score, kind="mergesort")
+    sorted_score = score[order]
+    # The last row of each group of tied scores is where a threshold sits.
+    ends = np.r_[np.nonzero(np.diff(sorted_score))[0], len(score) - 1]
+    w = weights[:, order]
+    pos = positive[order].astype(np.float64)
+    tp = np.cumsum(w * pos, axis=1)[:, ends]
+    fp = np.cumsum(w * (1 - pos), axis=1)[:, ends]
+    n_pos, n_neg = tp[:, -1:], fp[:, -1:]
+    tp0 = np.pad(tp, ((0, 0), (1, 0)))
+    fp0 = np.pad(fp, ((0, 0), (1, 0)))
+    area = (np.diff(fp0, axis=1) * (tp0[:, 1:] + tp0[:, :-1]) / 2).sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = area / (n_pos * n_neg)
+        precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+        ap = (np.diff(tp0, axis=1) * precision).sum(axis=1, keepdims=True) / n_pos
+    undefined = (n_pos == 0) | (n_neg == 0)
+    return np.where(undefined, np.nan, auc)[:, 0], np.where(undefined, np.nan, ap)[:, 0]
+
+
+def bootstrap_block(weights: np.ndarray, labels: np.ndarray, proba: np.ndarray, prediction: np.ndarray) -> dict:
+    """Every CI metric for each resample in `weights` (resamples x rows)."""
+    k = proba.shape[1]
+    n = weights.sum(axis=1)
+    cm = confusion_counts(weights, labels, prediction, k)
+    per_class_f1 = f1_from_confusion(cm)
+    present = (cm.sum(axis=2) + cm.sum(axis=1)) > 0
+    out = {
+        "accuracy": np.trace(cm, axis1=1, axis2=2) / n,
+        "macro_f1": (per_class_f1 * present).sum(axis=1) / present.sum(axis=1),
+        "mcc": mcc_from_confusion(cm),
+    }
+    onehot = np.eye(k)[labels]
+    if k == 2:
+        out["f1"] = per_class_f1[:, 1]
+        out["brier"] = weights @ ((proba[:, 1] - labels) ** 2) / n
+        out["roc_auc"], out["pr_auc"] = ranking_metrics(weights, labels == 1, proba[:, 1])
+    else:
+        out["f1"] = out["macro_f1"]
+        out["brier"] = weights @ ((proba - onehot) ** 2).sum(axis=1) / n
+        aucs, aps = zip(*(ranking_metrics(weights, labels == c, proba[:, c]) for c in range(k)), strict=True)
+        out["roc_auc"] = np.mean(aucs, axis=0)
+        out["pr_auc"] = np.mean(aps, axis=0)
+    return out
+
+
+def bootstrap_intervals(
+    labels: np.ndarray, proba: np.ndarray, prediction: np.ndarray, resamples: int, seed: int
+) -> dict[str, list[float] | None]:
+    """Percentile 95% intervals for CI_METRICS; None for a metric undefined in most resamples."""
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in CI_METRICS}
+    for start in range(0, resamples, BLOCK):
+        weights = resample_counts(rng, len(labels), min(BLOCK, resamples - start))
+        for name, values in bootstrap_block(weights, labels, proba, prediction).items():
+            samples[name].append(values)
+    intervals: dict[str, list[float] | None] = {}
+    for name in CI_METRICS:
+        values = np.concatenate(samples[name])
+        values = values[~np.isnan(values)]
+        if len(values) < resamples / 2:
+            intervals[name] = None
+        else:
+            low, high = np.percentile(values, [2.5, 97.5])
+            intervals[name] = [float(low), float(high)]
+    return intervals
