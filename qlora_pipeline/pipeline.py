@@ -76,7 +76,7 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
     from qlora_pipeline.classifiers import fit_baseline, fit_head, tune_threshold
     from qlora_pipeline.data import prepare_data
     from qlora_pipeline.embeddings import encode
-    from qlora_pipeline.evaluation import evaluate, predictions_frame
+    from qlora_pipeline.evaluation import predictions_frame
     from qlora_pipeline.modeling import load_model
 
     seed = config.experiment.seed
@@ -116,31 +116,36 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
             head.save(run.dir / "models" / "all")
 
     with run.stage("evaluation"):
+        from qlora_pipeline.results import evaluate_split
+
         metrics: dict[str, Any] = {}
         for split in config.evaluation.splits:
             frame = splits.get(split)
-            metrics[split] = {}
+            predictions = {}
             for head in heads:
                 features = frame["text"].tolist() if head.name == "tfidf_logreg" else vectors[split]
                 proba = head.predict_proba(features)
-                predictions = predictions_frame(frame, proba, head.predict(proba), splits.label_names)
-                metrics[split][head.name] = evaluate(predictions, splits.label_names)
-                if head is heads[0] and config.evaluation.save_predictions:
-                    save_predictions(run.dir, split, predictions)
-            for dataset in sorted(frame["dataset"].unique()):
-                folder = run.dir / dataset / split
-                folder.mkdir(parents=True, exist_ok=True)
-                per_head = {name: m["per_dataset"][dataset] for name, m in metrics[split].items()}
-                write_json(folder / "evaluation_results.json", per_head)
+                predictions[head.name] = predictions_frame(frame, proba, head.predict(proba), splits.label_names)
+            label_names = list(splits.label_names)
+            metrics[split] = evaluate_split(run.dir, split, predictions, label_names, config.evaluation, seed)
         write_json(run.dir / "metrics.json", {"primary_head": heads[0].name, "splits": metrics})
+
+    with run.stage("visualize"):
+        visualize_run(run.dir, config.evaluation.figures)
     return metrics
 
 
-def save_predictions(run_dir: Path, split: str, predictions: Any) -> None:
-    for dataset, frame in predictions.groupby("dataset", sort=True):
-        folder = run_dir / str(dataset) / split
-        folder.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(folder / "predictions.csv", index=False)
+def visualize_run(run_dir: Path, figures: bool) -> None:
+    """Figures and dashboard (when enabled), then each split's evaluation_summary.md linking them."""
+    from qlora_pipeline.results import write_summaries
+
+    if figures:
+        from qlora_pipeline.dashboard import write_dashboard
+        from qlora_pipeline.visualize import plot_run
+
+        plot_run(run_dir)
+        write_dashboard(run_dir)
+    write_summaries(run_dir)
 
 
 def seed_everything(seed: int) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.evaluation import HEADLINE, format_metric
+from qlora_pipeline.evaluation import HEADLINE, format_metric, metric_cell
 from qlora_pipeline.tiny_model import BUILTIN_PREFIX
 
 BASELINE = "tfidf_logreg"
@@ -29,6 +29,7 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
         lines += data_section(data)
     if metrics:
         lines += results_section(metrics, config)
+    lines += figures_section(run_dir)
     if reproduction:
         lines += reproduction_section(reproduction)
     lines += timings_section(status)
@@ -118,9 +119,9 @@ def data_section(data: dict[str, Any]) -> list[str]:
 
 def results_section(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:
     primary = metrics["primary_head"]
-    lines = ["## Results", ""]
+    lines = ["## Results", "", "Bootstrap 95% confidence intervals in brackets where computed.", ""]
     for split, per_head in metrics["splits"].items():
-        rows = [[head, *(format_metric(m["overall"].get(k)) for k in HEADLINE)] for head, m in per_head.items()]
+        rows = [[head, *(metric_cell(m["overall"], k, with_ci=True) for k in HEADLINE)] for head, m in per_head.items()]
         if BASELINE in per_head and primary in per_head:
             ours, base = per_head[primary]["overall"], per_head[BASELINE]["overall"]
             rows.append([f"Δ {primary} − baseline", *(delta(ours.get(k), base.get(k)) for k in HEADLINE)])
@@ -128,14 +129,34 @@ def results_section(metrics: dict[str, Any], config: dict[str, Any]) -> list[str
         lines += table(["head", *HEADLINE], rows)
         datasets = next(iter(per_head.values()))["per_dataset"]
         if len(datasets) > 1:
-            rows = [
-                [dataset, head, *(format_metric(m["per_dataset"][dataset].get(k)) for k in HEADLINE)]
-                for dataset in datasets
-                for head, m in per_head.items()
-            ]
+            rows = []
+            for dataset in datasets:
+                rows += [
+                    [dataset, head, *(metric_cell(m["per_dataset"][dataset], k, with_ci=True) for k in HEADLINE)]
+                    for head, m in per_head.items()
+                ]
+                if BASELINE in per_head and primary in per_head:
+                    ours, base = per_head[primary]["per_dataset"][dataset], per_head[BASELINE]["per_dataset"][dataset]
+                    rows.append([dataset, "Δ − baseline", *(delta(ours.get(k), base.get(k)) for k in HEADLINE)])
             lines += table(["dataset", "head", *HEADLINE], rows)
     lines += verdict_lines(metrics, config)
     return lines
+
+
+def figures_section(run_dir: Path) -> list[str]:
+    """Links, relative to the report, to the dashboard, each split's summary and every figure."""
+    lines = ["## Figures", ""]
+    if (run_dir / "dashboard.html").is_file():
+        lines += ["Interactive: [dashboard.html](dashboard.html) (self-contained, opens offline).", ""]
+    for summary in sorted(run_dir.glob("*/*/evaluation_summary.md")):
+        folder = summary.parent.relative_to(run_dir).as_posix()
+        lines.append(f"### {folder}")
+        lines += ["", f"Summary, per-class metrics, errors: [{folder}/{summary.name}]({folder}/{summary.name})", ""]
+        lines += [f"![{p.stem}]({folder}/{p.name})" for p in sorted(summary.parent.glob("*.png"))] + [""]
+    overview = sorted((run_dir / "figures").glob("*.png"))
+    if overview:
+        lines += ["### Across datasets", "", *(f"![{p.stem}](figures/{p.name})" for p in overview), ""]
+    return lines if len(lines) > 2 else []
 
 
 def delta(ours: Any, base: Any) -> str:

@@ -1,0 +1,202 @@
+"""dashboard.html: one self-contained page (Plotly.js inlined, opens offline), one tab per dataset.
+
+Figures are plain Plotly JSON specs built from the evaluation_results.json files, the same data the PNGs
+draw. The page records any JavaScript error in a visible banner and in `data-errors` on <body>, and the
+number of rendered plots in `data-rendered`, so a headless browser check can read both from the DOM.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.evaluation import HEADLINE, metric_cell
+
+HOOK = """window.dashboardErrors = [];
+function reportError(message) {
+  window.dashboardErrors.push(String(message));
+  document.addEventListener('DOMContentLoaded', showErrors);
+  if (document.body) { showErrors(); }
+}
+function showErrors() {
+  document.body.setAttribute('data-errors', String(window.dashboardErrors.length));
+  var banner = document.getElementById('dashboard-errors');
+  banner.hidden = false;
+  banner.textContent = 'JavaScript errors: ' + window.dashboardErrors.join(' | ');
+}
+window.addEventListener('error', function (e) { reportError(e.message || e); });
+window.addEventListener('unhandledrejection', function (e) { reportError(e.reason); });"""
+
+RENDER = """var specs = JSON.parse(document.getElementById('figure-specs').textContent);
+var pending = Object.keys(specs).map(function (id) {
+  return Plotly.newPlot(id, specs[id].data, specs[id].layout, {responsive: true, displaylogo: false});
+});
+Promise.all(pending).then(function () {
+  document.body.setAttribute('data-rendered', String(document.querySelectorAll('.js-plotly-plot').length));
+});
+function showTab(name) {
+  document.querySelectorAll('section.tab').forEach(function (s) { s.hidden = s.id !== 'tab-' + name; });
+  document.querySelectorAll('nav button').forEach(function (b) { b.classList.toggle('on', b.dataset.tab === name); });
+  document.querySelectorAll('#tab-' + name + ' .js-plotly-plot').forEach(function (d) { Plotly.Plots.resize(d); });
+}
+showTab(document.querySelector('nav button').dataset.tab);"""
+
+STYLE = """body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+nav button { padding: .4em 1em; margin-right: .3em; border: 1px solid #888; background: #f4f4f4; cursor: pointer; }
+nav button.on { background: #246; color: white; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 1em; }
+.plot { height: 380px; } table { border-collapse: collapse; margin: .8em 0; font-size: 90%; }
+td, th { border: 1px solid #ccc; padding: .25em .5em; text-align: left; vertical-align: top; }
+#dashboard-errors { background: #fdd; border: 1px solid #c00; padding: .5em; }"""
+
+
+def layout(title: str, x: str, y: str, **extra: Any) -> dict[str, Any]:
+    return {"title": {"text": title}, "xaxis": {"title": {"text": x}}, "yaxis": {"title": {"text": y}}, **extra}
+
+
+def figure_specs(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The interactive views for one dataset/split: confusion, ROC, PR, reliability, scores, by length."""
+    names, primary, curves = results["label_names"], results["primary_head"], results["curves"]
+    matrix = results["heads"][primary]["confusion_matrix"]
+    specs: dict[str, dict[str, Any]] = {
+        "confusion": {
+            "data": [
+                {
+                    "type": "heatmap",
+                    "z": matrix,
+                    "x": names,
+                    "y": names,
+                    "colorscale": "Blues",
+                    "text": matrix,
+                    "texttemplate": "%{text}",
+                    "hovertemplate": "true %{y}<br>predicted %{x}: %{z}",
+                }
+            ],
+            "layout": layout(
+                f"Confusion matrix — {primary}",
+                "predicted",
+                "true",
+                yaxis={"autorange": "reversed", "title": {"text": "true"}},
+            ),
+        },
+    }
+    for kind, (x, y), title in (("roc", ("fpr", "tpr"), "ROC"), ("pr", ("recall", "precision"), "Precision-recall")):
+        traces = [
+            {"type": "scatter", "mode": "lines", "x": c[x], "y": c[y], "name": f"{head} {name}"}
+            for head, hc in curves.items()
+            for name, c in hc[kind].items()
+        ]
+        if traces:
+            specs[kind] = {"data": traces, "layout": layout(title, x, y)}
+    specs["reliability"] = {
+        "data": [
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "x": [0, 1],
+                "y": [0, 1],
+                "name": "perfect",
+                "line": {"dash": "dash", "color": "grey"},
+            }
+        ]
+        + [
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": f"{head} (ECE {results['heads'][head]['ece']:.3f})",
+                "x": [b["confidence"] for b in hc["reliability"]],
+                "y": [b["accuracy"] for b in hc["reliability"]],
+                "text": [f"n = {b['n']}" for b in hc["reliability"]],
+            }
+            for head, hc in curves.items()
+        ],
+        "layout": layout("Reliability (top-label confidence)", "mean confidence", "accuracy"),
+    }
+    scores = curves[primary]["scores"]
+    centres = [(a + b) / 2 for a, b in zip(scores["edges"][:-1], scores["edges"][1:], strict=True)]
+    specs["scores"] = {
+        "data": [
+            {"type": "bar", "x": centres, "y": counts, "name": f"true {name}", "opacity": 0.6}
+            for name, counts in scores["counts"].items()
+        ],
+        "layout": layout(f"Score distribution by class — {primary}", scores["score"], "examples", barmode="overlay"),
+    }
+    buckets = results["by_length"]
+    specs["length"] = {
+        "data": [
+            {"type": "bar", "x": [b["chars"] for b in buckets], "y": [b[m] for b in buckets], "name": m}
+            for m in ("accuracy", "macro_f1")
+        ],
+        "layout": layout(f"By text length — {primary}", "characters", "score", barmode="group"),
+    }
+    return specs
+
+
+def metrics_table(results: dict[str, Any]) -> str:
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("head", *HEADLINE))
+    rows = "".join(
+        "<tr><td>"
+        + html.escape(h)
+        + "</td>"
+        + "".join(f"<td>{html.escape(metric_cell(m, k, True))}</td>" for k in HEADLINE)
+        + "</tr>"
+        for h, m in results["heads"].items()
+    )
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def errors_table(results: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{e['confidence']:.3f}</td><td>{html.escape(e['label'])}</td><td>{html.escape(e['prediction'])}</td>"
+        f"<td>{html.escape(e['text'][:400])}</td></tr>"
+        for e in results["confident_errors"]
+    )
+    header = "<tr><th>confidence</th><th>label</th><th>prediction</th><th>text</th></tr>"
+    return f"<table>{header}{rows}</table>" if rows else "<p>No wrong predictions.</p>"
+
+
+def build_page(collected: dict[str, dict[str, dict[str, Any]]], title: str) -> str:
+    """The dashboard page for {split: {dataset: evaluation_results}}."""
+    from plotly.offline import get_plotlyjs
+
+    datasets = sorted({d for per_dataset in collected.values() for d in per_dataset})
+    specs: dict[str, Any] = {}
+    sections = []
+    for index, dataset in enumerate(datasets):
+        parts = [f"<h2>{html.escape(dataset)}</h2>"]
+        for split, per_dataset in collected.items():
+            if dataset not in per_dataset:
+                continue
+            results = per_dataset[dataset]
+            parts += [
+                f"<h3>{html.escape(split)} (n = {results['heads'][results['primary_head']]['n']})</h3>",
+                metrics_table(results),
+                '<div class="grid">',
+            ]
+            for name, spec in figure_specs(results).items():
+                plot_id = f"plot-{index}-{split}-{name}"
+                specs[plot_id] = spec
+                parts.append(f'<div class="plot" id="{plot_id}"></div>')
+            parts += ["</div>", "<h4>Most confidently wrong</h4>", errors_table(results)]
+        sections.append(f'<section class="tab" id="tab-{index}">{"".join(parts)}</section>')
+    buttons = "".join(
+        f'<button data-tab="{i}" onclick="showTab(\'{i}\')">{html.escape(d)}</button>' for i, d in enumerate(datasets)
+    )
+    payload = json.dumps(specs, ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style><script>{HOOK}</script><script>{get_plotlyjs()}</script></head>"
+        f'<body data-errors="0" data-rendered="0"><div id="dashboard-errors" hidden></div>'
+        f"<h1>{html.escape(title)}</h1><nav>{buttons}</nav>{''.join(sections)}"
+        f'<script type="application/json" id="figure-specs">{payload}</script><script>{RENDER}</script></body></html>'
+    )
+
+
+def write_dashboard(run_dir: Path) -> Path:
+    from qlora_pipeline.results import collect_results
+
+    path = run_dir / "dashboard.html"
+    path.write_text(build_page(collect_results(run_dir), f"Dashboard — {run_dir.name}"), encoding="utf-8")
+    return path
