@@ -1,0 +1,149 @@
+"""Figures, dashboard and summaries drawn from a synthetic run directory (no model needed)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qlora_pipeline.dashboard import write_dashboard
+from qlora_pipeline.evaluation import proba_columns
+from qlora_pipeline.pipeline import visualize_run
+from qlora_pipeline.results import collect_results, evaluate_split
+from qlora_pipeline.visualize import plot_curve, plot_training_curves
+
+NAMES = ["negative", "positive"]
+OPTIONS = SimpleNamespace(ece_bins=10, bootstrap=100, error_examples=5, length_buckets=3, save_predictions=True)
+CHROMIUM = Path("/usr/bin/chromium")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def predictions(n: int, seed: int, datasets: tuple[str, ...] = ("alpha", "beta")) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    positive = np.clip(0.5 + (labels - 0.5) * 0.4 + rng.normal(0, 0.25, n), 0.01, 0.99)
+    proba = np.c_[1 - positive, positive]
+    frame = pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "dataset": [datasets[i % len(datasets)] for i in range(n)],
+            "text": ["word " * (i % 29 + 1) for i in range(n)],
+            "label": labels,
+            "label_name": [NAMES[i] for i in labels],
+            "prediction": proba.argmax(axis=1),
+            "prediction_name": [NAMES[i] for i in proba.argmax(axis=1)],
+        }
+    )
+    frame[proba_columns(NAMES)] = proba
+    return frame
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    for split, seed in (("validation", 1), ("test", 2)):
+        heads = {"logreg": predictions(300, seed), "tfidf_logreg": predictions(300, seed + 10)}
+        evaluate_split(root, split, heads, NAMES, OPTIONS, seed=0)
+    visualize_run(root, figures=True)
+    return root
+
+
+def test_every_dataset_and_split_gets_its_figures_as_png(run_dir: Path) -> None:
+    expected = ["confusion_matrix", "pr_curve", "reliability", "roc_curve", "score_distribution"]
+    for folder in ("alpha/test", "alpha/validation", "beta/test", "beta/validation"):
+        pngs = sorted((run_dir / folder).glob("*.png"))
+        assert [p.stem for p in pngs] == expected, folder
+        assert all(p.read_bytes().startswith(PNG) for p in pngs)
+    assert (run_dir / "figures" / "dataset_comparison_test.png").read_bytes().startswith(PNG)
+
+
+def test_summary_links_the_figures_beside_it(run_dir: Path) -> None:
+    summary = (run_dir / "alpha" / "test" / "evaluation_summary.md").read_text()
+    for link in re.findall(r"\]\(([^)]+\.png)\)", summary):
+        assert (run_dir / "alpha" / "test" / link).is_file(), link
+    assert "## Most confidently wrong" in summary and "[" in summary  # intervals in brackets
+
+
+def test_results_file_holds_metrics_curves_and_errors(run_dir: Path) -> None:
+    results = json.loads((run_dir / "beta" / "validation" / "evaluation_results.json").read_text())
+    assert set(results["heads"]) == {"logreg", "tfidf_logreg"}
+    assert results["heads"]["logreg"]["n"] == 150
+    assert set(results["curves"]["logreg"]) == {"roc", "pr", "reliability", "scores"}
+    assert len(results["confident_errors"]) == 5
+
+
+def test_roc_is_skipped_not_crashing_for_a_single_class_set(tmp_path: Path) -> None:
+    frame = predictions(40, 3, datasets=("solo",))
+    frame["label"], frame["label_name"] = 1, "positive"
+    evaluate_split(tmp_path, "test", {"logreg": frame}, NAMES, OPTIONS, seed=0)
+    results = collect_results(tmp_path)["test"]["solo"]
+    assert plot_curve(results, tmp_path, "roc") is None
+    visualize_run(tmp_path, figures=True)  # every other figure and the dashboard still draw
+    assert "n/a — one class" in (tmp_path / "solo" / "test" / "evaluation_summary.md").read_text()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_training_curves_from_a_synthetic_log(tmp_path: Path, suffix: str) -> None:
+    rows = [{"step": s, "loss": 1 / s, "learning_rate": 1e-4} for s in range(1, 21)]
+    rows += [{"step": s, "eval_loss": 1.2 / s, "eval_accuracy": 0.5 + s / 100} for s in (5, 10, 20)]
+    log = tmp_path / f"training_log{suffix}"
+    if suffix == ".csv":
+        pd.DataFrame(rows).to_csv(log, index=False)
+    else:
+        log.write_text(json.dumps({"log_history": rows}))
+    assert plot_training_curves(log, tmp_path / "figures").read_bytes().startswith(PNG)
+
+
+def open_in_chromium(page: Path) -> dict[str, str]:
+    """Load the page in headless Chromium; return the attributes of the rendered <body>."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium), as .ci/run does")
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [
+                str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                "--virtual-time-budget=15000", "--dump-dom", page.as_uri(),
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    body = re.search(r"<body([^>]*)>", result.stdout)
+    assert body, f"no <body> in Chromium's DOM dump; stderr: {result.stderr[-2000:]}"
+    return dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
+
+
+def test_dashboard_renders_every_plot_in_chromium_without_javascript_errors(run_dir: Path) -> None:
+    page = run_dir / "dashboard.html"
+    expected = page.read_text(encoding="utf-8").count('class="plot"')
+    body = open_in_chromium(page)
+    assert body["data-errors"] == "0"
+    assert int(body["data-rendered"]) == expected > 0
+
+
+def test_dashboard_check_catches_a_javascript_error(run_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.html"
+    html = (run_dir / "dashboard.html").read_text(encoding="utf-8")
+    broken.write_text(html.replace("</body>", "<script>notDefinedAnywhere();</script></body>"), encoding="utf-8")
+    assert open_in_chromium(broken)["data-errors"] != "0"
+
+
+def test_dashboard_is_self_contained_with_a_tab_per_dataset(run_dir: Path) -> None:
+    html = (run_dir / "dashboard.html").read_text(encoding="utf-8")
+    assert not re.search(r"<script[^>]+src=", html)
+    assert html.count('<section class="tab"') == 2
+    assert ">alpha</button>" in html and ">beta</button>" in html
+
+
+def test_dashboard_can_be_rebuilt_from_a_copied_run(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "dashboard.html").unlink()
+    assert write_dashboard(copy).stat().st_size > 1_000_000  # plotly.js inlined
