@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("run_path", help="a run directory (outputs/run_XXX) or the path of its config.json")
     reproduce.add_argument("--output-dir", help="root for the new run directory (default: beside the original)")
 
+    compare = commands.add_parser(
+        "compare", help="side-by-side config differences and metrics of finished runs (markdown + chart)"
+    )
+    compare.add_argument("runs", nargs="+", help="two or more run directories (outputs/run_XXX)")
+    compare.add_argument(
+        "--out",
+        help="markdown file to write (default: compare_<run>_vs_<run>.md beside the first run); "
+        "the chart goes beside it as .png",
+    )
+
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     show = config_commands.add_parser("show", help="print the fully resolved config (defaults filled in)")
@@ -93,6 +103,13 @@ def dispatch(args: argparse.Namespace) -> int:
         return config_command(args)
     if args.command == "reproduce":
         return reproduce_command(args.run_path, args.output_dir)
+    if args.command == "compare":
+        from qlora_pipeline.compare import compare
+
+        markdown, path = compare(args.runs, args.out)
+        print(markdown)
+        print(f"written: {path} (chart: {path.with_suffix('.png')})")
+        return 0
     from qlora_pipeline.config import load_config
 
     config_path = QUICK_TEST_CONFIG if args.command == "quick-test" else args.config

@@ -89,7 +89,7 @@ def plot_reliability(results: dict[str, Any], out_dir: Path) -> Path:
         ax.plot(
             [b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=f"{head} (ECE {ece:.3f})"
         )
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean confidence (top label)", ylabel="accuracy")
+    ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), xlabel="mean confidence (top label)", ylabel="accuracy")
     ax.set_title(f"Reliability — {where(results)}")
     ax.legend(loc="upper left", fontsize="small")
     return save(figure, out_dir / "reliability.png")

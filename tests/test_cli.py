@@ -23,6 +23,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         ["run", "--help"],
         ["quick-test", "--help"],
         ["reproduce", "--help"],
+        ["compare", "--help"],
         ["config", "show", "--help"],
     ],
 )

@@ -1,0 +1,123 @@
+"""`qlora compare`: the config fields that differ between runs and their metrics per dataset, side by side.
+
+Written as markdown (default: `compare_<run>_vs_<run>.md` beside the first run, so outputs/ collects them) with a
+bar chart of the same name (.png), and printed to the console.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.errors import UserError
+from qlora_pipeline.evaluation import metric_cell
+from qlora_pipeline.reproduce import flatten
+
+COMPARED = ("accuracy", "macro_f1", "roc_auc", "pr_auc", "mcc", "brier", "ece")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    name: str
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    label_names: list[str]
+
+
+def load_run(path: Path) -> RunSummary:
+    files = {name: path / f"{name}.json" for name in ("config", "metrics", "data_summary")}
+    for file in files.values():
+        if not file.is_file():
+            raise UserError(f"{path} has no {file.name}: pass finished run directories (outputs/run_XXX)")
+    record, metrics, data = (json.loads(f.read_text(encoding="utf-8")) for f in files.values())
+    return RunSummary(path.name, path, record["config"], metrics, list(data["label_names"]))
+
+
+def check_same_task(runs: list[RunSummary]) -> None:
+    tasks = {tuple(r.label_names) for r in runs}
+    if len(tasks) > 1:
+        described = "; ".join(f"{r.name}: {', '.join(r.label_names)}" for r in runs)
+        raise UserError(f"runs of different tasks (different label sets) cannot be compared: {described}")
+
+
+def config_rows(runs: list[RunSummary]) -> list[list[str]]:
+    flat = [flatten(r.config) for r in runs]
+    keys = sorted(set().union(*flat))
+    return [
+        [f"`{key}`", *(json.dumps(f.get(key), ensure_ascii=False) for f in flat)]
+        for key in keys
+        if len({json.dumps(f.get(key)) for f in flat}) > 1
+    ]
+
+
+def metric_rows(runs: list[RunSummary], split: str) -> list[list[str]]:
+    datasets = sorted({d for r in runs for m in r.metrics["splits"].get(split, {}).values() for d in m["per_dataset"]})
+    rows = []
+    for scope in ["overall", *datasets] if len(datasets) > 1 else ["overall"]:
+        for run in runs:
+            primary = run.metrics["primary_head"]
+            head = run.metrics["splits"].get(split, {}).get(primary)
+            if head is None:
+                continue
+            metrics = head["overall"] if scope == "overall" else head["per_dataset"].get(scope)
+            if metrics is not None:
+                rows.append(
+                    [scope, f"{run.name} ({primary})", *(metric_cell(metrics, k, with_ci=True) for k in COMPARED)]
+                )
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def plot_comparison(runs: list[RunSummary], split: str, path: Path) -> Path:
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.add_subplot()
+    width = 0.8 / len(runs)
+    x = np.arange(len(COMPARED))
+    for i, run in enumerate(runs):
+        overall = run.metrics["splits"].get(split, {}).get(run.metrics["primary_head"], {}).get("overall", {})
+        values = [overall.get(k) if overall.get(k) is not None else np.nan for k in COMPARED]
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=f"{run.name} ({run.metrics['primary_head']})")
+    ax.set_xticks(x, COMPARED)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(ylabel="score (brier, ece: lower is better)", title=f"Runs compared — {split}, all datasets")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=min(len(runs), 4))
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def default_output(paths: list[Path]) -> Path:
+    return paths[0].resolve().parent / f"compare_{'_vs_'.join(p.resolve().name for p in paths)}.md"
+
+
+def compare(run_paths: list[str | Path], out: str | Path | None = None) -> tuple[str, Path]:
+    """Build the comparison; write markdown and chart. Returns (markdown, path of the markdown file)."""
+    paths = [Path(p) for p in run_paths]
+    if len(paths) < 2:
+        raise UserError("compare needs at least two run directories")
+    runs = [load_run(p) for p in paths]
+    check_same_task(runs)
+    target = Path(out) if out is not None else default_output(paths)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    names = [r.name for r in runs]
+    lines = [f"# Comparison: {' vs '.join(names)}", "", "## Config fields that differ", ""]
+    differing = config_rows(runs)
+    lines += [*table(["field", *names], differing), ""] if differing else ["The configs are identical.", ""]
+    splits = [s for s in ("validation", "test") if any(s in r.metrics["splits"] for r in runs)]
+    for split in splits:
+        lines += [f"## Metrics — {split} (primary head; bootstrap 95% CI in brackets)", ""]
+        lines += [*table(["dataset", "run", *COMPARED], metric_rows(runs, split)), ""]
+    if splits:
+        chart = plot_comparison(runs, splits[-1], target.with_suffix(".png"))
+        lines += [f"![comparison chart]({chart.name})", ""]
+    markdown = "\n".join(lines)
+    target.write_text(markdown, encoding="utf-8")
+    return markdown, target
