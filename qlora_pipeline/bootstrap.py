@@ -52,25 +52,30 @@ def mcc_from_confusion(cm: np.ndarray) -> np.ndarray:
 
 
 def ranking_metrics(weights: np.ndarray, positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ROC-AUC and average precision of `score` for the binary `positive` mask, per resample (NaN if one class)."""
+    """ROC-AUC and average precision of `score` for the binary `positive` mask, per resample (NaN if one class).
+
+    Rows already sorted by descending score (the binary case, see bootstrap_intervals) skip the reordering.
+    """
     order = np.argsort(-score, kind="mergesort")
+    presorted = bool(np.array_equal(order, np.arange(len(order))))
+    w = weights if presorted else weights[:, order]
     sorted_score = score[order]
-    # The last row of each group of tied scores is where a threshold sits.
-    ends = np.r_[np.nonzero(np.diff(sorted_score))[0], len(score) - 1]
-    w = weights[:, order]
-    pos = positive[order].astype(np.float64)
-    tp = np.cumsum(w * pos, axis=1)[:, ends]
-    fp = np.cumsum(w * (1 - pos), axis=1)[:, ends]
-    n_pos, n_neg = tp[:, -1:], fp[:, -1:]
-    tp0 = np.pad(tp, ((0, 0), (1, 0)))
-    fp0 = np.pad(fp, ((0, 0), (1, 0)))
-    area = (np.diff(fp0, axis=1) * (tp0[:, 1:] + tp0[:, :-1]) / 2).sum(axis=1, keepdims=True)
+    tp = np.cumsum(w * positive[order], axis=1)
+    total = np.cumsum(w, axis=1)
+    # A threshold sits at the last row of each group of tied scores.
+    last = np.r_[sorted_score[1:] != sorted_score[:-1], True]
+    if not last.all():
+        tp, total = tp[:, last], total[:, last]
+    fp = total - tp
+    n_pos, n_neg = tp[:, -1], fp[:, -1]
+    d_tp = np.diff(tp, axis=1, prepend=0)
+    d_fp = np.diff(fp, axis=1, prepend=0)
+    area = np.einsum("ij,ij->i", d_fp, tp - d_tp / 2)  # trapezoids: d_fp x (previous tp + tp) / 2
+    precision_sum = np.einsum("ij,ij->i", d_tp, tp / np.maximum(total, 1))  # d_tp > 0 implies total > 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        auc = area / (n_pos * n_neg)
-        precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
-        ap = (np.diff(tp0, axis=1) * precision).sum(axis=1, keepdims=True) / n_pos
+        auc, ap = area / (n_pos * n_neg), precision_sum / n_pos
     undefined = (n_pos == 0) | (n_neg == 0)
-    return np.where(undefined, np.nan, auc)[:, 0], np.where(undefined, np.nan, ap)[:, 0]
+    return np.where(undefined, np.nan, auc), np.where(undefined, np.nan, ap)
 
 
 def bootstrap_block(weights: np.ndarray, labels: np.ndarray, proba: np.ndarray, prediction: np.ndarray) -> dict:
@@ -104,6 +109,9 @@ def bootstrap_intervals(
 ) -> dict[str, list[float] | None]:
     """Percentile 95% intervals for CI_METRICS; None for a metric undefined in most resamples."""
     rng = np.random.default_rng(seed)
+    if proba.shape[1] == 2:  # sort once by score so the ranking metrics need no per-block reordering
+        order = np.argsort(-proba[:, 1], kind="mergesort")
+        labels, proba, prediction = labels[order], proba[order], prediction[order]
     samples: dict[str, list[np.ndarray]] = {name: [] for name in CI_METRICS}
     for start in range(0, resamples, BLOCK):
         weights = resample_counts(rng, len(labels), min(BLOCK, resamples - start))
