@@ -140,3 +140,12 @@ def test_full_bundled_corpus_run_reproduces(tmp_path: Path) -> None:
     assert metrics["tfidf_logreg"]["overall"]["roc_auc"] > 0.9
     assert main(["reproduce", str(tmp_path / "run_001")]) == 0
     assert json.loads((tmp_path / "run_002" / "reproduction.json").read_text())["matches"]
+
+
+def test_report_links_figures_and_summaries_that_exist(quick_run: Path) -> None:
+    import re
+
+    report = (quick_run / "experiment_report.md").read_text()
+    links = re.findall(r"\]\(([^)]+\.(?:png|md|html))\)", report)
+    assert any(link.endswith("roc_curve.png") for link in links) and "dashboard.html" in links
+    assert all((quick_run / link).is_file() for link in links)
