@@ -123,3 +123,11 @@ def test_summary_records_sources_balancing_and_is_json(tmp_path: Path) -> None:
     record = json.loads(json.dumps(summary))
     assert record["sources"][0]["classes_read"] == {"0": 30, "1": 20}
     assert record["balancing"]["method"] == "class_weights" and record["balancing"]["class_weights"]
+
+
+def test_report_data_section_shows_sources_and_balancing(tmp_path: Path) -> None:
+    from qlora_pipeline.report import data_section
+
+    summary = prepare_data(config(corpus(tmp_path / "d.jsonl", (30, 20)), balance="upsample"), seed=0).summary
+    text = "\n".join(data_section(json.loads(json.dumps(summary))))
+    assert "| mine |" in text and "Class balance: train upsampled per dataset" in text
