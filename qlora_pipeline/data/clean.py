@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200c\u200d\ufeff]"
 URL = r"(?:https?://|www\.)\S+"
-MENTION = r"(?<![\w@])@\w+"  # not inside an e-mail address
+MENTION = r"(^|[^\w@])@\w+"  # not inside an e-mail address; no look-behind, so pyarrow's RE2 runs it
 PAIR_SEPARATOR = "\x1f"  # joins text and text_pair into one key; cleaning removed control characters
 
 
@@ -36,7 +36,7 @@ def rewrite(texts: pd.Series, cfg: DataConfig) -> pd.Series:
     if cfg.mask_urls:
         out = out.str.replace(URL, "<url>", regex=True)
     if cfg.mask_mentions:
-        out = out.str.replace(MENTION, "@user", regex=True)
+        out = out.str.replace(MENTION, r"\1@user", regex=True)
     if cfg.lowercase:
         out = out.str.lower()
     return out

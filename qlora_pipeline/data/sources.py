@@ -156,7 +156,7 @@ def from_table(
     table = table.reset_index(drop=True)
     labelled = apply_labels(table[source.label_column], source, value_names)
     kept = table.loc[labelled.keep]
-    ids = kept.get("__id__", pd.Series([f"{source.name}:{i}" for i in kept.index], index=kept.index))
+    ids = kept["__id__"] if "__id__" in kept else source.name + ":" + kept.index.astype(str).to_series(kept.index)
     columns: dict[str, object] = {"id": ids, "dataset": source.name, "text": _texts(kept[source.text_column])}
     if source.text_pair_column is not None:
         columns["text_pair"] = _texts(kept[source.text_pair_column])
