@@ -131,3 +131,19 @@ def test_report_data_section_shows_sources_and_balancing(tmp_path: Path) -> None
     summary = prepare_data(config(corpus(tmp_path / "d.jsonl", (30, 20)), balance="upsample"), seed=0).summary
     text = "\n".join(data_section(json.loads(json.dumps(summary))))
     assert "| mine |" in text and "Class balance: train upsampled per dataset" in text
+
+
+def test_bad_data_through_the_cli_is_one_line_exit_2_and_a_failed_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qlora_pipeline.cli import main
+
+    data = corpus(tmp_path / "d.jsonl", (10, 10))
+    cfg = tmp_path / "c.yaml"
+    source = f"{{name: mine, type: local, path: '{data}', labels: {{map: {{'0': negative}}}}}}"
+    cfg.write_text(f"data: {{sources: [{source}]}}\n", encoding="utf-8")
+    assert main(["run", "--config", str(cfg), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("qlora: error: data source 'mine'") and "'1' (10 rows)" in last
+    assert json.loads((tmp_path / "out" / "run_001" / "status.json").read_text())["state"] == "failed"
