@@ -143,7 +143,17 @@ def test_bad_data_through_the_cli_is_one_line_exit_2_and_a_failed_run(
     source = f"{{name: mine, type: local, path: '{data}', labels: {{map: {{'0': negative}}}}}}"
     cfg.write_text(f"data: {{sources: [{source}]}}\n", encoding="utf-8")
     assert main(["run", "--config", str(cfg), "--output-dir", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert "Traceback" not in err and last.startswith("qlora: error: data source 'mine'") and "'1' (10 rows)" in last
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("qlora: error: data source 'mine'") and "'1' (10 rows)" in last
     assert json.loads((tmp_path / "out" / "run_001" / "status.json").read_text())["state"] == "failed"
+
+
+def test_mixing_pair_and_single_text_sources_is_a_data_error(tmp_path: Path) -> None:
+    pairs = corpus(tmp_path / "p.jsonl", (20, 20), second=[f"other {i}" for i in range(40)])
+    single = corpus(tmp_path / "s.jsonl", (20, 20))
+    sources = [
+        SourceConfig(name="pairs", type="local", path=pairs, text_pair_column="second"),
+        SourceConfig(name="single", type="local", path=single),
+    ]
+    with pytest.raises(DataError, match=r"data sources \['pairs'\] have text pairs but the others"):
+        prepare_data(DataConfig(sources=sources), seed=0)

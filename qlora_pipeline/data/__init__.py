@@ -46,6 +46,13 @@ def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
                 f"data source '{source.name}' has classes {list(source.label_names)} but "
                 f"'{sources[0].name}' has {list(label_names)}; give every source the same label_names"
             )
+    pairs = {s.name: "text_pair" in s.frame for s in sources}
+    if len(set(pairs.values())) > 1:
+        with_pairs = [name for name, has in pairs.items() if has]
+        raise DataError(
+            f"data sources {with_pairs} have text pairs but the others have single texts; "
+            "one run takes one kind (set text_pair_column on all of them or none)"
+        )
     raw = pd.concat([s.frame for s in sources], ignore_index=True)
     rows_read = sum(s.rows_read for s in sources)
     cleaned, cleaning_removed = clean(raw, cfg)

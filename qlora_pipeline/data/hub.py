@@ -120,7 +120,7 @@ def class_label_names(feature: Any) -> tuple[str, ...] | None:
 def content_digest(table: pd.DataFrame) -> str:
     """sha256 of the table's content (hub data has no single file to hash)."""
     hashable = table.copy()
-    for column in hashable.columns[hashable.dtypes == object]:
+    for column in [c for c in hashable.columns if hashable[c].dtype.kind == "O"]:
         first = hashable[column].dropna().head(1)
         if len(first) and pd.api.types.is_list_like(first.iloc[0]) and not isinstance(first.iloc[0], str):
             hashable[column] = hashable[column].map(lambda v: repr(list(v)) if v is not None else None)
