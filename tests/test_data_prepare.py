@@ -157,3 +157,10 @@ def test_mixing_pair_and_single_text_sources_is_a_data_error(tmp_path: Path) -> 
     ]
     with pytest.raises(DataError, match=r"data sources \['pairs'\] have text pairs but the others"):
         prepare_data(DataConfig(sources=sources), seed=0)
+
+
+def test_max_samples_keeps_the_share_of_each_source_split(tmp_path: Path) -> None:
+    parts = (["train"] * 80 + ["test"] * 20) * 2
+    path = corpus(tmp_path / "d.jsonl", (100, 100), part=parts)
+    splits = prepare_data(config(path, max_samples=100, source={"split_column": "part"}), seed=0).splits
+    assert len(splits.test) == 20

@@ -46,18 +46,25 @@ def strata(frame: pd.DataFrame) -> pd.Series:
 
 
 def sample_per_dataset(frame: pd.DataFrame, max_samples: int | None, seed: int) -> pd.DataFrame:
-    """Keep at most `max_samples` rows of each dataset, stratified by label."""
+    """Keep at most `max_samples` rows of each dataset, stratified by label (and the source's own split)."""
     if max_samples is None:
         return frame
     parts = []
     for _, part in frame.groupby("dataset", sort=False):
         if len(part) > max_samples:
             part, _ = train_test_split(
-                part, train_size=max_samples, stratify=part["label"], random_state=seed, shuffle=True
+                part, train_size=max_samples, stratify=_sample_strata(part), random_state=seed, shuffle=True
             )
             part = part.sort_index()
         parts.append(part)
     return pd.concat(parts).reset_index(drop=True)
+
+
+def _sample_strata(part: pd.DataFrame) -> pd.Series:
+    """Label, and the source's own split where it has one, so sampling keeps every split's share."""
+    if "split" in part and part["split"].notna().any():
+        return part["label"].astype(str) + "/" + part["split"].astype(str)
+    return part["label"]
 
 
 def _split_off(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
