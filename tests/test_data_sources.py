@@ -158,3 +158,32 @@ def test_config_requires_a_dataset_id_for_hub_sources() -> None:
 def test_config_refuses_unknown_split_names() -> None:
     message = config_error({"name": "a", "type": "hub", "dataset": "x/y", "splits": {"dev": "validation"}})
     assert message.startswith("data.sources[0].splits must be keyed by train, validation, test")
+
+
+def test_hub_source_loads_each_named_split_with_its_subset(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(dataset: str, subset: str | None, split: str, revision: str | None) -> datasets.Dataset:
+        calls.append((dataset, subset, split))
+        return datasets.Dataset.from_dict({"text": [f"{split} one", f"{split} two"], "toxicity": [0.9, 0.1]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    source = SourceConfig(
+        name="cc",
+        type="hub",
+        dataset="org/corpus",
+        subset="en",
+        splits={"train": "train", "test": "validation"},
+        label_column="toxicity",
+        labels={"threshold": 0.5},
+    )
+    frame = load_source(source).frame
+    assert calls == [("org/corpus", "en", "train"), ("org/corpus", "en", "validation")]
+    assert frame[["id", "split", "label"]].values.tolist() == [
+        ["cc:train:0", "train", 1],
+        ["cc:train:1", "train", 0],
+        ["cc:test:0", "test", 1],
+        ["cc:test:1", "test", 0],
+    ]
