@@ -19,6 +19,12 @@ SPLIT_NAMES = ("train", "validation", "test")
 
 @dataclass(frozen=True)
 class Splits:
+    """Three frames with columns `id, dataset, text, label` (label: index into `label_names`).
+
+    Pair sources add `text_pair` (the second text, never null); single-text runs have no `text_pair` column.
+    With data.balance upsample, train may repeat rows (same id); validation and test are never resampled.
+    """
+
     train: pd.DataFrame
     validation: pd.DataFrame
     test: pd.DataFrame
