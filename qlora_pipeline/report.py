@@ -100,21 +100,46 @@ def data_section(data: dict[str, Any]) -> list[str]:
     for split, counts in data["splits"].items():
         for dataset, per_class in counts["per_dataset"].items():
             rows.append([split, dataset, *(str(per_class.get(n, 0)) for n in names), str(sum(per_class.values()))])
+    sources = [
+        [
+            s["name"],
+            f"`{s['origin']}`",
+            str(s["rows_read"]),
+            str(s.get("rows_label_dropped", 0)),
+            ", ".join(f"{k} {v}" for k, v in (s.get("classes_read") or {}).items()),
+        ]
+        for s in data["sources"]
+    ]
     removed = ", ".join(f"{k} {v}" for k, v in data["removed"].items() if v) or "none"
     length = data["text_length"]
+    normalized = data.get("cross_split_overlap_normalized", "?")
+    overlap = f"{data['cross_split_overlap']} exact, {normalized} after normalization"
     return [
         "## Data",
         "",
+        *table(["source", "origin", "rows read", "label not covered", "classes read"], sources),
         f"{data['rows_read']} rows read, {data['rows_after_cleaning']} after cleaning, "
         f"{data['rows_after_sampling']} used. Removed: {removed}.",
         "",
         *table(["split", "dataset", *names, "total"], rows),
         f"Text length (characters): min {length['min']}, median {length['median']}, mean {length['mean']}, "
-        f"p95 {length['p95']}, max {length['max']}. Texts in more than one split: {data['cross_split_overlap']}.",
+        f"p95 {length['p95']}, max {length['max']}. Texts in more than one split: {overlap}.",
         "",
+        *balancing_lines(data.get("balancing")),
         f"Data fingerprint: `{data['fingerprint']}`",
         "",
     ]
+
+
+def balancing_lines(balancing: dict[str, Any] | None) -> list[str]:
+    if not balancing or balancing["method"] == "none":
+        return ["Class balance: none applied (train keeps the class mix of the data).", ""]
+    if balancing["method"] == "class_weights":
+        weights = ", ".join(f"{k} {v:g}" for k, v in (balancing["class_weights"] or {}).items())
+        return [f"Class balance: class weights over train (total / (classes x count)): {weights}.", ""]
+    before = ", ".join(f"{k} {v}" for k, v in balancing["train_classes_before"].items())
+    after = ", ".join(f"{k} {v}" for k, v in balancing["train_classes_after"].items())
+    return [f"Class balance: train {balancing['method']}d per dataset, from {before} to {after}.", ""]
 
 
 def results_section(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:

