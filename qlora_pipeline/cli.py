@@ -119,9 +119,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     from qlora_pipeline.config import load_config
 
-    config_path = args.config
     if args.command == "quick-test":
         config_path = QLORA_QUICK_TEST_CONFIG if args.mode == "qlora" else QUICK_TEST_CONFIG
+    else:
+        config_path = args.config
     config = load_config(config_path, args.overrides)
     return run_command(config, args.output_dir)
 

@@ -91,7 +91,7 @@ def setup(config: Config, num_labels: int, seed: int) -> FineTuned:
         100 * trainable / total,
     )
     loaded = dataclasses.replace(loaded, model=model)
-    return FineTuned(loaded, head, trainable, total, notes=list(loaded.notes))
+    return FineTuned(loaded, head, trainable, total)  # model notes are in config.json "model" already
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
@@ -170,14 +170,25 @@ def _make_trainer_class() -> type:
 
 def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path, seed: int, notes: list[str]) -> Any:
     from transformers import TrainingArguments
+    from transformers.training_args import OptimizerNames
 
     cuda = loaded.device == "cuda"
     bf16 = cuda and loaded.compute_dtype == "bfloat16"  # mixed precision follows the compute dtype on a GPU;
     fp16 = cuda and loaded.compute_dtype == "float16"  # CPUs train in float32
+    known = sorted(name.value for name in OptimizerNames)
+    if train.optimizer not in known:
+        raise UserError(
+            f"training.optimizer {train.optimizer!r} is not a Trainer optimizer; choose one of: {', '.join(known)}"
+        )
+    # Paging moves optimizer state to CPU memory under GPU memory pressure; on a CPU there is nothing to page and
+    # bitsandbytes runs the same 32-bit AdamW update unpaged. Same math, so the requested optimizer is kept (no
+    # switch to adamw_torch) and the difference is recorded.
     if train.optimizer.startswith("paged_") and not cuda:
         notes.append(
             f"optimizer {train.optimizer} on {loaded.device}: bitsandbytes runs it unpaged (paging needs CUDA)"
         )
+    if cuda:
+        notes.append("GPU training is seeded but not bit-for-bit deterministic (full_determinism is CPU-only)")
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=train.batch_size,
@@ -203,7 +214,9 @@ def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path
         disable_tqdm=True,
         seed=seed,
         data_seed=seed,
-        full_determinism=True,  # deterministic kernels; on CPU this costs nothing measurable
+        # Deterministic kernels: free on CPU (and a rerun then matches bit for bit); on GPUs they cost speed and
+        # some ops refuse to run, so there the run is seeded only (a note says so).
+        full_determinism=not cuda,
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )

@@ -26,7 +26,7 @@ FAST = [
 
 
 def fast_args(root: Path, *extra: str) -> list[str]:
-    args = ["run", "--config", "qlora_tiny", "--output-dir", str(root)]
+    args = ["quick-test", "--mode", "qlora", "--output-dir", str(root)]  # configs/qlora_tiny.yaml
     for item in [*FAST, *extra]:
         args += ["--set", item]
     return args
@@ -108,6 +108,7 @@ def test_adapter_loads_with_plain_peft_and_reproduces_the_runs_predictions(qlora
     assert np.abs(without - expected).max() > 1e-3
 
 
+@pytest.mark.slow  # a second full run: ~30 s here
 def test_qlora_run_reproduces_bit_for_bit(qlora_run: Path) -> None:
     assert main(["reproduce", str(qlora_run)]) == 0
     reproduction = json.loads((qlora_run.parent / "run_002" / "reproduction.json").read_text())
@@ -122,6 +123,11 @@ def test_target_modules_matching_nothing_list_the_linear_layers(
     assert len(errors) == 1
     assert "training.target_modules: 'query' matches no linear layer" in errors[0]
     assert "q_proj" in errors[0] and "down_proj" in errors[0]
+
+
+def test_unknown_optimizer_is_refused_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(fast_args(tmp_path, "training.optimizer=adamw_turbo")) == 2
+    assert "training.optimizer 'adamw_turbo' is not a Trainer optimizer" in capsys.readouterr().err
 
 
 def test_lora_rank_zero_is_refused_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
