@@ -18,6 +18,7 @@ from qlora_pipeline.errors import UserError
 log = logging.getLogger("qlora_pipeline")
 
 QUICK_TEST_CONFIG = "quick_test.yaml"
+QLORA_QUICK_TEST_CONFIG = "qlora_tiny.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = commands.add_parser(
         "quick-test", help="offline smoke test: the real pipeline on a small sample of the bundled corpus"
+    )
+    quick.add_argument(
+        "--mode",
+        choices=["embeddings", "qlora"],
+        default="embeddings",
+        help=f"embeddings: {QUICK_TEST_CONFIG}; qlora: {QLORA_QUICK_TEST_CONFIG} (trains a LoRA adapter, ~1 min)",
     )
     add_run_options(quick)
 
@@ -118,7 +125,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     from qlora_pipeline.config import load_config
 
-    config_path = QUICK_TEST_CONFIG if args.command == "quick-test" else args.config
+    if args.command == "quick-test":
+        config_path = QLORA_QUICK_TEST_CONFIG if args.mode == "qlora" else QUICK_TEST_CONFIG
+    else:
+        config_path = args.config
     config = load_config(config_path, args.overrides)
     return run_command(config, args.output_dir)
 

@@ -436,6 +436,12 @@ class TrainingConfig:
     optimizer: str = param("paged_adamw_32bit", "Trainer optimizer; paged AdamW avoids OOM spikes (QLoRA).")
     gradient_checkpointing: bool = param(True, "Recompute activations in backward: less memory, ~30% slower.")
     eval_steps: int | None = param(None, "Evaluate on validation every N steps; null evaluates once per epoch.")
+    group_by_length: bool = param(True, "Batch texts of similar length together: less padding, faster steps.")
+    loss: Literal["cross_entropy", "focal"] = param("cross_entropy", "Training loss; focal down-weights easy examples.")
+    focal_gamma: float = param(2.0, "Focal loss focusing parameter (loss focal); 0 equals cross-entropy.")
+    class_weights: str | list[float] = param(
+        "none", "none, balanced (total / (classes x count) on the train split), or one weight per class."
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -454,6 +460,10 @@ class TrainingConfig:
         ok = bool(modules) and (isinstance(modules, str) or all(modules))
         _check("target_modules", modules, ok, "'all-linear' or a non-empty list of module names")
         _check("optimizer", self.optimizer, bool(self.optimizer), "a non-empty string")
+        _check("focal_gamma", self.focal_gamma, self.focal_gamma >= 0, ">= 0")
+        weights = self.class_weights
+        ok = weights in ("none", "balanced") if isinstance(weights, str) else bool(weights) and min(weights) > 0
+        _check("class_weights", weights, ok, "'none', 'balanced' or a non-empty list of weights > 0")
 
 
 @dataclass

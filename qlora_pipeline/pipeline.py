@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qlora_pipeline.errors import UserError
 from qlora_pipeline.report import write_report
 from qlora_pipeline.runs import (
     Run,
@@ -39,16 +38,19 @@ def run_experiment(
     """Run one experiment into a new run directory; the directory records failure as faithfully as success."""
     from qlora_pipeline.classifiers import check_heads
 
-    if config.experiment.mode != "embeddings":
-        raise UserError(
-            f"experiment.mode '{config.experiment.mode}' is not available in this version; use 'embeddings'"
-        )
-    check_heads(config.classifier.heads)
+    qlora = config.experiment.mode == "qlora"
+    if not qlora:
+        check_heads(config.classifier.heads)
     run = Run.create(output_root if output_root is not None else config.output.root)
     write_json(run.dir / "config.json", archive_record(config, run, reproduce_of))
     try:
         with sigterm_interrupts():
-            metrics = execute(config, run)
+            if qlora:
+                from qlora_pipeline.qlora_run import execute_qlora
+
+                metrics = execute_qlora(config, run)
+            else:
+                metrics = execute(config, run)
             reproduction = None
             if reproduce_of is not None:
                 with run.stage("reproduce_check"):

@@ -10,6 +10,8 @@ from qlora_pipeline.evaluation import HEADLINE, format_metric, metric_cell
 from qlora_pipeline.tiny_model import BUILTIN_PREFIX
 
 BASELINE = "tfidf_logreg"
+ON_WHAT = {"qlora": "(the fine-tuned NF4 model with its LoRA adapter)"}  # the primary head, in the verdict
+WHAT = {"qlora": "fine-tuned adapter's scores"}
 
 
 def load_optional(path: Path) -> Any:
@@ -24,7 +26,7 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
     config = record.get("config", {})
     lines = [f"# Experiment report: {config.get('experiment', {}).get('name', '?')} ({run_dir.name})", ""]
     lines += status_section(status)
-    lines += what_ran_section(config, record.get("model"))
+    lines += what_ran_section(config, record.get("model"), record.get("training"))
     if data:
         lines += data_section(data)
     if metrics:
@@ -61,7 +63,9 @@ def status_section(status: dict[str, Any]) -> list[str]:
     return lines
 
 
-def what_ran_section(config: dict[str, Any], model: dict[str, Any] | None) -> list[str]:
+def what_ran_section(
+    config: dict[str, Any], model: dict[str, Any] | None, training: dict[str, Any] | None = None
+) -> list[str]:
     if not config:
         return []
     exp, cfg_model, emb, clf = (config.get(k, {}) for k in ("experiment", "model", "embedding", "classifier"))
@@ -82,6 +86,8 @@ def what_ran_section(config: dict[str, Any], model: dict[str, Any] | None) -> li
             ["model files", f"`{model['source']}`"],
         ]
         rows += [["note", note] for note in model.get("notes", [])]
+    if exp.get("mode") == "qlora":
+        return ["## What ran", "", *table(["setting", "value"], rows + training_rows(config, training))]
     rows += [
         ["pooling / max length", f"{emb.get('pooling')} / {emb.get('max_length')} tokens"],
         ["instruction", repr(emb.get("instruction"))],
@@ -92,6 +98,39 @@ def what_ran_section(config: dict[str, Any], model: dict[str, Any] | None) -> li
         ["threshold tuning", clf.get("threshold_metric", "none")],
     ]
     return ["## What ran", "", *table(["setting", "value"], rows)]
+
+
+def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> list[list[str]]:
+    """The QLoRA recipe as configured, and what training measured (parameters, throughput, memory)."""
+    t = config.get("training", {})
+    rows = [
+        [
+            "LoRA",
+            f"r {t.get('lora_r')}, alpha {t.get('lora_alpha')}, dropout {t.get('lora_dropout')} "
+            f"on {t.get('target_modules')}",
+        ],
+        [
+            "optimizer / learning rate",
+            f"{t.get('optimizer')} / {t.get('learning_rate')} (cosine, warmup {t.get('warmup_ratio')})",
+        ],
+        ["batch", f"{t.get('batch_size')} x {t.get('gradient_accumulation_steps')} accumulation steps"],
+        ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
+    ]
+    if training:
+        share = 100 * training["trainable_parameters"] / training["total_parameters"]
+        rows += [
+            [
+                "trainable parameters",
+                f"{training['trainable_parameters']:,} of {training['total_parameters']:,} ({share:.2f}%)",
+            ],
+            [
+                "training",
+                f"{training['optimizer_steps']} steps in {training['train_seconds']} s, "
+                f"{training['samples_per_second']} samples/s; peak RSS {training['peak_rss_mb']} MB",
+            ],
+        ]
+        rows += [["training note", note] for note in training.get("notes", [])]
+    return rows
 
 
 def data_section(data: dict[str, Any]) -> list[str]:
@@ -200,13 +239,14 @@ def verdict_lines(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:
     lines = [
         "### Against the baseline",
         "",
-        f"On {split}, {primary} on the embeddings scores accuracy {format_metric(ours['accuracy'])} and "
+        f"On {split}, {primary} {ON_WHAT.get(primary, 'on the embeddings')} scores accuracy "
+        f"{format_metric(ours['accuracy'])} and "
         f"ROC-AUC {format_metric(ours.get('roc_auc'))}; the TF-IDF character n-gram baseline on the same splits "
         f"scores {format_metric(base['accuracy'])} and {format_metric(base.get('roc_auc'))}. "
         + (
-            "The embeddings beat the baseline."
+            f"The {WHAT.get(primary, 'embeddings')} beat the baseline."
             if (ours.get("roc_auc") or 0) > (base.get("roc_auc") or 0)
-            else "**The embeddings do not beat the baseline.**"
+            else f"**The {WHAT.get(primary, 'embeddings')} do not beat the baseline.**"
         ),
         "",
     ]

@@ -1,0 +1,337 @@
+"""The QLoRA recipe: setup → train → evaluate → save. Readable top to bottom.
+
+A 4-bit NF4 base (`modeling.load_model`, sequence-classification head), `prepare_model_for_kbit_training`, LoRA
+adapters on the configured linear layers, and the freshly initialised classification head trained in full and
+saved with the adapter (`modules_to_save`). HF `Trainer` runs the loop (optimizer by name, warmup + cosine,
+gradient accumulation, length-grouped batches, mixed precision on GPUs); only the loss is ours (`losses.py`).
+Every decision that differs from what the config literally says is logged and returned in `notes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from qlora_pipeline.errors import UserError
+from qlora_pipeline.losses import class_weights, classification_loss
+from qlora_pipeline.modeling import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from qlora_pipeline.config import Config, TrainingConfig
+
+log = logging.getLogger(__name__)
+
+HEAD_NAMES = ("score", "classifier")  # the classification head: Qwen/Llama-style decoders, BERT-style encoders
+ADAPTER_DIR = "lora_adapter"
+
+
+@dataclass
+class FineTuned:
+    loaded: LoadedModel  # .model is the PeftModel with the trained adapter
+    head: str
+    trainable_parameters: int
+    total_parameters: int
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)  # timings, throughput, memory, notes: config.json
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- setup ----------------------------------------------------------------------------------------------
+
+
+def setup(config: Config, num_labels: int, seed: int) -> FineTuned:
+    """NF4 base with a `num_labels` head, prepared for k-bit training, wrapped with LoRA (+ the head in full)."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    train = config.training
+    loaded = load_model(config.model, task="sequence_classification", num_labels=num_labels, seed=seed)
+    model = loaded.model
+    head = next((name for name in HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)), None)
+    if head is None:
+        raise UserError(f"model {loaded.source!r} has no classification head named {' or '.join(HEAD_NAMES)}")
+    targets = check_target_modules(model, train.target_modules, head)
+    if loaded.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant variant warns and is deprecated
+        )
+    elif train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=train.lora_r,
+        lora_alpha=train.lora_alpha,
+        lora_dropout=train.lora_dropout,
+        target_modules=targets,
+        modules_to_save=[head],  # the new head is trained in full and saved beside the adapter
+        bias="none",
+    )
+    with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: draw them under the run's seed
+        torch.manual_seed(seed)
+        model = get_peft_model(model, lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "LoRA r=%d on %s; trainable %d of %d parameters (%.2f%%)",
+        train.lora_r,
+        targets,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    loaded = dataclasses.replace(loaded, model=model)
+    return FineTuned(loaded, head, trainable, total)  # model notes are in config.json "model" already
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Distinct last name components of the model's linear layers (4-bit, 8-bit or plain)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
+    return sorted(names)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def check_target_modules(model: torch.nn.Module, targets: str | list[str], head: str) -> str | list[str]:
+    """`all-linear` passes through (peft excludes the head); each listed name must match some linear layer."""
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            targets = [targets]
+        else:
+            return targets
+    available = linear_layer_names(model)
+    missing = [t for t in targets if t not in available or t == head]
+    if missing:
+        choices = ", ".join(n for n in available if n != head)
+        raise UserError(
+            f"training.target_modules: {', '.join(repr(m) for m in missing)} "
+            f"{'matches' if len(missing) == 1 else 'match'} no linear layer of the model "
+            f"(the head '{head}' is trained in full anyway); its linear layers are: {choices}; or use 'all-linear'"
+        )
+    return list(targets)
+
+
+# ---- train ----------------------------------------------------------------------------------------------
+
+
+class _Examples(torch.utils.data.Dataset[dict[str, Any]]):
+    """Tokenized texts (unpadded; the collator pads per batch) with their labels."""
+
+    def __init__(self, tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> None:
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        self.rows = [
+            {"input_ids": ids, "attention_mask": mask, "labels": int(label)}
+            for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], labels, strict=True)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
+def _make_trainer_class() -> type:
+    from transformers import Trainer
+
+    class ClassificationTrainer(Trainer):
+        """Trainer whose loss is ours: class-weighted cross-entropy or focal loss, a mean over the batch."""
+
+        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+
+        def __init__(self, *args: Any, loss_fn: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.loss_fn = loss_fn
+
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = self.loss_fn(outputs.logits.float(), labels)
+            return (loss, outputs) if return_outputs else loss
+
+    return ClassificationTrainer
+
+
+def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path, seed: int, notes: list[str]) -> Any:
+    from transformers import TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    cuda = loaded.device == "cuda"
+    bf16 = cuda and loaded.compute_dtype == "bfloat16"  # mixed precision follows the compute dtype on a GPU;
+    fp16 = cuda and loaded.compute_dtype == "float16"  # CPUs train in float32
+    known = sorted(name.value for name in OptimizerNames)
+    if train.optimizer not in known:
+        raise UserError(
+            f"training.optimizer {train.optimizer!r} is not a Trainer optimizer; choose one of: {', '.join(known)}"
+        )
+    # Paging moves optimizer state to CPU memory under GPU memory pressure; on a CPU there is nothing to page and
+    # bitsandbytes runs the same 32-bit AdamW update unpaged. Same math, so the requested optimizer is kept (no
+    # switch to adamw_torch) and the difference is recorded.
+    if train.optimizer.startswith("paged_") and not cuda:
+        notes.append(
+            f"optimizer {train.optimizer} on {loaded.device}: bitsandbytes runs it unpaged (paging needs CUDA)"
+        )
+    if cuda:
+        notes.append("GPU training is seeded but not bit-for-bit deterministic (full_determinism is CPU-only)")
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps if train.max_steps is not None else -1,
+        lr_scheduler_type="cosine",
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        optim=train.optimizer,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not cuda,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        eval_strategy="steps" if train.eval_steps else "epoch",
+        eval_steps=train.eval_steps,
+        logging_strategy="steps",
+        logging_steps=1,  # every optimizer step: training_log.csv
+        save_strategy="no",  # the adapter is saved once, by `save`
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+        # Deterministic kernels: free on CPU (and a rerun then matches bit for bit); on GPUs they cost speed and
+        # some ops refuse to run, so there the run is seeded only (a note says so).
+        full_determinism=not cuda,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def train(
+    tuned: FineTuned, config: Config, train_split: pd.DataFrame, validation: pd.DataFrame, seed: int, work_dir: Path
+) -> FineTuned:
+    """Fit the adapter and head; the per-step log (loss, lr, validation metrics) lands in `log_history`."""
+    from transformers import DataCollatorWithPadding, PrinterCallback
+
+    train_cfg = config.training
+    tokenizer, model = tuned.loaded.tokenizer, tuned.loaded.model
+    labels = train_split["label"].to_numpy()
+    num_labels = int(model.config.num_labels)
+    weights = class_weights(train_cfg.class_weights, labels, num_labels)
+    if weights is not None:
+        tuned.notes.append("class weights " + ", ".join(f"{w:.3f}" for w in weights.tolist()))
+    loss_fn = classification_loss(train_cfg.loss, weights, train_cfg.focal_gamma)
+    train_set = _Examples(tokenizer, train_split["text"].tolist(), labels, train_cfg.max_length)
+    eval_set = _Examples(tokenizer, validation["text"].tolist(), validation["label"].to_numpy(), train_cfg.max_length)
+    args = training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes)
+    trainer = _make_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=_eval_metrics,
+        loss_fn=loss_fn,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
+    tokens = sum(len(row["input_ids"]) for row in train_set.rows)
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # already a note in config.json, not a warning on every run
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        result = trainer.train()
+    seconds = time.perf_counter() - start
+    steps = trainer.state.global_step
+    samples = steps * train_cfg.batch_size * train_cfg.gradient_accumulation_steps
+    tuned.log_history = [  # timings vary run to run; the log keeps what reproduces
+        {k: v for k, v in row.items() if not k.endswith(("_runtime", "_per_second"))}
+        for row in trainer.state.log_history
+        if "train_runtime" not in row
+    ]
+    tuned.summary = {
+        "optimizer_steps": steps,
+        "epochs": round(float(trainer.state.epoch or 0), 4),
+        "train_loss": float(result.training_loss),
+        "train_seconds": round(seconds, 3),
+        "samples_per_second": round(samples / seconds, 2),
+        "train_tokens_per_epoch": tokens,
+        "trainable_parameters": tuned.trainable_parameters,
+        "total_parameters": tuned.total_parameters,
+        "peak_rss_mb": peak_rss_mb(),
+        "loss": train_cfg.loss,
+        "notes": tuned.notes,
+    }
+    log.info(
+        "trained %d steps in %.1f s (%.1f samples/s), peak RSS %.0f MB",
+        steps,
+        seconds,
+        tuned.summary["samples_per_second"],
+        tuned.summary["peak_rss_mb"],
+    )
+    return tuned
+
+
+def _eval_metrics(prediction: Any) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predicted = np.asarray(prediction.predictions).argmax(axis=-1)
+    labels = np.asarray(prediction.label_ids)
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports kilobytes)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ---- evaluate -------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_proba(loaded: LoadedModel, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
+    """Class probabilities (softmax of the head's logits), in input order."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[start : start + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        ).to(device)
+        chunks.append(torch.softmax(model(**batch).logits.float(), dim=-1).cpu().numpy())
+    return np.concatenate(chunks).astype(np.float64)
+
+
+# ---- save -----------------------------------------------------------------------------------------------
+
+
+def save(tuned: FineTuned, out_dir: Path, label_names: list[str]) -> Path:
+    """Adapter (LoRA weights + the head) and tokenizer, loadable by `PeftModel.from_pretrained` on the same base."""
+    import json
+
+    target = out_dir / ADAPTER_DIR
+    tuned.loaded.model.save_pretrained(target)
+    tuned.loaded.tokenizer.save_pretrained(target)
+    (target / "labels.json").write_text(
+        json.dumps({"label_names": label_names, "head": tuned.head}, indent=2) + "\n", encoding="utf-8"
+    )
+    log.info("adapter saved to %s", target)
+    return target
