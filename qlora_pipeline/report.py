@@ -252,10 +252,12 @@ def verdict_lines(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:
     ]
     if str(config.get("model", {}).get("name_or_path", "")).startswith(BUILTIN_PREFIX):
         lines += [
-            "The model is the package's built-in tiny Qwen3-architecture checkpoint with random weights: its "
-            "embeddings carry next to no meaning, so near-chance scores are expected. This run proves the code "
-            "paths (4-bit loading, encoding, heads, evaluation), not the method; the baseline shows what the data "
-            "itself supports. Point `model.name_or_path` at a real Qwen checkpoint for real results.",
+            "The model is the package's built-in tiny Qwen3-architecture checkpoint with random weights: it "
+            "carries next to no meaning, so near-chance scores are expected. This run proves the code paths "
+            "(4-bit loading, "
+            + ("LoRA training" if primary == "qlora" else "encoding, heads")
+            + ", evaluation), not the method; the baseline shows what the data itself supports. "
+            "Point `model.name_or_path` at a real Qwen checkpoint for real results.",
             "",
         ]
     return lines
