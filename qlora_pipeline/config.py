@@ -271,6 +271,9 @@ class EmbeddingConfig:
     batch_size: int = param(32, "Texts encoded per forward pass.")
     normalize: bool = param(True, "L2-normalise embeddings, as the Qwen3-Embedding models expect.")
     cache: bool = param(True, "Reuse embeddings cached by content (model, texts, settings): cheap reruns.")
+    fidelity_sample: int = param(
+        64, "Texts of the run re-encoded unquantized to report what 4-bit costs (mean cosine); 0 skips it."
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -285,6 +288,7 @@ class EmbeddingConfig:
             raise _FieldError("prompt_template", "must contain {instruction} when instruction is set")
         _check("max_length", self.max_length, self.max_length >= 1, ">= 1")
         _check("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+        _check("fidelity_sample", self.fidelity_sample, self.fidelity_sample >= 0, ">= 0 (0 skips it)")
 
 
 @dataclass

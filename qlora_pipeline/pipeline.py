@@ -73,9 +73,11 @@ def run_experiment(
 
 
 def execute(config: Config, run: Run) -> dict[str, Any]:
+    import numpy as np
+
     from qlora_pipeline.classifiers import fit_baseline, fit_head, tune_threshold
     from qlora_pipeline.data import prepare_data
-    from qlora_pipeline.embeddings import encode
+    from qlora_pipeline.embeddings import embed_splits, quantization_fidelity
     from qlora_pipeline.evaluation import evaluate, predictions_frame
     from qlora_pipeline.modeling import load_model
 
@@ -95,8 +97,16 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
 
     with run.stage("embeddings"):
         needed = ["train", *config.evaluation.splits]
-        vectors = {name: encode(splits.get(name)["text"].tolist(), loaded, config.embedding) for name in needed}
+        vectors, embedding_record = embed_splits({name: splits.get(name) for name in needed}, loaded, config.embedding)
+        quantized, sample = loaded.quantization != "none", config.embedding.fidelity_sample
         del loaded  # free the encoder before training heads
+    if quantized and sample:
+        with run.stage("quantization_fidelity"):
+            picked = np.random.default_rng(seed).permutation(len(splits.train))[:sample]
+            embedding_record["quantization_fidelity"] = quantization_fidelity(
+                splits.train.iloc[picked], vectors["train"][picked], config.model, config.embedding, seed
+            )
+    update_record(run, embedding=embedding_record)
 
     with run.stage("classifiers"):
         labels = {name: splits.get(name)["label"].to_numpy() for name in needed}

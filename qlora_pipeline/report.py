@@ -24,7 +24,7 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
     config = record.get("config", {})
     lines = [f"# Experiment report: {config.get('experiment', {}).get('name', '?')} ({run_dir.name})", ""]
     lines += status_section(status)
-    lines += what_ran_section(config, record.get("model"))
+    lines += what_ran_section(config, record.get("model"), record.get("embedding"))
     if data:
         lines += data_section(data)
     if metrics:
@@ -60,7 +60,9 @@ def status_section(status: dict[str, Any]) -> list[str]:
     return lines
 
 
-def what_ran_section(config: dict[str, Any], model: dict[str, Any] | None) -> list[str]:
+def what_ran_section(
+    config: dict[str, Any], model: dict[str, Any] | None, embedding: dict[str, Any] | None = None
+) -> list[str]:
     if not config:
         return []
     exp, cfg_model, emb, clf = (config.get(k, {}) for k in ("experiment", "model", "embedding", "classifier"))
@@ -84,6 +86,7 @@ def what_ran_section(config: dict[str, Any], model: dict[str, Any] | None) -> li
     rows += [
         ["pooling / max length", f"{emb.get('pooling')} / {emb.get('max_length')} tokens"],
         ["instruction", repr(emb.get("instruction"))],
+        *embedding_rows(embedding or {}),
         [
             "heads",
             ", ".join(clf.get("heads", [])) + (f" + baseline {BASELINE}" if clf.get("baseline") else ""),
@@ -91,6 +94,24 @@ def what_ran_section(config: dict[str, Any], model: dict[str, Any] | None) -> li
         ["threshold tuning", clf.get("threshold_metric", "none")],
     ]
     return ["## What ran", "", *table(["setting", "value"], rows)]
+
+
+def embedding_rows(embedding: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    splits = embedding.get("splits", {}).values()
+    if splits:
+        hits, total = sum(s["cache_hits"] for s in splits), sum(s["texts"] for s in splits)
+        rows.append(["embedding cache", f"{hits} of {total} vectors reused" if embedding.get("cache") else "off"])
+    fidelity = embedding.get("quantization_fidelity")
+    if fidelity:
+        rows.append(
+            [
+                "quantization fidelity",
+                f"mean cosine {fidelity['mean_cosine']:.4f} (min {fidelity['min_cosine']:.4f}) to the unquantized "
+                f"model ({fidelity['reference']}) on {fidelity['texts']} training texts",
+            ]
+        )
+    return rows
 
 
 def data_section(data: dict[str, Any]) -> list[str]:
