@@ -28,7 +28,7 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 def param(default: Any, doc: str) -> Any:
     """A config field with its help text; mutable defaults (lists, sections) are copied per instance."""
-    if isinstance(default, list) or dataclasses.is_dataclass(default):
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": doc})
     return field(default=default, metadata={"help": doc})
 
@@ -89,6 +89,8 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
+    if origin is dict:
+        return "a mapping"
     if origin is list:
         return "a list of " + _PLURALS.get(args[0], "mappings" if dataclasses.is_dataclass(args[0]) else "values")
     names = {str: "a string", int: "an integer", float: "a float", bool: "true or false", type(None): "null"}
@@ -113,6 +115,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if any(value == a and type(value) is type(a) for a in args):
             return value
         raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
@@ -298,8 +304,16 @@ class ClassifierConfig:
     max_iter: int = param(1000, "Solver iterations; 1000 lets lbfgs converge on ~1k-dim embeddings.")
     standardize: bool = param(True, "Scale embedding features to zero mean and unit variance before the heads.")
     class_weight: Literal["none", "balanced"] = param("none", "balanced reweights classes by inverse frequency.")
-    threshold_metric: Literal["none", "f1", "macro_f1"] = param(
-        "none", "Binary only: tune the decision threshold on validation for this metric; none keeps 0.5."
+    threshold_metric: Literal["none", "f1", "macro_f1", "precision"] = param(
+        "none",
+        "Binary only: tune the decision threshold on validation for this metric (precision: the lowest threshold "
+        "reaching target_precision, i.e. the best recall at that precision); none keeps 0.5.",
+    )
+    target_precision: float = param(0.9, "Precision the threshold must reach when threshold_metric is precision.")
+    options: dict[str, dict[str, Any]] = param(
+        {},
+        "Per-head hyperparameters, e.g. {xgboost: {n_estimators: 200}, ensemble: {members: [logreg, svm], "
+        "method: soft_vote}}; a head's options are its estimator's parameters (checked before the run starts).",
     )
     baseline: bool = param(True, "Also fit TF-IDF char n-grams + logistic regression on the same splits.")
 
@@ -310,6 +324,7 @@ class ClassifierConfig:
         _check("heads", heads, ok, "a non-empty list of distinct head names")
         _check("C", self.C, self.C > 0, "> 0")
         _check("max_iter", self.max_iter, self.max_iter >= 1, ">= 1")
+        _check("target_precision", self.target_precision, 0 < self.target_precision <= 1, "in (0, 1]")
 
 
 @dataclass
@@ -524,6 +539,10 @@ def _type_name(hint: Any) -> str:
         return " | ".join(_type_name(a) for a in args)
     if origin is list:
         return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
+    if hint is Any:
+        return "any"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 

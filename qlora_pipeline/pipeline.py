@@ -43,7 +43,7 @@ def run_experiment(
         raise UserError(
             f"experiment.mode '{config.experiment.mode}' is not available in this version; use 'embeddings'"
         )
-    check_heads(config.classifier.heads)
+    check_heads(config.classifier)
     run = Run.create(output_root if output_root is not None else config.output.root)
     write_json(run.dir / "config.json", archive_record(config, run, reproduce_of))
     try:
@@ -118,7 +118,8 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
         if binary and config.classifier.threshold_metric != "none":
             for head in heads:
                 positive = head.predict_proba(vectors["validation"])[:, 1]
-                head.threshold = tune_threshold(labels["validation"], positive, config.classifier.threshold_metric)
+                metric, target = config.classifier.threshold_metric, config.classifier.target_precision
+                head.threshold = tune_threshold(labels["validation"], positive, metric, target)
                 log.info("head %s: threshold %.4f tuned on validation", head.name, head.threshold)
         if config.classifier.baseline:
             heads.append(fit_baseline(splits.train["text"].tolist(), labels["train"], seed))
