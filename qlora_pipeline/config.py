@@ -253,7 +253,9 @@ class ModelConfig:
     quant_type: Literal["nf4", "fp4"] = param("nf4", "4-bit data type; NF4 suits normally distributed weights.")
     double_quant: bool = param(True, "Also quantize the quantization constants (saves ~0.4 bits per weight).")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = param(
-        "auto", "Dtype for matmuls; auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."
+        "auto",
+        "Dtype for matmuls; auto: bfloat16 on GPUs that support it, float16 on older GPUs; on CPU bfloat16 "
+        "for unquantized models where the CPU has native bf16 (AVX512-BF16/AMX), else float32.",
     )
     device: Literal["auto", "cpu", "cuda"] = param("auto", "auto uses CUDA when available, else CPU.")
     trust_remote_code: bool = param(False, "Allow model code from the hub; off because it runs foreign code.")

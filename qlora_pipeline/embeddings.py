@@ -244,15 +244,17 @@ def embed_splits(
 
 
 def quantization_fidelity(
-    frame: Any, quantized: np.ndarray, model_cfg: Any, cfg: EmbeddingConfig, seed: int
+    frame: Any, quantized: np.ndarray, model_cfg: Any, cfg: EmbeddingConfig, seed: int, compute_dtype: str
 ) -> dict[str, Any]:
     """Mean cosine between `quantized` (the run's vectors of `frame`'s texts) and the same model's unquantized
-    vectors of those texts: what 4-bit costs on this model and data. Loads the model again, unquantized."""
+    vectors of those texts at the same `compute_dtype`: what quantization alone costs on this model and data.
+    Loads the model again, unquantized."""
     import dataclasses
 
     from qlora_pipeline.modeling import load_model
 
-    full = load_model(dataclasses.replace(model_cfg, quantization="none"), task="encoder", seed=seed)
+    reference_cfg = dataclasses.replace(model_cfg, quantization="none", compute_dtype=compute_dtype)
+    full = load_model(reference_cfg, task="encoder", seed=seed)
     cache = EmbeddingCache(cache_settings(full, cfg)) if cfg.cache else None
     pairs = frame["text_pair"].tolist() if "text_pair" in frame else None
     reference = encode(frame["text"].tolist(), full, cfg, pairs=pairs, cache=cache).vectors

@@ -98,13 +98,13 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
     with run.stage("embeddings"):
         needed = ["train", *config.evaluation.splits]
         vectors, embedding_record = embed_splits({name: splits.get(name) for name in needed}, loaded, config.embedding)
-        quantized, sample = loaded.quantization != "none", config.embedding.fidelity_sample
+        quantized, sample, dtype = loaded.quantization != "none", config.embedding.fidelity_sample, loaded.compute_dtype
         del loaded  # free the encoder before training heads
     if quantized and sample:
         with run.stage("quantization_fidelity"):
             picked = np.random.default_rng(seed).permutation(len(splits.train))[:sample]
             embedding_record["quantization_fidelity"] = quantization_fidelity(
-                splits.train.iloc[picked], vectors["train"][picked], config.model, config.embedding, seed
+                splits.train.iloc[picked], vectors["train"][picked], config.model, config.embedding, seed, dtype
             )
     update_record(run, embedding=embedding_record)
 

@@ -153,7 +153,8 @@ def test_quantization_fidelity_compares_with_the_unquantized_model(loaded: Loade
     frame = pd.DataFrame({"text": TEXTS[:16]})
     quantized = encode(TEXTS[:16], loaded, EMB).vectors
     model_cfg = ModelConfig(device="cpu", compute_dtype="float32")
-    fidelity = quantization_fidelity(frame, quantized, model_cfg, dataclasses.replace(EMB, cache=False), 0)
+    emb = dataclasses.replace(EMB, cache=False)
+    fidelity = quantization_fidelity(frame, quantized, model_cfg, emb, 0, "float32")
     assert fidelity["texts"] == 16 and fidelity["reference"] == "none, float32"
     assert 0.5 < fidelity["mean_cosine"] < 1.0  # NF4 costs something, but the vectors stay close
 
