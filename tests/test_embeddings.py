@@ -172,3 +172,33 @@ def test_cache_info_and_clear(
     assert main(["cache", "clear"]) == 2  # not a terminal and no --yes: refuse
     assert main(["cache", "clear", "--yes"]) == 0
     assert cache_info()["models"] == []
+
+
+def test_progress_is_logged_without_a_terminal(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(embeddings, "LOG_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="qlora_pipeline.embeddings"):
+        encode(TEXTS[:20], loaded, EMB)
+    assert "encoding: 8 / 20 texts" in caplog.text and "texts/s" in caplog.text
+
+
+@pytest.mark.parametrize(("drop", "expected"), [(["pad_token"], "padding with eos"), (["pad_token", "eos_token"], "")])
+def test_tokenizer_without_pad_token(loaded: LoadedModel, tmp_path: Path, drop: list[str], expected: str) -> None:
+    import json
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(loaded.source, model_dir)
+    settings = json.loads((model_dir / "tokenizer_config.json").read_text())
+    for key in drop:
+        settings[key] = None
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(settings))
+    model_cfg = ModelConfig(name_or_path=str(model_dir), device="cpu", quantization="none")
+    if expected:  # a decoder borrows eos, says so, and still encodes in batches
+        fixed = load_model(model_cfg)
+        assert any(expected in note for note in fixed.notes)
+        assert encode(TEXTS[:4], fixed, EMB).vectors.shape == (4, 128)
+    else:
+        with pytest.raises(UserError, match="neither a pad nor an eos token.*encoders such as BERT ship"):
+            load_model(model_cfg)
