@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     show.add_argument("--format", choices=["yaml", "json"], default="yaml")
     config_commands.add_parser("reference", help="print the reference of every config field (markdown)")
+
+    cache = commands.add_parser("cache", help="inspect or clear the embedding cache shared by all runs")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
+    cache_commands.add_parser("info", help="where the cache is, its size, and the vectors held per model key")
+    clear = cache_commands.add_parser("clear", help="delete every cached embedding")
+    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
 
 
@@ -114,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def dispatch(args: argparse.Namespace) -> int:
     if args.command == "config":
         return config_command(args)
+    if args.command == "cache":
+        return cache_command(args)
     if args.command == "reproduce":
         return reproduce_command(args.run_path, args.output_dir)
     if args.command == "compare":
@@ -167,6 +175,31 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
                 f"macro-F1 {format_metric(overall['macro_f1'])}  ROC-AUC {format_metric(overall['roc_auc'])}"
             )
     print(f"report: {run_dir / 'experiment_report.md'}")
+
+
+def cache_command(args: argparse.Namespace) -> int:
+    from qlora_pipeline import cache
+
+    if args.cache_command == "info":
+        info = cache.cache_info()
+        print(f"embedding cache: {info['location']} ({info['bytes'] / 2**20:.1f} MiB)")
+        for model in info["models"]:
+            settings = f"{model.get('quantization')}, {model.get('compute_dtype')}, {model.get('pooling')}"
+            print(f"  {model['key']}  {model['entries']:>8} vectors  {model['bytes'] / 2**20:8.1f} MiB  ", end="")
+            print(f"{model.get('model')} ({settings}, max length {model.get('max_length')})")
+        if not info["models"]:
+            print("  (empty)")
+        return 0
+    location = cache.embeddings_root()
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"qlora cache clear would delete {location}; pass --yes to confirm")
+        if input(f"delete every cached embedding under {location}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    freed = cache.clear_cache()
+    print(f"deleted {location} ({freed / 2**20:.1f} MiB)")
+    return 0
 
 
 def config_command(args: argparse.Namespace) -> int:

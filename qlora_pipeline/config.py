@@ -28,7 +28,7 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 def param(default: Any, doc: str) -> Any:
     """A config field with its help text; mutable defaults (lists, sections) are copied per instance."""
-    if isinstance(default, list) or dataclasses.is_dataclass(default):
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": doc})
     return field(default=default, metadata={"help": doc})
 
@@ -356,7 +356,9 @@ class ModelConfig:
     quant_type: Literal["nf4", "fp4"] = param("nf4", "4-bit data type; NF4 suits normally distributed weights.")
     double_quant: bool = param(True, "Also quantize the quantization constants (saves ~0.4 bits per weight).")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = param(
-        "auto", "Dtype for matmuls; auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."
+        "auto",
+        "Dtype for matmuls; auto: bfloat16 on GPUs that support it, float16 on older GPUs; on CPU bfloat16 "
+        "for unquantized models where the CPU has native bf16 (AVX512-BF16/AMX), else float32.",
     )
     device: Literal["auto", "cpu", "cuda"] = param("auto", "auto uses CUDA when available, else CPU.")
     trust_remote_code: bool = param(False, "Allow model code from the hub; off because it runs foreign code.")
@@ -380,6 +382,9 @@ class EmbeddingConfig:
     batch_size: int = param(32, "Texts encoded per forward pass.")
     normalize: bool = param(True, "L2-normalise embeddings, as the Qwen3-Embedding models expect.")
     cache: bool = param(True, "Reuse embeddings cached by content (model, texts, settings): cheap reruns.")
+    fidelity_sample: int = param(
+        64, "Texts of the run re-encoded unquantized to report what 4-bit costs (mean cosine); 0 skips it."
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -394,6 +399,7 @@ class EmbeddingConfig:
             raise _FieldError("prompt_template", "must contain {instruction} when instruction is set")
         _check("max_length", self.max_length, self.max_length >= 1, ">= 1")
         _check("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+        _check("fidelity_sample", self.fidelity_sample, self.fidelity_sample >= 0, ">= 0 (0 skips it)")
 
 
 @dataclass
@@ -403,8 +409,16 @@ class ClassifierConfig:
     max_iter: int = param(1000, "Solver iterations; 1000 lets lbfgs converge on ~1k-dim embeddings.")
     standardize: bool = param(True, "Scale embedding features to zero mean and unit variance before the heads.")
     class_weight: Literal["none", "balanced"] = param("none", "balanced reweights classes by inverse frequency.")
-    threshold_metric: Literal["none", "f1", "macro_f1"] = param(
-        "none", "Binary only: tune the decision threshold on validation for this metric; none keeps 0.5."
+    threshold_metric: Literal["none", "f1", "macro_f1", "precision"] = param(
+        "none",
+        "Binary only: tune the decision threshold on validation for this metric (precision: the lowest threshold "
+        "reaching target_precision, i.e. the best recall at that precision); none keeps 0.5.",
+    )
+    target_precision: float = param(0.9, "Precision the threshold must reach when threshold_metric is precision.")
+    options: dict[str, dict[str, Any]] = param(
+        {},
+        "Per-head hyperparameters, e.g. {xgboost: {n_estimators: 200}, ensemble: {members: [logreg, svm], "
+        "method: soft_vote}}; a head's options are its estimator's parameters (checked before the run starts).",
     )
     baseline: bool = param(True, "Also fit TF-IDF char n-grams + logistic regression on the same splits.")
 
@@ -415,6 +429,7 @@ class ClassifierConfig:
         _check("heads", heads, ok, "a non-empty list of distinct head names")
         _check("C", self.C, self.C > 0, "> 0")
         _check("max_iter", self.max_iter, self.max_iter >= 1, ">= 1")
+        _check("target_precision", self.target_precision, 0 < self.target_precision <= 1, "in (0, 1]")
 
 
 @dataclass
@@ -650,6 +665,8 @@ def _type_name(hint: Any) -> str:
         return f"list[{_type_name(args[0])}]"
     if origin is dict:
         return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
+    if hint is Any:
+        return "any"
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
 

@@ -40,7 +40,7 @@ def run_experiment(
 
     qlora = config.experiment.mode == "qlora"
     if not qlora:
-        check_heads(config.classifier.heads)
+        check_heads(config.classifier)  # before a run directory exists: a bad head option is a config error
     run = Run.create(output_root if output_root is not None else config.output.root)
     write_json(run.dir / "config.json", archive_record(config, run, reproduce_of))
     try:
@@ -75,9 +75,11 @@ def run_experiment(
 
 
 def execute(config: Config, run: Run) -> dict[str, Any]:
+    import numpy as np
+
     from qlora_pipeline.classifiers import fit_baseline, fit_head, tune_threshold
     from qlora_pipeline.data import prepare_data
-    from qlora_pipeline.embeddings import encode
+    from qlora_pipeline.embeddings import embed_splits, quantization_fidelity
     from qlora_pipeline.evaluation import predictions_frame
     from qlora_pipeline.modeling import load_model
 
@@ -96,24 +98,34 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
         update_record(run, model=model_record(loaded))
 
     with run.stage("embeddings"):
-        needed = ["train", *config.evaluation.splits]
-        vectors = {name: encode(splits.get(name)["text"].tolist(), loaded, config.embedding) for name in needed}
+        tune = len(splits.label_names) == 2 and config.classifier.threshold_metric != "none"
+        # The threshold is tuned on validation even when only test is evaluated.
+        needed = list(dict.fromkeys(["train", *(["validation"] if tune else []), *config.evaluation.splits]))
+        vectors, embedding_record = embed_splits({name: splits.get(name) for name in needed}, loaded, config.embedding)
+        quantized, sample, dtype = loaded.quantization != "none", config.embedding.fidelity_sample, loaded.compute_dtype
         del loaded  # free the encoder before training heads
+    if quantized and sample:
+        with run.stage("quantization_fidelity"):
+            picked = np.random.default_rng(seed).permutation(len(splits.train))[:sample]
+            embedding_record["quantization_fidelity"] = quantization_fidelity(
+                splits.train.iloc[picked], vectors["train"][picked], config.model, config.embedding, seed, dtype
+            )
+    update_record(run, embedding=embedding_record)
 
     with run.stage("classifiers"):
         labels = {name: splits.get(name)["label"].to_numpy() for name in needed}
         heads = [
-            fit_head(name, vectors["train"], labels["train"], config.classifier, seed)
+            fit_head(name, vectors["train"], labels["train"], config.classifier, seed, prepared.class_weights)
             for name in config.classifier.heads
         ]
-        binary = len(splits.label_names) == 2
-        if binary and config.classifier.threshold_metric != "none":
+        if tune:
             for head in heads:
                 positive = head.predict_proba(vectors["validation"])[:, 1]
-                head.threshold = tune_threshold(labels["validation"], positive, config.classifier.threshold_metric)
+                metric, target = config.classifier.threshold_metric, config.classifier.target_precision
+                head.threshold = tune_threshold(labels["validation"], positive, metric, target)
                 log.info("head %s: threshold %.4f tuned on validation", head.name, head.threshold)
         if config.classifier.baseline:
-            heads.append(fit_baseline(splits.train["text"].tolist(), labels["train"], seed))
+            heads.append(fit_baseline(baseline_texts(splits.train), labels["train"], seed))
         for head in heads:
             head.save(run.dir / "models" / "all")
 
@@ -125,7 +137,7 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
             frame = splits.get(split)
             predictions = {}
             for head in heads:
-                features = frame["text"].tolist() if head.name == "tfidf_logreg" else vectors[split]
+                features = baseline_texts(frame) if head.name == "tfidf_logreg" else vectors[split]
                 proba = head.predict_proba(features)
                 predictions[head.name] = predictions_frame(frame, proba, head.predict(proba), splits.label_names)
             label_names = list(splits.label_names)
@@ -135,6 +147,13 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
     return metrics
+
+
+def baseline_texts(frame: Any) -> list[str]:
+    """What the TF-IDF baseline reads: the text, or for pair tasks both texts joined by a separator."""
+    if "text_pair" not in frame:
+        return list(frame["text"])
+    return [f"{a} \u2016 {b}" for a, b in zip(frame["text"], frame["text_pair"], strict=True)]
 
 
 def visualize_run(run_dir: Path, figures: bool) -> None:

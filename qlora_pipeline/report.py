@@ -26,7 +26,7 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
     config = record.get("config", {})
     lines = [f"# Experiment report: {config.get('experiment', {}).get('name', '?')} ({run_dir.name})", ""]
     lines += status_section(status)
-    lines += what_ran_section(config, record.get("model"), record.get("training"))
+    lines += what_ran_section(config, record.get("model"), record.get("training"), record.get("embedding"))
     if data:
         lines += data_section(data)
     if metrics:
@@ -64,7 +64,10 @@ def status_section(status: dict[str, Any]) -> list[str]:
 
 
 def what_ran_section(
-    config: dict[str, Any], model: dict[str, Any] | None, training: dict[str, Any] | None = None
+    config: dict[str, Any],
+    model: dict[str, Any] | None,
+    training: dict[str, Any] | None = None,
+    embedding: dict[str, Any] | None = None,
 ) -> list[str]:
     if not config:
         return []
@@ -91,6 +94,7 @@ def what_ran_section(
     rows += [
         ["pooling / max length", f"{emb.get('pooling')} / {emb.get('max_length')} tokens"],
         ["instruction", repr(emb.get("instruction"))],
+        *embedding_rows(embedding or {}),
         [
             "heads",
             ", ".join(clf.get("heads", [])) + (f" + baseline {BASELINE}" if clf.get("baseline") else ""),
@@ -130,6 +134,26 @@ def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> li
             ],
         ]
         rows += [["training note", note] for note in training.get("notes", [])]
+    return rows
+
+
+def embedding_rows(embedding: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    splits = embedding.get("splits", {}).values()
+    if splits:
+        hits, total = sum(s["cache_hits"] for s in splits), sum(s["texts"] for s in splits)
+        rows.append(["embedding cache", f"{hits} of {total} vectors reused" if embedding.get("cache") else "off"])
+        if 0 < hits < total:  # see cache.py: a vector depends on its batch-mates at float-rounding level
+            rows.append(["note", "vectors partly cached by other runs: a cold-cache rerun may differ by ~1e-7"])
+    fidelity = embedding.get("quantization_fidelity")
+    if fidelity:
+        rows.append(
+            [
+                "quantization fidelity",
+                f"mean cosine {fidelity['mean_cosine']:.4f} (min {fidelity['min_cosine']:.4f}) to the unquantized "
+                f"model ({fidelity['reference']}) on {fidelity['texts']} training texts",
+            ]
+        )
     return rows
 
 

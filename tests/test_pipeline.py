@@ -73,6 +73,8 @@ def test_reproduce_matches_bit_for_bit(quick_run: Path, capsys: pytest.CaptureFi
     reproduction = json.loads((new_run / "reproduction.json").read_text())
     assert reproduction["matches"]
     assert any(c["what"].endswith("predictions.csv") for c in reproduction["checks"])
+    embedding = json.loads((new_run / "config.json").read_text())["embedding"]
+    assert all(s["computed"] == 0 and s["cache_hits"] == s["texts"] for s in embedding["splits"].values())
     assert "MATCH — every metric and every prediction is identical" in (new_run / "experiment_report.md").read_text()
 
 
