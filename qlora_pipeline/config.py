@@ -504,10 +504,20 @@ class EvaluationConfig:
 @dataclass
 class OutputConfig:
     root: str = param("outputs", "Folder that receives run_XXX directories.")
+    tracking: Literal["none", "mlflow", "tensorboard"] = param(
+        "none", "Also log params, metrics and artifacts to an experiment tracker (needs the extra of that name)."
+    )
+    tracking_uri: str | None = param(
+        None,
+        "Where the tracker writes. null: sqlite:///<root>/mlflow.db (mlflow), <root>/tensorboard (tensorboard).",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check("root", self.root, bool(self.root), "a non-empty path")
+        if self.tracking == "none" and self.tracking_uri is not None:
+            _check("tracking_uri", self.tracking_uri, False, "null while output.tracking is 'none' (set tracking too)")
+        _check("tracking_uri", self.tracking_uri, self.tracking_uri != "", "null or a non-empty URI or path")
 
 
 @dataclass
