@@ -486,6 +486,9 @@ class EvaluationConfig:
     splits: list[Literal["validation", "test"]] = param(["validation", "test"], "Splits to score and report.")
     save_predictions: bool = param(True, "Write predictions.csv per split, for error analysis.")
     bootstrap: int = param(1000, "Bootstrap resamples for 95% confidence intervals (seeded); 0 disables them.")
+    bootstrap_stratified: bool = param(
+        False, "Resample within each true class (class counts fixed), so a rare class is in every resample."
+    )
     ece_bins: int = param(15, "Equal-width confidence bins for expected calibration error and reliability plots.")
     error_examples: int = param(10, "Most confidently wrong examples listed per dataset and split.")
     length_buckets: int = param(4, "Text-length quantile buckets for metrics by length.")

@@ -8,12 +8,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from qlora_pipeline.config import EvaluationConfig
 from qlora_pipeline.dashboard import write_dashboard
 from qlora_pipeline.evaluation import proba_columns
 from qlora_pipeline.pipeline import visualize_run
@@ -21,7 +21,7 @@ from qlora_pipeline.results import collect_results, evaluate_split
 from qlora_pipeline.visualize import plot_curve, plot_training_curves
 
 NAMES = ["negative", "positive"]
-OPTIONS = SimpleNamespace(ece_bins=10, bootstrap=100, error_examples=5, length_buckets=3, save_predictions=True)
+OPTIONS = EvaluationConfig(ece_bins=10, bootstrap=100, error_examples=5, length_buckets=3)
 CHROMIUM = Path("/usr/bin/chromium")
 PNG = b"\x89PNG\r\n\x1a\n"
 
