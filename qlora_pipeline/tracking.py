@@ -2,10 +2,11 @@
 
 The pipeline holds one tracker per run and calls it twice: `start` once the run directory exists (the resolved
 config, flattened, as params) and `finish` once the run has ended in any state. `finish` reads back what the
-stages wrote — metrics.json (validation/test headline metrics per head), training_log.csv (loss per step),
-status.json (seconds per stage), the report, dashboard and figures — so the tracker holds exactly what the run
-directory holds. With tracking off, `NullTracker` makes both calls do nothing (no `if tracking:` in the pipeline).
-Backends are imported inside their classes; a missing package is a UserError raised before any run directory.
+stages wrote — data_summary.json (row counts), training_log.csv (loss per step), training_summary.json,
+metrics.json (validation/test headline metrics per head), status.json (seconds per stage), the report, dashboard
+and figures — so the tracker holds exactly what the run directory holds. With tracking off, `NullTracker` makes
+both calls do nothing (no `if tracking:` in the pipeline). Backends are imported inside their classes; a missing
+package is a UserError raised before any run directory exists.
 """
 
 from __future__ import annotations
@@ -96,6 +97,14 @@ def run_metrics(run_dir: Path, status: dict[str, Any]) -> Iterator[tuple[str, fl
                 for name in HEADLINE:
                     if isinstance(values.get(name), (int, float)):
                         yield f"{split}/{head}/{scope}{name}", float(values[name]), 0
+    data = read_json(run_dir / "data_summary.json") or {}
+    numbers = {key: value for key, value in data.items() if is_number(value)}
+    numbers |= {f"{split}_rows": record["rows"] for split, record in data.get("splits", {}).items()}
+    training = read_json(run_dir / "training_summary.json") or {}
+    for prefix, values in (("data", numbers), ("training_summary", training)):
+        for key, value in values.items():
+            if is_number(value):
+                yield f"{prefix}/{key}", float(value), 0
     for stage, record in status.get("stages", {}).items():
         if "seconds" in record:
             yield f"stage_seconds/{stage}", float(record["seconds"]), 0
@@ -113,6 +122,10 @@ def run_artifacts(run_dir: Path) -> list[Path]:
     """The run's files a tracker keeps, relative to the run directory, sorted."""
     found = {path.relative_to(run_dir) for pattern in ARTIFACTS for path in run_dir.glob(pattern) if path.is_file()}
     return sorted(found)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def cell(value: str) -> str:

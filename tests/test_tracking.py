@@ -59,6 +59,9 @@ def test_logged_metrics_equal_metrics_json(tracked: tuple[Path, MlflowClient]) -
             assert logged[f"{split}/{head}/roc_auc"] == metrics[split][head]["overall"]["roc_auc"]
             assert logged[f"{split}/{head}/macro_f1"] == metrics[split][head]["overall"]["macro_f1"]
     assert logged["stage_seconds/embeddings"] > 0
+    data = json.loads((run_dir / "data_summary.json").read_text())
+    assert logged["data/rows_after_cleaning"] == data["rows_after_cleaning"]
+    assert logged["data/test_rows"] == data["splits"]["test"]["rows"]
 
 
 def test_report_dashboard_and_figures_are_logged_as_artifacts(tracked: tuple[Path, MlflowClient]) -> None:
@@ -116,12 +119,13 @@ def test_tracking_uri_without_a_tracker_is_refused() -> None:
         Config.from_dict({"output": {"tracking_uri": "sqlite:///x.db"}})
 
 
+@pytest.mark.parametrize("backend", ["mlflow", "tensorboard"])
 def test_missing_backend_is_one_line_exit_2_before_a_run_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "mlflow", None)  # find_spec("mlflow") -> None: as if not installed
-    assert main(["quick-test", "--output-dir", str(tmp_path), "--set", "output.tracking=mlflow"]) == 2
+    monkeypatch.setitem(sys.modules, backend, None)  # find_spec(backend) -> None: as if not installed
+    assert main(["quick-test", "--output-dir", str(tmp_path), "--set", f"output.tracking={backend}"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0
-    assert "pip install 'qlora-pipeline[mlflow]'" in error
+    assert f"pip install 'qlora-pipeline[{backend}]'" in error
     assert list(tmp_path.iterdir()) == []
