@@ -48,6 +48,7 @@ def test_the_run_is_logged_finished_under_its_name_with_the_resolved_config(trac
     assert run.data.params == flatten_config(config)
     assert run.data.params["output.tracking"] == "mlflow"
     assert json.loads((run_dir / "config.json").read_text())["tracking"]["run_id"] == run.info.run_id
+    assert f"Also logged to MLflow: run `{run.info.run_id}`" in (run_dir / "experiment_report.md").read_text()
 
 
 def test_logged_metrics_equal_metrics_json(tracked: tuple[Path, MlflowClient]) -> None:
