@@ -486,6 +486,9 @@ class EvaluationConfig:
     splits: list[Literal["validation", "test"]] = param(["validation", "test"], "Splits to score and report.")
     save_predictions: bool = param(True, "Write predictions.csv per split, for error analysis.")
     bootstrap: int = param(1000, "Bootstrap resamples for 95% confidence intervals (seeded); 0 disables them.")
+    bootstrap_stratified: bool = param(
+        False, "Resample within each true class (class counts fixed), so a rare class is in every resample."
+    )
     ece_bins: int = param(15, "Equal-width confidence bins for expected calibration error and reliability plots.")
     error_examples: int = param(10, "Most confidently wrong examples listed per dataset and split.")
     length_buckets: int = param(4, "Text-length quantile buckets for metrics by length.")
@@ -504,10 +507,20 @@ class EvaluationConfig:
 @dataclass
 class OutputConfig:
     root: str = param("outputs", "Folder that receives run_XXX directories.")
+    tracking: Literal["none", "mlflow", "tensorboard"] = param(
+        "none", "Also log params, metrics and artifacts to an experiment tracker (needs the extra of that name)."
+    )
+    tracking_uri: str | None = param(
+        None,
+        "Where the tracker writes. null: sqlite:///<root>/mlflow.db (mlflow), <root>/tensorboard (tensorboard).",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check("root", self.root, bool(self.root), "a non-empty path")
+        if self.tracking == "none" and self.tracking_uri is not None:
+            _check("tracking_uri", self.tracking_uri, False, "null while output.tracking is 'none' (set tracking too)")
+        _check("tracking_uri", self.tracking_uri, self.tracking_uri != "", "null or a non-empty URI or path")
 
 
 @dataclass

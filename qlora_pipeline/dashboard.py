@@ -1,4 +1,5 @@
-"""dashboard.html: one self-contained page (Plotly.js inlined, opens offline), one tab per dataset.
+"""dashboard.html: one self-contained page (Plotly.js inlined, opens offline), one tab per dataset, a tab
+comparing the datasets per split, and a training tab when the run has a training log.
 
 Figures are plain Plotly JSON specs built from the evaluation_results.json files, the same data the PNGs
 draw. The page records any JavaScript error in a visible banner and in `data-errors` on <body>, and the
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.evaluation import HEADLINE, metric_cell
+from qlora_pipeline.visualize import COMPARED, TRAINING_LOGS, read_training_log
 
 HOOK = """window.dashboardErrors = [];
 function reportError(message) {
@@ -134,8 +137,50 @@ def figure_specs(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return specs
 
 
-def metrics_table(results: dict[str, Any]) -> str:
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ("head", *HEADLINE))
+def comparison_spec(per_dataset: dict[str, dict[str, Any]], split: str) -> dict[str, Any]:
+    """Grouped bars of the compared metrics for every dataset and head of one split, 95% intervals as error bars."""
+    traces = []
+    for dataset in sorted(per_dataset):
+        for head, metrics in per_dataset[dataset]["heads"].items():
+            values = [metrics.get(k) for k in COMPARED]
+            intervals = [(metrics.get("ci") or {}).get(k) for k in COMPARED]
+            above = [ci[1] - v if ci and v is not None else 0 for v, ci in zip(values, intervals, strict=True)]
+            below = [v - ci[0] if ci and v is not None else 0 for v, ci in zip(values, intervals, strict=True)]
+            error = {"type": "data", "symmetric": False, "array": above, "arrayminus": below}
+            traces.append(
+                {"type": "bar", "x": list(COMPARED), "y": values, "name": f"{dataset} · {head}", "error_y": error}
+            )
+    return {"data": traces, "layout": layout(f"Metrics per dataset — {split}", "metric", "score", barmode="group")}
+
+
+def training_specs(rows: list[dict[str, Any]], source: str) -> dict[str, dict[str, Any]]:
+    """Loss curves, and every other logged number, against the optimizer step (as the PNG draws them)."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if key != "step" and "step" in row and number:  # a diverged loss (NaN) is left out, not drawn as 0
+                series.setdefault(key, ([], []))[0].append(row["step"])
+                series[key][1].append(value)
+    specs = {}
+    for name, title, keep in (("loss", "Training and validation loss", True), ("value", "Other logged values", False)):
+        traces = [
+            {"type": "scatter", "mode": "lines+markers", "x": steps, "y": values, "name": key}
+            # The learning rate is orders of magnitude below the rest: its own axis on the right.
+            | ({"yaxis": "y2"} if key == "learning_rate" else {})
+            for key, (steps, values) in sorted(series.items())
+            if ("loss" in key) == keep
+        ]
+        if traces:
+            right = {"title": {"text": "learning rate"}, "overlaying": "y", "side": "right", "rangemode": "tozero"}
+            extra = {"yaxis2": right, "legend": {"x": 1.15}} if any("yaxis" in t for t in traces) else {}
+            specs[name] = {"data": traces, "layout": layout(f"{title} ({source})", "step", name, **extra)}
+    return specs
+
+
+def metrics_table(results: dict[str, Any], label: str = "head") -> str:
+    """Headline metrics of every head; `results` may also be {"heads": {row label: metrics}} for other rows."""
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in (label, *HEADLINE))
     rows = "".join(
         "<tr><td>"
         + html.escape(h)
@@ -157,8 +202,21 @@ def errors_table(results: dict[str, Any]) -> str:
     return f"<table>{header}{rows}</table>" if rows else "<p>No wrong predictions.</p>"
 
 
-def build_page(collected: dict[str, dict[str, dict[str, Any]]], title: str) -> str:
-    """The dashboard page for {split: {dataset: evaluation_results}}."""
+def plots(specs: dict[str, Any], prefix: str, named: dict[str, dict[str, Any]]) -> str:
+    """Register each spec under a unique plot id; the grid of divs Plotly draws them into."""
+    divs = []
+    for name, spec in named.items():
+        specs[f"{prefix}-{name}"] = spec
+        divs.append(f'<div class="plot" id="{prefix}-{name}"></div>')
+    return f'<div class="grid">{"".join(divs)}</div>'
+
+
+def build_page(
+    collected: dict[str, dict[str, dict[str, Any]]],
+    title: str,
+    training: tuple[str, list[dict[str, Any]]] | None = None,
+) -> str:
+    """The dashboard page for {split: {dataset: evaluation_results}} and an optional (log name, training log rows)."""
     from plotly.offline import get_plotlyjs
 
     datasets = sorted({d for per_dataset in collected.values() for d in per_dataset})
@@ -181,8 +239,20 @@ def build_page(collected: dict[str, dict[str, dict[str, Any]]], title: str) -> s
                 parts.append(f'<div class="plot" id="{plot_id}"></div>')
             parts += ["</div>", "<h4>Most confidently wrong</h4>", errors_table(results)]
         sections.append(f'<section class="tab" id="tab-{index}">{"".join(parts)}</section>')
+    tabs = [(str(i), d) for i, d in enumerate(datasets)]
+    parts = ["<h2>Across datasets</h2>"]
+    for split, per_dataset in collected.items():
+        rows = {f"{d} · {h}": m for d in sorted(per_dataset) for h, m in per_dataset[d]["heads"].items()}
+        parts += [f"<h3>{html.escape(split)}</h3>", metrics_table({"heads": rows}, "dataset · head")]
+        parts.append(plots(specs, f"plot-all-{split}", {"comparison": comparison_spec(per_dataset, split)}))
+    sections.append(f'<section class="tab" id="tab-all">{"".join(parts)}</section>')
+    tabs.append(("all", "Across datasets"))
+    if training and training[1]:
+        graphs = plots(specs, "plot-training", training_specs(training[1], training[0]))
+        sections.append(f'<section class="tab" id="tab-training"><h2>Training</h2>{graphs}</section>')
+        tabs.append(("training", "Training"))
     buttons = "".join(
-        f'<button data-tab="{i}" onclick="showTab(\'{i}\')">{html.escape(d)}</button>' for i, d in enumerate(datasets)
+        f'<button data-tab="{key}" onclick="showTab(\'{key}\')">{html.escape(label)}</button>' for key, label in tabs
     )
     payload = json.dumps(specs, ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
     return (
@@ -197,6 +267,8 @@ def build_page(collected: dict[str, dict[str, dict[str, Any]]], title: str) -> s
 def write_dashboard(run_dir: Path) -> Path:
     from qlora_pipeline.results import collect_results
 
+    logs = [run_dir / name for name in TRAINING_LOGS if (run_dir / name).is_file()]
+    training = (logs[0].name, read_training_log(logs[0])) if logs else None
     path = run_dir / "dashboard.html"
-    path.write_text(build_page(collect_results(run_dir), f"Dashboard — {run_dir.name}"), encoding="utf-8")
+    path.write_text(build_page(collect_results(run_dir), f"Dashboard — {run_dir.name}", training), encoding="utf-8")
     return path

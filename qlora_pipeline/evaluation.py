@@ -124,6 +124,7 @@ def evaluate(
     ece_bins: int = 15,
     bootstrap: int = 0,
     seed: int = 0,
+    stratified: bool = False,
 ) -> dict[str, Any]:
     """Metrics overall and for each dataset in the predictions table, each with bootstrap intervals under "ci"."""
     check_probabilities(predictions, label_names)
@@ -134,7 +135,7 @@ def evaluate(
         prediction = frame["prediction"].to_numpy()
         metrics = compute_metrics(labels, proba, prediction, label_names, ece_bins)
         if bootstrap:
-            metrics["ci"] = bootstrap_intervals(labels, proba, prediction, bootstrap, seed)
+            metrics["ci"] = bootstrap_intervals(labels, proba, prediction, bootstrap, seed, ece_bins, stratified)
             for name in ("roc_auc", "pr_auc"):
                 if metrics[name] is None:
                     metrics["ci"][name] = None

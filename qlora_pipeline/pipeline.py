@@ -18,6 +18,7 @@ from qlora_pipeline.runs import (
     sigterm_interrupts,
     write_json,
 )
+from qlora_pipeline.tracking import flatten_config, open_tracker
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -41,8 +42,11 @@ def run_experiment(
     qlora = config.experiment.mode == "qlora"
     if not qlora:
         check_heads(config.classifier)  # before a run directory exists: a bad head option is a config error
-    run = Run.create(output_root if output_root is not None else config.output.root)
+    root = Path(output_root if output_root is not None else config.output.root)
+    tracker = open_tracker(config.output, root, config.experiment.name)  # before a run directory: a missing package
+    run = Run.create(root)
     write_json(run.dir / "config.json", archive_record(config, run, reproduce_of))
+    update_record(run, tracking=tracker.start(run.name, run.dir, flatten_config(config.to_dict())))
     try:
         with sigterm_interrupts():
             if qlora:
@@ -64,13 +68,16 @@ def run_experiment(
     except (KeyboardInterrupt, RunInterrupted) as exc:
         run.finish("interrupted", exc)
         write_report(run.dir, run.status())
+        tracker.finish(run.dir, run.status())
         raise
     except BaseException as exc:
         run.finish("failed", exc)
         write_report(run.dir, run.status())
+        tracker.finish(run.dir, run.status())
         raise
     run.finish("succeeded")
     write_report(run.dir, run.status())  # again, now with the final state and every stage's timing
+    tracker.finish(run.dir, run.status())
     return RunResult(run.dir, metrics, reproduction)
 
 

@@ -36,7 +36,7 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
         lines += reproduction_section(reproduction)
     lines += timings_section(status)
     lines += environment_section(record.get("environment") or {})
-    lines += artifacts_section(run_dir)
+    lines += artifacts_section(run_dir, record.get("tracking"))
     path = run_dir / "experiment_report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -320,7 +320,12 @@ def environment_section(env: dict[str, Any]) -> list[str]:
     ]
 
 
-def artifacts_section(run_dir: Path) -> list[str]:
+def artifacts_section(run_dir: Path, tracking: dict[str, Any] | None = None) -> list[str]:
     files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
     files = [f for f in files if not f.startswith(".")] + ["experiment_report.md"]
-    return ["## Artifacts", "", *(f"- [{f}]({f})" for f in sorted(set(files))), ""]
+    lines = ["## Artifacts", "", *(f"- [{f}]({f})" for f in sorted(set(files))), ""]
+    if tracking and tracking.get("backend") == "mlflow":
+        lines += [f"Also logged to MLflow: run `{tracking['run_id']}` in `{tracking['uri']}`.", ""]
+    elif tracking:
+        lines += [f"Also logged to TensorBoard: `{tracking['log_dir']}`.", ""]
+    return lines

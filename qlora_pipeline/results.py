@@ -31,7 +31,14 @@ def evaluate_split(
     `options` is the config's EvaluationConfig. Returns {head: {"overall": …, "per_dataset": …}} for metrics.json.
     """
     metrics = {
-        head: evaluate(frame, label_names, ece_bins=options.ece_bins, bootstrap=options.bootstrap, seed=seed)
+        head: evaluate(
+            frame,
+            label_names,
+            ece_bins=options.ece_bins,
+            bootstrap=options.bootstrap,
+            seed=seed,
+            stratified=options.bootstrap_stratified,
+        )
         for head, frame in predictions.items()
     }
     primary = next(iter(predictions))

@@ -9,11 +9,11 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 
+from qlora_pipeline.config import EvaluationConfig
 from qlora_pipeline.evaluation import proba_columns
 from qlora_pipeline.pipeline import visualize_run
 from qlora_pipeline.results import evaluate_split
@@ -44,10 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--stratified", action="store_true", help="stratified bootstrap (within each class)")
     args = parser.parse_args()
-    options = SimpleNamespace(
-        ece_bins=15, bootstrap=args.bootstrap, error_examples=10, length_buckets=4, save_predictions=True
-    )
+    options = EvaluationConfig(bootstrap=args.bootstrap, bootstrap_stratified=args.stratified)
     heads = {"logreg": synthetic(args.rows, 1), "tfidf_logreg": synthetic(args.rows, 2)}
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)

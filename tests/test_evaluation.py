@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import average_precision_score, f1_score, matthews_corrcoef, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    matthews_corrcoef,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from qlora_pipeline.analysis import by_length, confident_errors
 from qlora_pipeline.bootstrap import bootstrap_block, bootstrap_intervals, resample_counts
@@ -43,12 +50,16 @@ def test_vectorized_bootstrap_equals_sklearn_on_each_resample(k: int) -> None:
     proba = proba.round(2)  # ties exercise the threshold grouping
     proba[:, -1] = 1 - proba[:, :-1].sum(axis=1)
     weights = resample_counts(np.random.default_rng(1), len(labels), 5)
-    block = bootstrap_block(weights, labels, proba, prediction)
+    block = bootstrap_block(weights, labels, proba, prediction, ece_bins=10)
+    average = "binary" if k == 2 else "macro"
     for b, row in enumerate(weights):
         idx = np.repeat(np.arange(len(labels)), row.astype(int))
         y, p, pred = labels[idx], proba[idx], prediction[idx]
         assert block["accuracy"][b] == pytest.approx((y == pred).mean())
         assert block["macro_f1"][b] == pytest.approx(f1_score(y, pred, average="macro"))
+        assert block["precision"][b] == pytest.approx(precision_score(y, pred, average=average, zero_division=0))
+        assert block["recall"][b] == pytest.approx(recall_score(y, pred, average=average, zero_division=0))
+        assert block["ece"][b] == pytest.approx(expected_calibration_error(y == pred, p.max(axis=1), 10))
         assert block["mcc"][b] == pytest.approx(matthews_corrcoef(y, pred))
         if k == 2:
             assert block["roc_auc"][b] == pytest.approx(roc_auc_score(y, p[:, 1]))
@@ -64,6 +75,25 @@ def test_bootstrap_is_seeded_and_brackets_the_point_estimate() -> None:
     assert first == bootstrap_intervals(labels, proba, prediction, 300, seed=7)
     low, high = first["accuracy"]
     assert low < (labels == prediction).mean() < high
+
+
+def test_stratified_resamples_keep_the_class_counts() -> None:
+    labels = np.array([0] * 97 + [1] * 3)
+    weights = resample_counts(np.random.default_rng(0), len(labels), 50, strata=labels)
+    assert (weights[:, labels == 1].sum(axis=1) == 3).all()
+    assert (weights.sum(axis=1) == len(labels)).all()
+    assert len({tuple(row) for row in weights}) == 50  # still resampled, not copied
+
+
+def test_stratified_bootstrap_reaches_the_intervals_from_the_config() -> None:
+    assert load_config("quick_test", ["evaluation.bootstrap_stratified=true"]).evaluation.bootstrap_stratified
+    labels, proba, prediction = synthetic(400, 2)
+    table = frame(labels, proba, prediction, BINARY)
+    plain = evaluate(table, BINARY, bootstrap=300, seed=3)["overall"]
+    stratified = evaluate(table, BINARY, bootstrap=300, seed=3, stratified=True)["overall"]
+    assert stratified["ci"] != plain["ci"]
+    low, high = stratified["ci"]["recall"]
+    assert low < stratified["recall"] < high
 
 
 def test_bootstrap_zero_disables_intervals() -> None:

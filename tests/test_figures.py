@@ -8,12 +8,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from qlora_pipeline.config import EvaluationConfig
 from qlora_pipeline.dashboard import write_dashboard
 from qlora_pipeline.evaluation import proba_columns
 from qlora_pipeline.pipeline import visualize_run
@@ -21,7 +21,7 @@ from qlora_pipeline.results import collect_results, evaluate_split
 from qlora_pipeline.visualize import plot_curve, plot_training_curves
 
 NAMES = ["negative", "positive"]
-OPTIONS = SimpleNamespace(ece_bins=10, bootstrap=100, error_examples=5, length_buckets=3, save_predictions=True)
+OPTIONS = EvaluationConfig(ece_bins=10, bootstrap=100, error_examples=5, length_buckets=3)
 CHROMIUM = Path("/usr/bin/chromium")
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -52,8 +52,17 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for split, seed in (("validation", 1), ("test", 2)):
         heads = {"logreg": predictions(300, seed), "tfidf_logreg": predictions(300, seed + 10)}
         evaluate_split(root, split, heads, NAMES, OPTIONS, seed=0)
+    training_log(root / "training_log.csv")
     visualize_run(root, figures=True)
     return root
+
+
+def training_log(path: Path) -> Path:
+    """A QLoRA-like training log: loss and learning rate every step, validation metrics every fifth."""
+    rows = [{"step": s, "loss": 1 / s, "learning_rate": 1e-4} for s in range(1, 21)]
+    rows += [{"step": s, "eval_loss": 1.2 / s, "eval_accuracy": 0.5 + s / 100} for s in (5, 10, 20)]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
 
 
 def test_every_dataset_and_split_gets_its_figures_as_png(run_dir: Path) -> None:
@@ -92,13 +101,11 @@ def test_roc_is_skipped_not_crashing_for_a_single_class_set(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_training_curves_from_a_synthetic_log(tmp_path: Path, suffix: str) -> None:
-    rows = [{"step": s, "loss": 1 / s, "learning_rate": 1e-4} for s in range(1, 21)]
-    rows += [{"step": s, "eval_loss": 1.2 / s, "eval_accuracy": 0.5 + s / 100} for s in (5, 10, 20)]
-    log = tmp_path / f"training_log{suffix}"
-    if suffix == ".csv":
-        pd.DataFrame(rows).to_csv(log, index=False)
-    else:
-        log.write_text(json.dumps({"log_history": rows}))
+    log = training_log(tmp_path / "training_log.csv")
+    if suffix == ".json":
+        rows = pd.read_csv(log).to_dict("records")
+        log = tmp_path / "training_log.json"
+        log.write_text(json.dumps({"log_history": [{k: v for k, v in r.items() if v == v} for r in rows]}))
     assert plot_training_curves(log, tmp_path / "figures").read_bytes().startswith(PNG)
 
 
@@ -138,8 +145,31 @@ def test_dashboard_check_catches_a_javascript_error(run_dir: Path, tmp_path: Pat
 def test_dashboard_is_self_contained_with_a_tab_per_dataset(run_dir: Path) -> None:
     html = (run_dir / "dashboard.html").read_text(encoding="utf-8")
     assert not re.search(r"<script[^>]+src=", html)
-    assert html.count('<section class="tab"') == 2
+    assert len(re.findall(r'<section class="tab" id="tab-\d+">', html)) == 2  # plus "all" and "training"
     assert ">alpha</button>" in html and ">beta</button>" in html
+
+
+def test_dashboard_compares_the_datasets_per_split(run_dir: Path) -> None:
+    html = (run_dir / "dashboard.html").read_text(encoding="utf-8")
+    assert ">Across datasets</button>" in html
+    specs = json.loads(re.search(r'id="figure-specs">(.*?)</script>', html).group(1).replace("<\\/", "</"))
+    for split in ("validation", "test"):
+        traces = specs[f"plot-all-{split}-comparison"]["data"]
+        assert {t["name"] for t in traces} == {
+            f"{d} · {h}" for d in ("alpha", "beta") for h in ("logreg", "tfidf_logreg")
+        }
+        results = json.loads((run_dir / "beta" / split / "evaluation_results.json").read_text())
+        beta = next(t for t in traces if t["name"] == "beta · logreg")
+        assert beta["y"][beta["x"].index("accuracy")] == results["heads"]["logreg"]["accuracy"]
+
+
+def test_dashboard_draws_training_curves_only_when_a_training_log_exists(run_dir: Path, tmp_path: Path) -> None:
+    html = (run_dir / "dashboard.html").read_text(encoding="utf-8")
+    assert ">Training</button>" in html
+    assert 'id="plot-training-loss"' in html and 'id="plot-training-value"' in html
+    copy = shutil.copytree(run_dir, tmp_path / "copy")
+    (copy / "training_log.csv").unlink()
+    assert ">Training</button>" not in write_dashboard(copy).read_text(encoding="utf-8")
 
 
 def test_dashboard_can_be_rebuilt_from_a_copied_run(run_dir: Path, tmp_path: Path) -> None:
