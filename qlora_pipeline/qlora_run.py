@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import logging
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline.runs import write_json
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from qlora_pipeline.config import Config
     from qlora_pipeline.runs import Run
 
@@ -25,8 +26,9 @@ TRAINING_LOG = "training_log.csv"
 TRAINING_SUMMARY = "training_summary.json"
 
 
-def execute_qlora(config: Config, run: Run) -> dict[str, Any]:
-    from qlora_pipeline import finetune
+def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> dict[str, Any]:
+    """`resume_from`: a checkpoint of an interrupted run of this config (see `checkpoints.resolve_resume`)."""
+    from qlora_pipeline import checkpoints, finetune
     from qlora_pipeline.classifiers import fit_baseline
     from qlora_pipeline.data import prepare_data
     from qlora_pipeline.evaluation import predictions_frame
@@ -49,14 +51,37 @@ def execute_qlora(config: Config, run: Run) -> dict[str, Any]:
         update_record(run, model=model_record(tuned.loaded))
 
     with run.stage("training"):
-        with tempfile.TemporaryDirectory(prefix="trainer-") as work_dir:  # Trainer wants a folder; nothing is kept
-            finetune.train(tuned, config, splits.train, splits.get("validation"), seed, Path(work_dir))
+        work_dir = run.dir / checkpoints.CHECKPOINTS_DIR
+        if resume_from is not None:
+            update_record(run, resumed_from=str(resume_from))
+            resume_from = checkpoints.adopt(resume_from, work_dir)
+        marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name)
+        validation = splits.get("validation")
+        finetune.train(
+            tuned,
+            config,
+            splits.train,
+            validation,
+            seed,
+            work_dir,
+            marker=marker,
+            resume_from=resume_from,
+            data_weights=prepared.class_weights,
+        )
         write_training_log(tuned.log_history, run.dir / TRAINING_LOG)
         write_json(run.dir / TRAINING_SUMMARY, tuned.summary)
         update_record(run, training=tuned.summary)
 
+    threshold = None
+    if len(label_names) == 2 and config.training.threshold_metric != "none":
+        with run.stage("calibration"):
+            threshold = calibrate(tuned, config, validation, splits.get("test"))
+            tuned.summary["threshold"] = threshold
+            write_json(run.dir / TRAINING_SUMMARY, tuned.summary)
+            update_record(run, training=tuned.summary)
+
     with run.stage("save"):
-        finetune.save(tuned, run.dir / "models" / "all", label_names)
+        finetune.save(tuned, run.dir / "models" / "all", label_names, threshold)
 
     with run.stage("evaluation"):
         baseline = fit_baseline(splits.train["text"].tolist(), splits.train["label"].to_numpy(), seed)
@@ -67,12 +92,16 @@ def execute_qlora(config: Config, run: Run) -> dict[str, Any]:
             texts = frame["text"].tolist()
             proba = finetune.predict_proba(tuned.loaded, texts, config.training.max_length, config.training.batch_size)
             base_proba = baseline.predict_proba(texts)
+            predicted = proba.argmax(axis=1) if threshold is None else (proba[:, 1] >= threshold["value"]).astype(int)
             predictions = {
-                HEAD_NAME: predictions_frame(frame, proba, proba.argmax(axis=1), splits.label_names),
+                HEAD_NAME: predictions_frame(frame, proba, predicted, splits.label_names),
                 baseline.name: predictions_frame(frame, base_proba, baseline.predict(base_proba), splits.label_names),
             }
             metrics[split] = evaluate_split(run.dir, split, predictions, label_names, config.evaluation, seed)
-        write_json(run.dir / "metrics.json", {"primary_head": HEAD_NAME, "splits": metrics})
+        summary: dict[str, Any] = {"primary_head": HEAD_NAME, "splits": metrics}
+        if threshold is not None:
+            summary["threshold_calibration"] = threshold  # the qlora head's predictions above use it
+        write_json(run.dir / "metrics.json", summary)
 
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
@@ -89,3 +118,47 @@ def write_training_log(rows: list[dict[str, Any]], path: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def calibrate(tuned: Any, config: Config, validation: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:
+    """Tune the P(positive) threshold on validation (`training.threshold_metric`); the same cut on the logit
+    margin is log(t / (1 - t)). Before (argmax) and after, on validation and test, for metrics.json and the report."""
+    import numpy as np
+
+    from qlora_pipeline import finetune
+    from qlora_pipeline.classifiers import tune_threshold
+    from qlora_pipeline.evaluation import format_metric
+
+    train = config.training
+    scored = {}
+    for name, frame in (("validation", validation), ("test", test)):
+        proba = finetune.predict_proba(tuned.loaded, frame["text"].tolist(), train.max_length, train.batch_size)
+        scored[name] = (frame["label"].to_numpy(), proba[:, 1])
+    value = tune_threshold(*scored["validation"], train.threshold_metric)
+    margin = float(np.log(value / (1 - value))) if 0 < value < 1 else float(np.sign(value - 0.5) * np.inf)
+    record: dict[str, Any] = {"metric": train.threshold_metric, "value": value, "logit_margin": margin}
+    for name, (labels, positive) in scored.items():
+        record[name] = {
+            "before": _scores(labels, (positive >= 0.5).astype(int)),
+            "after": _scores(labels, (positive >= value).astype(int)),
+        }
+    change = ", ".join(
+        f"{name} macro-F1 {format_metric(record[name]['before']['macro_f1'])} -> "
+        f"{format_metric(record[name]['after']['macro_f1'])}"
+        for name in scored
+    )
+    tuned.notes.append(
+        f"threshold P(positive) >= {value:.4f} (logit margin {margin:.3f}) tuned for "
+        f"{train.threshold_metric} on validation: {change}"
+    )
+    log.info(tuned.notes[-1])
+    return record
+
+
+def _scores(labels: Any, predicted: Any) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+    }
