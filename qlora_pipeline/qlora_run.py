@@ -110,9 +110,10 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
 
 def write_training_log(rows: list[dict[str, Any]], path: Path) -> Path:
     """One row per logged step: step, epoch, loss, learning_rate, grad_norm, eval_* (blank where not logged)."""
-    columns: list[str] = ["step"]
-    for row in rows:
-        columns += [key for key in row if key not in columns and isinstance(row[key], (int, float))]
+    numeric = {key for row in rows for key, value in row.items() if isinstance(value, (int, float))}
+    # A fixed order: rows restored from a checkpoint (resume) come back with their keys sorted.
+    first = [key for key in ("step", "epoch", "loss", "grad_norm", "learning_rate") if key in numeric or key == "step"]
+    columns = first + sorted(numeric - set(first))
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
