@@ -57,7 +57,16 @@ def setup(config: Config, num_labels: int, seed: int) -> FineTuned:
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     train = config.training
-    loaded = load_model(config.model, task="sequence_classification", num_labels=num_labels, seed=seed)
+    try:
+        loaded = load_model(config.model, task="sequence_classification", num_labels=num_labels, seed=seed)
+    except ValueError as exc:  # transformers' AutoModelForSequenceClassification has no class for this config
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise UserError(
+            f"model.name_or_path {config.model.name_or_path!r}: its architecture has no sequence-classification "
+            "class in transformers; fine-tune it through its causal-LM head instead (head lm_label), or choose "
+            "a base with a *ForSequenceClassification class"
+        ) from exc
     model = loaded.model
     head = next((name for name in HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)), None)
     if head is None:

@@ -188,3 +188,19 @@ def test_early_stopping_settings_are_validated_with_field_paths() -> None:
         load_config("qlora_tiny", ["training.eval_steps=null", "training.early_stopping_patience=2"])
     with pytest.raises(UserError, match=r"training.save_steps must be a multiple of eval_steps \(8\)"):
         load_config("qlora_tiny", ["training.early_stopping_patience=2", "training.save_steps=5"])
+
+
+def test_base_without_a_sequence_classification_class_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from qlora_pipeline.tiny_model import ensure_tiny_qwen3
+
+    base = tmp_path / "clip-text"  # CLIP's text tower: no *ForSequenceClassification class in transformers
+    shutil.copytree(ensure_tiny_qwen3(), base, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    (base / "config.json").write_text(json.dumps({"model_type": "clip_text_model", "vocab_size": 512}))
+    code = main(args(tmp_path, [*CONFIG, f"model.name_or_path={base}"]))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlora: error:")]
+    assert code == 2 and len(errors) == 1
+    assert "has no sequence-classification class" in errors[0] and "lm_label" in errors[0]
