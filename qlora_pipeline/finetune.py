@@ -211,8 +211,6 @@ def train(
         if "train_runtime" not in row
     ]
     step_losses = [row["loss"] for row in tuned.log_history if "loss" in row]
-    if resume_from is not None:
-        tuned.notes.append(f"resumed at step {checkpoint_step(resume_from)} from {resume_from}")
     if train_cfg.early_stopping_patience:
         stopped = state.global_step < state.max_steps
         tuned.notes.append(

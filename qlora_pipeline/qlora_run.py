@@ -54,6 +54,7 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
         work_dir = run.dir / checkpoints.CHECKPOINTS_DIR
         if resume_from is not None:
             update_record(run, resumed_from=str(resume_from))
+            tuned.notes.append(f"resumed from {resume_from} (its checkpoints copied into checkpoints/)")
             resume_from = checkpoints.adopt(resume_from, work_dir)
         marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name)
         validation = splits.get("validation")
