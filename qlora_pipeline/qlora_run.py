@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from qlora_pipeline.runs import write_json
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
     from qlora_pipeline.config import Config
@@ -73,10 +74,15 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
         write_json(run.dir / TRAINING_SUMMARY, tuned.summary)
         update_record(run, training=tuned.summary)
 
-    threshold = None
+    def score(frame: pd.DataFrame) -> np.ndarray:
+        texts, train = frame["text"].tolist(), config.training
+        return finetune.predict_proba(tuned.loaded, texts, train.max_length, train.batch_size)
+
+    threshold, scored = None, {}  # scored: split -> probabilities, computed once for calibration and evaluation
     if len(label_names) == 2 and config.training.threshold_metric != "none":
         with run.stage("calibration"):
-            threshold = calibrate(tuned, config, validation, splits.get("test"))
+            scored = {name: score(splits.get(name)) for name in ("validation", "test")}
+            threshold = calibrate(tuned, config, {name: (splits.get(name), p) for name, p in scored.items()})
             tuned.summary["threshold"] = threshold
             write_json(run.dir / TRAINING_SUMMARY, tuned.summary)
             update_record(run, training=tuned.summary)
@@ -91,7 +97,7 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
         for split in config.evaluation.splits:
             frame = splits.get(split)
             texts = frame["text"].tolist()
-            proba = finetune.predict_proba(tuned.loaded, texts, config.training.max_length, config.training.batch_size)
+            proba = scored[split] if split in scored else score(frame)
             base_proba = baseline.predict_proba(texts)
             predicted = proba.argmax(axis=1) if threshold is None else (proba[:, 1] >= threshold["value"]).astype(int)
             predictions = {
@@ -122,24 +128,20 @@ def write_training_log(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def calibrate(tuned: Any, config: Config, validation: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:
+def calibrate(tuned: Any, config: Config, scored: dict[str, tuple[pd.DataFrame, np.ndarray]]) -> dict[str, Any]:
     """Tune the P(positive) threshold on validation (`training.threshold_metric`); the same cut on the logit
     margin is log(t / (1 - t)). Before (argmax) and after, on validation and test, for metrics.json and the report."""
     import numpy as np
 
-    from qlora_pipeline import finetune
     from qlora_pipeline.classifiers import tune_threshold
     from qlora_pipeline.evaluation import format_metric
 
     train = config.training
-    scored = {}
-    for name, frame in (("validation", validation), ("test", test)):
-        proba = finetune.predict_proba(tuned.loaded, frame["text"].tolist(), train.max_length, train.batch_size)
-        scored[name] = (frame["label"].to_numpy(), proba[:, 1])
-    value = tune_threshold(*scored["validation"], train.threshold_metric)
+    positives = {name: (frame["label"].to_numpy(), proba[:, 1]) for name, (frame, proba) in scored.items()}
+    value = tune_threshold(*positives["validation"], train.threshold_metric)
     margin = float(np.log(value / (1 - value))) if 0 < value < 1 else float(np.sign(value - 0.5) * np.inf)
     record: dict[str, Any] = {"metric": train.threshold_metric, "value": value, "logit_margin": margin}
-    for name, (labels, positive) in scored.items():
+    for name, (labels, positive) in positives.items():
         record[name] = {
             "before": _scores(labels, (positive >= 0.5).astype(int)),
             "after": _scores(labels, (positive >= value).astype(int)),

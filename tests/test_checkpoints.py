@@ -110,7 +110,6 @@ def test_an_interrupted_run_keeps_its_checkpoint_stamped_with_the_config(interru
     assert marker["step"] == INTERRUPT_AT and len(marker["config_hash"]) == 16
 
 
-@pytest.mark.slow  # two more tiny runs (~25 s)
 def test_resumed_run_ends_with_the_metrics_and_predictions_of_an_uninterrupted_one(
     uninterrupted: Path, interrupted: Path
 ) -> None:
@@ -204,3 +203,11 @@ def test_base_without_a_sequence_classification_class_is_one_line_exit_2(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlora: error:")]
     assert code == 2 and len(errors) == 1
     assert "has no sequence-classification class" in errors[0] and "lm_label" in errors[0]
+
+
+def test_resume_in_embeddings_mode_is_refused_before_a_run_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--config", "quick_test", "--output-dir", str(tmp_path), "--resume", "auto"]) == 2
+    assert "--resume applies to experiment.mode qlora" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no run directory was allocated
