@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline.errors import UserError
+from qlora_pipeline.runs import RUN_PATTERN
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -75,9 +76,15 @@ def resolve_resume(resume: str | None, config: Config, output_root: Path) -> Pat
         return None
     wanted = config_hash(config)
     if resume == "auto":
-        runs = sorted((p for p in output_root.glob("run_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+        numbered = [(int(m.group(1)), p) for p in output_root.glob("run_*") if (m := RUN_PATTERN.match(p.name))]
+        runs = [p for _, p in sorted(numbered, reverse=True) if p.is_dir()]
+        finished = {run_dir.resolve() for run_dir in runs if _state(run_dir) == "succeeded"}
+        for run_dir in runs:  # newest first, and a run is always newer than the one it resumed: one pass
+            source = _resumed_run(run_dir) if run_dir.resolve() in finished else None
+            if source is not None:
+                finished.add(source)
         for run_dir in runs:
-            if _state(run_dir) == "succeeded":
+            if run_dir.resolve() in finished:  # it succeeded, or a run resumed from it did
                 continue
             found = checkpoints_in(run_dir / CHECKPOINTS_DIR)
             if found and _marker_hash(found[-1]) == wanted:
@@ -110,6 +117,15 @@ def _state(run_dir: Path) -> str | None:
         return json.loads((run_dir / "status.json").read_text(encoding="utf-8")).get("state")
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _resumed_run(run_dir: Path) -> Path | None:
+    """The run directory that `run_dir` was resumed from (config.json `resumed_from`), if any."""
+    try:
+        resumed_from = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("resumed_from")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return Path(resumed_from).resolve().parent.parent if resumed_from else None
 
 
 def _marker_hash(checkpoint: Path) -> str | None:

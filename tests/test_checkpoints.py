@@ -135,6 +135,26 @@ def test_resume_auto_picks_the_latest_checkpoint_of_an_unfinished_run_of_this_co
     assert resolve_resume("auto", other, interrupted.parent) is None  # another config: a fresh start
 
 
+def test_resume_auto_skips_a_run_that_a_finished_run_already_resumed(interrupted: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from qlora_pipeline.checkpoints import resolve_resume
+
+    # run_001 interrupted; run_002 resumed it and was interrupted too; run_003 resumed run_002 and succeeded.
+    root = tmp_path / "outputs"
+    for name, state in (("run_001", "interrupted"), ("run_002", "interrupted"), ("run_003", "succeeded")):
+        shutil.copytree(interrupted, root / name)
+        (root / name / "status.json").write_text(json.dumps({"state": state}))
+    for name, source in (("run_002", "run_001"), ("run_003", "run_002")):
+        checkpoint = root / source / "checkpoints" / f"checkpoint-{INTERRUPT_AT}"
+        (root / name / "config.json").write_text(json.dumps({"resumed_from": str(checkpoint)}))
+    assert resolve_resume("auto", load_config("qlora_tiny", CONFIG), root) is None
+    (root / "run_003" / "status.json").write_text(json.dumps({"state": "interrupted"}))
+    assert resolve_resume("auto", load_config("qlora_tiny", CONFIG), root) == root / "run_003" / "checkpoints" / (
+        f"checkpoint-{INTERRUPT_AT}"
+    )
+
+
 def test_threshold_is_tuned_on_validation_applied_to_test_and_saved_with_the_adapter(uninterrupted: Path) -> None:
     calibration = read_json(uninterrupted / "metrics.json")["threshold_calibration"]
     saved = read_json(uninterrupted / "models" / "all" / "lora_adapter" / "labels.json")["threshold"]
