@@ -124,15 +124,19 @@ def test_resumed_run_ends_with_the_metrics_and_predictions_of_an_uninterrupted_o
     assert (resumed / "training_log.csv").read_bytes() == (uninterrupted / "training_log.csv").read_bytes()
 
 
-def test_resume_auto_picks_the_latest_checkpoint_of_an_unfinished_run_of_this_config(interrupted: Path) -> None:
+def test_resume_auto_picks_the_latest_checkpoint_of_an_unfinished_run_of_this_config(
+    interrupted: Path, tmp_path: Path
+) -> None:
+    import shutil
+
     from qlora_pipeline.checkpoints import resolve_resume
 
+    shutil.copytree(interrupted, tmp_path / "run_001")  # alone under its root: no finished run resumed it
     config = load_config("qlora_tiny", CONFIG)
-    assert (
-        resolve_resume("auto", config, interrupted.parent) == interrupted / "checkpoints" / f"checkpoint-{INTERRUPT_AT}"
-    )
+    latest = tmp_path / "run_001" / "checkpoints" / f"checkpoint-{INTERRUPT_AT}"
+    assert resolve_resume("auto", config, tmp_path) == latest
     other = load_config("qlora_tiny", [*CONFIG, "training.lora_r=4"])
-    assert resolve_resume("auto", other, interrupted.parent) is None  # another config: a fresh start
+    assert resolve_resume("auto", other, tmp_path) is None  # another config: a fresh start
 
 
 def test_resume_auto_skips_a_run_that_a_finished_run_already_resumed(interrupted: Path, tmp_path: Path) -> None:
