@@ -48,10 +48,11 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def checkpoints_in(folder: Path) -> list[Path]:
-    """Complete checkpoints (trainer_state.json written last) in `folder`, oldest step first."""
+    """Complete checkpoints in `folder`, oldest step first: the marker is written last, after trainer_state.json,
+    so a checkpoint cut short by an interruption is never picked."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if checkpoint_step(p) is not None and (p / TRAINER_STATE).is_file()]
+    found = [p for p in folder.iterdir() if checkpoint_step(p) is not None and (p / MARKER).is_file()]
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
 
@@ -101,8 +102,8 @@ def resolve_resume(resume: str | None, config: Config, output_root: Path) -> Pat
                 "(outputs/run_XXX), one of its checkpoints/checkpoint-N folders, auto or none"
             )
         path = found[-1]
-    elif not (path / TRAINER_STATE).is_file():
-        raise UserError(f"--resume {resume}: not a complete checkpoint (no {TRAINER_STATE})")
+    elif not (path / MARKER).is_file() or not (path / TRAINER_STATE).is_file():
+        raise UserError(f"--resume {resume}: not a complete checkpoint of a qlora run (no {MARKER})")
     found_hash = _marker_hash(path)
     if found_hash != wanted:
         raise UserError(

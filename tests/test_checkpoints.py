@@ -235,3 +235,27 @@ def test_resume_in_embeddings_mode_is_refused_before_a_run_starts(
     assert main(["run", "--config", "quick_test", "--output-dir", str(tmp_path), "--resume", "auto"]) == 2
     assert "--resume applies to experiment.mode qlora" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # no run directory was allocated
+
+
+@pytest.mark.slow  # a real process killed with SIGTERM, then resumed: ~40 s
+def test_a_run_killed_with_sigterm_resumes_to_the_uninterrupted_result(uninterrupted: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qlora_pipeline.reproduce import compare_runs
+
+    command = [sys.executable, "-m", "qlora_pipeline", *args(tmp_path, CONFIG)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "run_001" / "checkpoints" / "checkpoint-2" / "qlora_checkpoint.json"
+    deadline = time.monotonic() + 120
+    while not marker.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    if read_json(tmp_path / "run_001" / "status.json")["state"] != "interrupted":
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert main(args(tmp_path, CONFIG, "--resume", "auto")) == 0
+    comparison = compare_runs(uninterrupted, tmp_path / "run_002")
+    assert comparison["matches"], comparison["checks"]
