@@ -33,6 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run an experiment from a config file into outputs/run_XXX")
     run.add_argument("--config", required=True, help="YAML/JSON config: a path, or the name of a shipped config")
     add_run_options(run)
+    run.add_argument(
+        "--resume",
+        default="none",
+        metavar="auto|none|PATH",
+        help="qlora mode: continue from a checkpoint into a new run directory that records resumed_from; auto: "
+        "the newest unfinished run of this config under the output root; PATH: a run directory or its "
+        "checkpoints/checkpoint-N (default: none)",
+    )
+
+    resume = commands.add_parser(
+        "resume", help="continue an interrupted qlora run from its latest checkpoint, with its archived config"
+    )
+    resume.add_argument("run_path", help="the interrupted run directory (outputs/run_XXX)")
+    resume.add_argument("--output-dir", help="root for the new run directory (default: beside the original)")
 
     quick = commands.add_parser(
         "quick-test", help="offline smoke test: the real pipeline on a small sample of the bundled corpus"
@@ -124,6 +138,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return cache_command(args)
     if args.command == "reproduce":
         return reproduce_command(args.run_path, args.output_dir)
+    if args.command == "resume":
+        return resume_command(args.run_path, args.output_dir)
     if args.command == "compare":
         from qlora_pipeline.compare import compare
 
@@ -138,13 +154,15 @@ def dispatch(args: argparse.Namespace) -> int:
     else:
         config_path = args.config
     config = load_config(config_path, args.overrides)
-    return run_command(config, args.output_dir)
+    return run_command(config, args.output_dir, resume=getattr(args, "resume", None))
 
 
-def run_command(config: Any, output_dir: str | None, reproduce_of: Path | None = None) -> int:
+def run_command(
+    config: Any, output_dir: str | None, reproduce_of: Path | None = None, resume: str | None = None
+) -> int:
     from qlora_pipeline.pipeline import run_experiment
 
-    result = run_experiment(config, output_dir, reproduce_of=reproduce_of)
+    result = run_experiment(config, output_dir, reproduce_of=reproduce_of, resume=resume)
     print_summary(result.run_dir, result.metrics)
     if result.reproduction is not None:
         verdict = "MATCH" if result.reproduction["matches"] else "MISMATCH"
@@ -161,6 +179,14 @@ def reproduce_command(run_path: str, output_dir: str | None) -> int:
     run_dir, config_json = locate_archive(run_path)
     config = load_archived_config(config_json)
     return run_command(config, output_dir or str(run_dir.parent), reproduce_of=run_dir)
+
+
+def resume_command(run_path: str, output_dir: str | None) -> int:
+    from qlora_pipeline.reproduce import load_archived_config, locate_archive
+
+    run_dir, config_json = locate_archive(run_path)
+    config = load_archived_config(config_json)
+    return run_command(config, output_dir or str(run_dir.parent), resume=str(run_dir))
 
 
 def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:

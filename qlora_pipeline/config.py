@@ -455,7 +455,26 @@ class TrainingConfig:
     loss: Literal["cross_entropy", "focal"] = param("cross_entropy", "Training loss; focal down-weights easy examples.")
     focal_gamma: float = param(2.0, "Focal loss focusing parameter (loss focal); 0 equals cross-entropy.")
     class_weights: str | list[float] = param(
-        "none", "none, balanced (total / (classes x count) on the train split), or one weight per class."
+        "none",
+        "none, balanced (total / (classes x count) on the train split), or one weight per class; with none and "
+        "data.balance class_weights, the data layer's weights are used.",
+    )
+    early_stopping_metric: Literal["macro_f1", "accuracy", "loss"] = param(
+        "macro_f1", "Validation metric that picks the best checkpoint and drives early stopping."
+    )
+    early_stopping_patience: int | None = param(
+        None,
+        "Stop after this many evaluations without improvement and restore the best checkpoint (adapter and "
+        "head); null or 0 trains to the end. Needs eval_steps.",
+    )
+    save_steps: int | None = param(
+        None, "Checkpoint into the run's checkpoints/ every N steps (for resume); null: at every evaluation."
+    )
+    save_total_limit: int | None = param(2, "Checkpoints kept (the best one always too); null keeps all.")
+    threshold_metric: Literal["none", "f1", "macro_f1"] = param(
+        "none",
+        "Binary tasks: tune the P(positive) threshold (a logit margin) on validation for this metric, apply it "
+        "unchanged to test and save it with the adapter; none keeps argmax.",
     )
 
     def __post_init__(self) -> None:
@@ -479,6 +498,16 @@ class TrainingConfig:
         weights = self.class_weights
         ok = weights in ("none", "balanced") if isinstance(weights, str) else bool(weights) and min(weights) > 0
         _check("class_weights", weights, ok, "'none', 'balanced' or a non-empty list of weights > 0")
+        patience = self.early_stopping_patience
+        _check("early_stopping_patience", patience, patience is None or patience >= 0, ">= 0 (or null: off)")
+        for name in ("save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            _check(name, value, value is None or value >= 1, ">= 1 (or null)")
+        if patience:
+            ok = self.eval_steps is not None
+            _check("early_stopping_patience", patience, ok, "null (off) unless eval_steps is set")
+            ok = self.save_steps is None or self.eval_steps is None or self.save_steps % self.eval_steps == 0
+            _check("save_steps", self.save_steps, ok, f"a multiple of eval_steps ({self.eval_steps})")
 
 
 @dataclass

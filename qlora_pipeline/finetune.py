@@ -21,14 +21,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from qlora_pipeline.checkpoints import checkpoint_step
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.losses import class_weights, classification_loss
+from qlora_pipeline.losses import classification_loss, loss_weights
 from qlora_pipeline.modeling import LoadedModel, load_model
+from qlora_pipeline.trainer import eval_metrics, make_trainer_class, training_arguments, training_callbacks
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from qlora_pipeline.config import Config, TrainingConfig
+    from qlora_pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,16 @@ def setup(config: Config, num_labels: int, seed: int) -> FineTuned:
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     train = config.training
-    loaded = load_model(config.model, task="sequence_classification", num_labels=num_labels, seed=seed)
+    try:
+        loaded = load_model(config.model, task="sequence_classification", num_labels=num_labels, seed=seed)
+    except ValueError as exc:  # transformers' AutoModelForSequenceClassification has no class for this config
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise UserError(
+            f"model.name_or_path {config.model.name_or_path!r}: its architecture has no sequence-classification "
+            "class in transformers; choose a base with a *ForSequenceClassification class (Qwen, Llama, BERT, ...), "
+            "or use experiment.mode embeddings, which needs only the base model"
+        ) from exc
     model = loaded.model
     head = next((name for name in HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)), None)
     if head is None:
@@ -145,108 +156,43 @@ class _Examples(torch.utils.data.Dataset[dict[str, Any]]):
         return self.rows[index]
 
 
-def _make_trainer_class() -> type:
-    from transformers import Trainer
-
-    class ClassificationTrainer(Trainer):
-        """Trainer whose loss is ours: class-weighted cross-entropy or focal loss, a mean over the batch."""
-
-        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
-
-        def __init__(self, *args: Any, loss_fn: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.loss_fn = loss_fn
-
-        def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            loss = self.loss_fn(outputs.logits.float(), labels)
-            return (loss, outputs) if return_outputs else loss
-
-    return ClassificationTrainer
-
-
-def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path, seed: int, notes: list[str]) -> Any:
-    from transformers import TrainingArguments
-    from transformers.training_args import OptimizerNames
-
-    cuda = loaded.device == "cuda"
-    bf16 = cuda and loaded.compute_dtype == "bfloat16"  # mixed precision follows the compute dtype on a GPU;
-    fp16 = cuda and loaded.compute_dtype == "float16"  # CPUs train in float32
-    known = sorted(name.value for name in OptimizerNames)
-    if train.optimizer not in known:
-        raise UserError(
-            f"training.optimizer {train.optimizer!r} is not a Trainer optimizer; choose one of: {', '.join(known)}"
-        )
-    # Paging moves optimizer state to CPU memory under GPU memory pressure; on a CPU there is nothing to page and
-    # bitsandbytes runs the same 32-bit AdamW update unpaged. Same math, so the requested optimizer is kept (no
-    # switch to adamw_torch) and the difference is recorded.
-    if train.optimizer.startswith("paged_") and not cuda:
-        notes.append(
-            f"optimizer {train.optimizer} on {loaded.device}: bitsandbytes runs it unpaged (paging needs CUDA)"
-        )
-    if cuda:
-        notes.append("GPU training is seeded but not bit-for-bit deterministic (full_determinism is CPU-only)")
-    return TrainingArguments(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        learning_rate=train.learning_rate,
-        weight_decay=train.weight_decay,
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps if train.max_steps is not None else -1,
-        lr_scheduler_type="cosine",
-        warmup_steps=train.warmup_ratio,  # a float below 1 is a fraction of the total steps
-        optim=train.optimizer,
-        bf16=bf16,
-        fp16=fp16,
-        use_cpu=not cuda,
-        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
-        eval_strategy="steps" if train.eval_steps else "epoch",
-        eval_steps=train.eval_steps,
-        logging_strategy="steps",
-        logging_steps=1,  # every optimizer step: training_log.csv
-        save_strategy="no",  # the adapter is saved once, by `save`
-        report_to="none",
-        disable_tqdm=True,
-        seed=seed,
-        data_seed=seed,
-        # Deterministic kernels: free on CPU (and a rerun then matches bit for bit); on GPUs they cost speed and
-        # some ops refuse to run, so there the run is seeded only (a note says so).
-        full_determinism=not cuda,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
-
-
 def train(
-    tuned: FineTuned, config: Config, train_split: pd.DataFrame, validation: pd.DataFrame, seed: int, work_dir: Path
+    tuned: FineTuned,
+    config: Config,
+    train_split: pd.DataFrame,
+    validation: pd.DataFrame,
+    seed: int,
+    work_dir: Path,
+    *,
+    marker: Any,
+    resume_from: Path | None = None,
+    data_weights: dict[int, float] | None = None,
 ) -> FineTuned:
-    """Fit the adapter and head; the per-step log (loss, lr, validation metrics) lands in `log_history`."""
+    """Fit the adapter and head, checkpointing into `work_dir` (from `resume_from` when given); with early
+    stopping the best checkpoint's adapter and head are restored. The per-step log lands in `log_history`."""
     from transformers import DataCollatorWithPadding, PrinterCallback
 
     train_cfg = config.training
     tokenizer, model = tuned.loaded.tokenizer, tuned.loaded.model
     labels = train_split["label"].to_numpy()
     num_labels = int(model.config.num_labels)
-    weights = class_weights(train_cfg.class_weights, labels, num_labels)
+    weights, source = loss_weights(train_cfg.class_weights, labels, num_labels, data_weights)
     if weights is not None:
-        tuned.notes.append("class weights " + ", ".join(f"{w:.3f}" for w in weights.tolist()))
+        tuned.notes.append(f"class weights ({source}) " + ", ".join(f"{w:.3f}" for w in weights.tolist()))
+        log.info("loss class weights (%s): %s", source, [round(w, 4) for w in weights.tolist()])
     loss_fn = classification_loss(train_cfg.loss, weights, train_cfg.focal_gamma)
     train_set = _Examples(tokenizer, train_split["text"].tolist(), labels, train_cfg.max_length)
     eval_set = _Examples(tokenizer, validation["text"].tolist(), validation["label"].to_numpy(), train_cfg.max_length)
     args = training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes)
-    trainer = _make_trainer_class()(
+    trainer = make_trainer_class()(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
-        compute_metrics=_eval_metrics,
+        compute_metrics=eval_metrics,
+        callbacks=training_callbacks(train_cfg, marker),
         loss_fn=loss_fn,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
@@ -254,19 +200,30 @@ def train(
     start = time.perf_counter()
     with warnings.catch_warnings():  # already a note in config.json, not a warning on every run
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        result = trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
-    steps = trainer.state.global_step
-    samples = steps * train_cfg.batch_size * train_cfg.gradient_accumulation_steps
+    state = trainer.state
+    steps_here = state.global_step - ((checkpoint_step(resume_from) or 0) if resume_from else 0)
+    samples = steps_here * train_cfg.batch_size * train_cfg.gradient_accumulation_steps
     tuned.log_history = [  # timings vary run to run; the log keeps what reproduces
         {k: v for k, v in row.items() if not k.endswith(("_runtime", "_per_second"))}
-        for row in trainer.state.log_history
+        for row in state.log_history
         if "train_runtime" not in row
     ]
+    step_losses = [row["loss"] for row in tuned.log_history if "loss" in row]
+    if train_cfg.early_stopping_patience:
+        stopped = state.global_step < state.max_steps
+        tuned.notes.append(
+            f"best checkpoint: step {state.best_global_step} (validation {train_cfg.early_stopping_metric} "
+            f"{state.best_metric:.4f}), restored for evaluation and saved"
+            + (f"; early stopping after {state.global_step} of {state.max_steps} steps" if stopped else "")
+        )
     tuned.summary = {
-        "optimizer_steps": steps,
-        "epochs": round(float(trainer.state.epoch or 0), 4),
-        "train_loss": float(result.training_loss),
+        "optimizer_steps": state.global_step,
+        "best_step": state.best_global_step if train_cfg.early_stopping_patience else None,
+        "best_metric": state.best_metric if train_cfg.early_stopping_patience else None,
+        "epochs": round(float(state.epoch or 0), 4),
+        "train_loss": float(np.mean(step_losses)) if step_losses else None,  # mean per-step loss, resume-proof
         "train_seconds": round(seconds, 3),
         "samples_per_second": round(samples / seconds, 2),
         "train_tokens_per_epoch": tokens,
@@ -278,23 +235,12 @@ def train(
     }
     log.info(
         "trained %d steps in %.1f s (%.1f samples/s), peak RSS %.0f MB",
-        steps,
+        steps_here,
         seconds,
         tuned.summary["samples_per_second"],
         tuned.summary["peak_rss_mb"],
     )
     return tuned
-
-
-def _eval_metrics(prediction: Any) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    predicted = np.asarray(prediction.predictions).argmax(axis=-1)
-    labels = np.asarray(prediction.label_ids)
-    return {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-    }
 
 
 def peak_rss_mb() -> float:
@@ -323,15 +269,18 @@ def predict_proba(loaded: LoadedModel, texts: list[str], max_length: int, batch_
 # ---- save -----------------------------------------------------------------------------------------------
 
 
-def save(tuned: FineTuned, out_dir: Path, label_names: list[str]) -> Path:
-    """Adapter (LoRA weights + the head) and tokenizer, loadable by `PeftModel.from_pretrained` on the same base."""
+def save(tuned: FineTuned, out_dir: Path, label_names: list[str], threshold: dict[str, Any] | None = None) -> Path:
+    """Adapter (LoRA weights + the head) and tokenizer, loadable by `PeftModel.from_pretrained` on the same base;
+    labels.json names the classes and, when calibrated, the P(positive) threshold that prediction should use."""
     import json
 
     target = out_dir / ADAPTER_DIR
+    cut = None if threshold is None else {k: threshold[k] for k in ("metric", "value", "logit_margin")}
     tuned.loaded.model.save_pretrained(target)
     tuned.loaded.tokenizer.save_pretrained(target)
     (target / "labels.json").write_text(
-        json.dumps({"label_names": label_names, "head": tuned.head}, indent=2) + "\n", encoding="utf-8"
+        json.dumps({"label_names": label_names, "head": tuned.head, "threshold": cut}, indent=2) + "\n",
+        encoding="utf-8",
     )
     log.info("adapter saved to %s", target)
     return target

@@ -60,3 +60,14 @@ def classification_loss(kind: str, weights: torch.Tensor | None, gamma: float = 
 
         return focal
     raise ValueError(f"unknown loss {kind!r}")
+
+
+def loss_weights(
+    setting: str | list[float], labels: np.ndarray, num_classes: int, data_weights: dict[int, float] | None
+) -> tuple[torch.Tensor | None, str]:
+    """The loss's class weights and where they came from: `training.class_weights`, or, when that is "none",
+    the data layer's (`data.balance: class_weights`, {class index: weight})."""
+    if setting == "none" and data_weights:
+        return torch.tensor([data_weights[c] for c in range(num_classes)], dtype=torch.float32), "data.balance"
+    weights = class_weights(setting, labels, num_classes)
+    return weights, f"training.class_weights {setting if isinstance(setting, str) else 'list'}"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlora_pipeline.errors import UserError
 from qlora_pipeline.report import write_report
 from qlora_pipeline.runs import (
     Run,
@@ -34,16 +35,27 @@ class RunResult:
 
 
 def run_experiment(
-    config: Config, output_root: str | Path | None = None, reproduce_of: Path | None = None
+    config: Config,
+    output_root: str | Path | None = None,
+    reproduce_of: Path | None = None,
+    resume: str | None = None,
 ) -> RunResult:
-    """Run one experiment into a new run directory; the directory records failure as faithfully as success."""
+    """Run one experiment into a new run directory; the directory records failure as faithfully as success.
+    `resume` (qlora mode): auto, none, or a run directory / checkpoint to continue (`checkpoints.resolve_resume`)."""
     from qlora_pipeline.classifiers import check_heads
 
     qlora = config.experiment.mode == "qlora"
+    root = Path(output_root if output_root is not None else config.output.root)
+    resume_from = None
     if not qlora:
         check_heads(config.classifier)  # before a run directory exists: a bad head option is a config error
-    root = Path(output_root if output_root is not None else config.output.root)
-    tracker = open_tracker(config.output, root, config.experiment.name)  # before a run directory: a missing package
+        if resume not in (None, "none"):
+            raise UserError("--resume applies to experiment.mode qlora (embedding runs have no checkpoints)")
+    elif resume not in (None, "none"):
+        from qlora_pipeline.checkpoints import resolve_resume
+
+        resume_from = resolve_resume(resume, config, root)
+    tracker = open_tracker(config.output, root, config.experiment.name)  # before a run directory exists
     run = Run.create(root)
     write_json(run.dir / "config.json", archive_record(config, run, reproduce_of))
     update_record(run, tracking=tracker.start(run.name, run.dir, flatten_config(config.to_dict())))
@@ -52,7 +64,7 @@ def run_experiment(
             if qlora:
                 from qlora_pipeline.qlora_run import execute_qlora
 
-                metrics = execute_qlora(config, run)
+                metrics = execute_qlora(config, run, resume_from)
             else:
                 metrics = execute(config, run)
             reproduction = None

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import csv
 import logging
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline.runs import write_json
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
     from qlora_pipeline.config import Config
     from qlora_pipeline.runs import Run
 
@@ -25,8 +27,9 @@ TRAINING_LOG = "training_log.csv"
 TRAINING_SUMMARY = "training_summary.json"
 
 
-def execute_qlora(config: Config, run: Run) -> dict[str, Any]:
-    from qlora_pipeline import finetune
+def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> dict[str, Any]:
+    """`resume_from`: a checkpoint of an interrupted run of this config (see `checkpoints.resolve_resume`)."""
+    from qlora_pipeline import checkpoints, finetune
     from qlora_pipeline.classifiers import fit_baseline
     from qlora_pipeline.data import prepare_data
     from qlora_pipeline.evaluation import predictions_frame
@@ -49,14 +52,43 @@ def execute_qlora(config: Config, run: Run) -> dict[str, Any]:
         update_record(run, model=model_record(tuned.loaded))
 
     with run.stage("training"):
-        with tempfile.TemporaryDirectory(prefix="trainer-") as work_dir:  # Trainer wants a folder; nothing is kept
-            finetune.train(tuned, config, splits.train, splits.get("validation"), seed, Path(work_dir))
+        work_dir = run.dir / checkpoints.CHECKPOINTS_DIR
+        if resume_from is not None:
+            update_record(run, resumed_from=str(resume_from))
+            tuned.notes.append(f"resumed from {resume_from} (its checkpoints copied into checkpoints/)")
+            resume_from = checkpoints.adopt(resume_from, work_dir)
+        marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name)
+        validation = splits.get("validation")
+        finetune.train(
+            tuned,
+            config,
+            splits.train,
+            validation,
+            seed,
+            work_dir,
+            marker=marker,
+            resume_from=resume_from,
+            data_weights=prepared.class_weights,
+        )
         write_training_log(tuned.log_history, run.dir / TRAINING_LOG)
         write_json(run.dir / TRAINING_SUMMARY, tuned.summary)
         update_record(run, training=tuned.summary)
 
+    def score(frame: pd.DataFrame) -> np.ndarray:
+        texts, train = frame["text"].tolist(), config.training
+        return finetune.predict_proba(tuned.loaded, texts, train.max_length, train.batch_size)
+
+    threshold, scored = None, {}  # scored: split -> probabilities, computed once for calibration and evaluation
+    if len(label_names) == 2 and config.training.threshold_metric != "none":
+        with run.stage("calibration"):
+            scored = {name: score(splits.get(name)) for name in ("validation", "test")}
+            threshold = calibrate(tuned, config, {name: (splits.get(name), p) for name, p in scored.items()})
+            tuned.summary["threshold"] = threshold
+            write_json(run.dir / TRAINING_SUMMARY, tuned.summary)
+            update_record(run, training=tuned.summary)
+
     with run.stage("save"):
-        finetune.save(tuned, run.dir / "models" / "all", label_names)
+        finetune.save(tuned, run.dir / "models" / "all", label_names, threshold)
 
     with run.stage("evaluation"):
         baseline = fit_baseline(splits.train["text"].tolist(), splits.train["label"].to_numpy(), seed)
@@ -65,14 +97,18 @@ def execute_qlora(config: Config, run: Run) -> dict[str, Any]:
         for split in config.evaluation.splits:
             frame = splits.get(split)
             texts = frame["text"].tolist()
-            proba = finetune.predict_proba(tuned.loaded, texts, config.training.max_length, config.training.batch_size)
+            proba = scored[split] if split in scored else score(frame)
             base_proba = baseline.predict_proba(texts)
+            predicted = proba.argmax(axis=1) if threshold is None else (proba[:, 1] >= threshold["value"]).astype(int)
             predictions = {
-                HEAD_NAME: predictions_frame(frame, proba, proba.argmax(axis=1), splits.label_names),
+                HEAD_NAME: predictions_frame(frame, proba, predicted, splits.label_names),
                 baseline.name: predictions_frame(frame, base_proba, baseline.predict(base_proba), splits.label_names),
             }
             metrics[split] = evaluate_split(run.dir, split, predictions, label_names, config.evaluation, seed)
-        write_json(run.dir / "metrics.json", {"primary_head": HEAD_NAME, "splits": metrics})
+        summary: dict[str, Any] = {"primary_head": HEAD_NAME, "splits": metrics}
+        if threshold is not None:
+            summary["threshold_calibration"] = threshold  # the qlora head's predictions above use it
+        write_json(run.dir / "metrics.json", summary)
 
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
@@ -81,11 +117,52 @@ def execute_qlora(config: Config, run: Run) -> dict[str, Any]:
 
 def write_training_log(rows: list[dict[str, Any]], path: Path) -> Path:
     """One row per logged step: step, epoch, loss, learning_rate, grad_norm, eval_* (blank where not logged)."""
-    columns: list[str] = ["step"]
-    for row in rows:
-        columns += [key for key in row if key not in columns and isinstance(row[key], (int, float))]
+    numeric = {key for row in rows for key, value in row.items() if isinstance(value, (int, float))}
+    # A fixed order: rows restored from a checkpoint (resume) come back with their keys sorted.
+    first = [key for key in ("step", "epoch", "loss", "grad_norm", "learning_rate") if key in numeric or key == "step"]
+    columns = first + sorted(numeric - set(first))
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def calibrate(tuned: Any, config: Config, scored: dict[str, tuple[pd.DataFrame, np.ndarray]]) -> dict[str, Any]:
+    """Tune the P(positive) threshold on validation (`training.threshold_metric`); the same cut on the logit
+    margin is log(t / (1 - t)). Before (argmax) and after, on validation and test, for metrics.json and the report."""
+    import numpy as np
+
+    from qlora_pipeline.classifiers import tune_threshold
+    from qlora_pipeline.evaluation import format_metric
+
+    train = config.training
+    positives = {name: (frame["label"].to_numpy(), proba[:, 1]) for name, (frame, proba) in scored.items()}
+    value = tune_threshold(*positives["validation"], train.threshold_metric)
+    margin = float(np.log(value / (1 - value))) if 0 < value < 1 else float(np.sign(value - 0.5) * np.inf)
+    record: dict[str, Any] = {"metric": train.threshold_metric, "value": value, "logit_margin": margin}
+    for name, (labels, positive) in positives.items():
+        record[name] = {
+            "before": _scores(labels, (positive >= 0.5).astype(int)),
+            "after": _scores(labels, (positive >= value).astype(int)),
+        }
+    change = ", ".join(
+        f"{name} macro-F1 {format_metric(record[name]['before']['macro_f1'])} -> "
+        f"{format_metric(record[name]['after']['macro_f1'])}"
+        for name in scored
+    )
+    tuned.notes.append(
+        f"threshold P(positive) >= {value:.4f} (logit margin {margin:.3f}) tuned for "
+        f"{train.threshold_metric} on validation: {change}"
+    )
+    log.info(tuned.notes[-1])
+    return record
+
+
+def _scores(labels: Any, predicted: Any) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+    }

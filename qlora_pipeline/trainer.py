@@ -1,0 +1,125 @@
+"""The HF Trainer as the QLoRA recipe uses it: arguments, our loss hook, callbacks, validation metrics.
+
+Checkpoints land in the run's checkpoints/ (see `checkpoints.py`); with early stopping the Trainer keeps the
+best one and restores it at the end (`load_best_model_at_end`: the LoRA adapter and the head, which peft saves
+as `modules_to_save`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qlora_pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from qlora_pipeline.config import TrainingConfig
+    from qlora_pipeline.modeling import LoadedModel
+
+
+def make_trainer_class() -> type:
+    from transformers import Trainer
+
+    class ClassificationTrainer(Trainer):
+        """Trainer whose loss is ours: class-weighted cross-entropy or focal loss, a mean over the batch."""
+
+        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+
+        def __init__(self, *args: Any, loss_fn: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.loss_fn = loss_fn
+
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = self.loss_fn(outputs.logits.float(), labels)
+            return (loss, outputs) if return_outputs else loss
+
+    return ClassificationTrainer
+
+
+def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path, seed: int, notes: list[str]) -> Any:
+    """Trainer settings; checkpoints go to `out_dir` (the run's checkpoints/)."""
+    from transformers import TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    cuda = loaded.device == "cuda"
+    bf16 = cuda and loaded.compute_dtype == "bfloat16"  # mixed precision follows the compute dtype on a GPU;
+    fp16 = cuda and loaded.compute_dtype == "float16"  # CPUs train in float32
+    known = sorted(name.value for name in OptimizerNames)
+    if train.optimizer not in known:
+        raise UserError(
+            f"training.optimizer {train.optimizer!r} is not a Trainer optimizer; choose one of: {', '.join(known)}"
+        )
+    # Paging moves optimizer state to CPU memory under GPU memory pressure; on a CPU there is nothing to page and
+    # bitsandbytes runs the same 32-bit AdamW update unpaged. Same math, so the requested optimizer is kept (no
+    # switch to adamw_torch) and the difference is recorded.
+    if train.optimizer.startswith("paged_") and not cuda:
+        notes.append(
+            f"optimizer {train.optimizer} on {loaded.device}: bitsandbytes runs it unpaged (paging needs CUDA)"
+        )
+    if cuda:
+        notes.append("GPU training is seeded but not bit-for-bit deterministic (full_determinism is CPU-only)")
+    early_stopping = bool(train.early_stopping_patience)
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps if train.max_steps is not None else -1,
+        lr_scheduler_type="cosine",
+        warmup_steps=train.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        optim=train.optimizer,
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not cuda,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        eval_strategy="steps" if train.eval_steps else "epoch",
+        eval_steps=train.eval_steps,
+        # A checkpoint at every evaluation unless save_steps says otherwise: resume and best-model restore need them.
+        save_strategy="steps" if (train.save_steps or train.eval_steps) else "epoch",
+        save_steps=train.save_steps or train.eval_steps or 500,
+        save_total_limit=train.save_total_limit,
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model=train.early_stopping_metric if early_stopping else None,
+        restore_callback_states_from_checkpoint=True,  # the early-stopping patience counter survives a resume
+        logging_strategy="steps",
+        logging_steps=1,  # every optimizer step: training_log.csv
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+        # Deterministic kernels: free on CPU (and a rerun then matches bit for bit); on GPUs they cost speed and
+        # some ops refuse to run, so there the run is seeded only (a note says so).
+        full_determinism=not cuda,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def training_callbacks(train_cfg: TrainingConfig, marker: Any) -> list[Any]:
+    """The checkpoint marker, and early stopping when a patience is set."""
+    from transformers import EarlyStoppingCallback
+
+    callbacks = [marker]
+    if train_cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train_cfg.early_stopping_patience))
+    return callbacks
+
+
+def eval_metrics(prediction: Any) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predicted = np.asarray(prediction.predictions).argmax(axis=-1)
+    labels = np.asarray(prediction.label_ids)
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+    }
