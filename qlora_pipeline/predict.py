@@ -139,6 +139,8 @@ def load_predictor(
     config = load_archived_config(run / "config.json")
     mode = config.experiment.mode
     primary = "qlora" if mode == "qlora" else config.classifier.heads[0]
+    if mode == "qlora" and head not in (None, primary, BASELINE):
+        raise UserError(f"run {run} is a QLoRA run: its heads are {primary} and {BASELINE}, not {head!r}")
     predictor = Predictor(
         run_dir=run,
         config=config,

@@ -174,6 +174,17 @@ def test_qlora_run_without_its_adapter_is_refused(
     _fails_with(capsys, ["--run", str(copy), "--text", "好"], "adapter_model.safetensors")
 
 
+def test_dataset_picks_the_model_trained_for_it(
+    embeddings_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = _copy_with_status(embeddings_run, tmp_path, "succeeded")
+    (copy / "models" / "snownlp_sentiment").mkdir()
+    (copy / "models" / "all" / "logreg.joblib").rename(copy / "models" / "snownlp_sentiment" / "logreg.joblib")
+    assert main(["predict", "--run", str(copy), "--text", "好", "--dataset", "snownlp_sentiment"]) == 0
+    capsys.readouterr()
+    _fails_with(capsys, ["--run", str(copy), "--text", "好"], "missing models/all/logreg.joblib")
+
+
 def test_file_without_the_column_lists_its_columns(
     embeddings_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
