@@ -24,12 +24,12 @@ EMBEDDINGS_FAST = ["evaluation.bootstrap=0", "data.max_samples=200"]
 
 
 def make_run(root: Path, mode: str) -> Path:
-    from qlora_pipeline.cli import main
-
+    """In its own process: training leaves global torch state behind (deterministic algorithms, threads) that
+    would slow and skew the prediction timings of this one."""
     args = ["quick-test", "--mode", mode, "--output-dir", str(root / mode), "--set", "evaluation.figures=false"]
     for item in QLORA_FAST if mode == "qlora" else EMBEDDINGS_FAST:
         args += ["--set", item]
-    assert main(args) == 0, f"the {mode} run failed"
+    subprocess.run([sys.executable, "-m", "qlora_pipeline", *args], check=True, capture_output=True)
     return root / mode / "run_001"
 
 
