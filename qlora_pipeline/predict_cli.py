@@ -61,7 +61,18 @@ def add_predict_parser(commands: Any) -> None:
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.add_argument("--dataset", help="use the model the run trained for this dataset, when it trained one")
     predict.add_argument("--head", help="another head the run saved (e.g. tfidf_logreg); default: its primary head")
-    predict.add_argument("--batch-size", type=int, help="texts per forward pass (default: the run's)")
+    predict.add_argument(
+        "--batch-size",
+        type=_positive,
+        help="texts per forward pass (default: the run's embedding batch size; QLoRA runs: 4x its training batch)",
+    )
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {number}")
+    return number
 
 
 def predict_command(args: argparse.Namespace) -> int:
