@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--format", choices=["yaml", "json"], default="yaml")
     config_commands.add_parser("reference", help="print the reference of every config field (markdown)")
 
+    from qlora_pipeline.predict_cli import add_predict_parser
+
+    add_predict_parser(commands)
+
     cache = commands.add_parser("cache", help="inspect or clear the embedding cache shared by all runs")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
     cache_commands.add_parser("info", help="where the cache is, its size, and the vectors held per model key")
@@ -136,6 +140,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return config_command(args)
     if args.command == "cache":
         return cache_command(args)
+    if args.command == "predict":
+        from qlora_pipeline.predict_cli import predict_command
+
+        return predict_command(args)
     if args.command == "reproduce":
         return reproduce_command(args.run_path, args.output_dir)
     if args.command == "resume":

@@ -1,0 +1,272 @@
+"""Load a finished run and score new texts with exactly what the run evaluated: its model, settings and threshold.
+
+    predictor = load_predictor("outputs/run_007")
+    predictor.predict(["这本书很好看"])  # a frame: prediction, prediction_name, confidence, prob_<class> ...
+
+Embeddings runs: the encoder is loaded with the archived model settings (config.json), texts are cleaned as the
+data stage cleaned them (`data.clean.rewrite`), encoded with the archived embedding settings, and scored by the
+run's primary head (or `head=`) with the threshold it tuned on validation. QLoRA runs: the NF4 base with a fresh
+classification head, then `PeftModel.from_pretrained` restores the adapter and the trained head; prediction is
+the argmax, or a calibrated threshold when the run saved one in labels.json.
+
+The embedding cache is not used: new texts are computed, never written into the cache shared by all runs (a
+service would otherwise fill it with every text it sees), and the run's own texts then test the computation
+itself. A vector can differ from the run's by ~1e-7 when its batch-mates differ (see cache.py), so
+probabilities agree with the run's predictions.csv to float tolerance rather than bit for bit.
+
+Security: classifier heads are joblib pickles, and unpickling runs code. Heads are therefore read only from a
+run directory that records a successful run (status.json `succeeded`, config.json), from its own models/
+folder; never point `qlora predict` at a run directory from someone you do not trust.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from qlora_pipeline.errors import DataError, UserError
+
+if TYPE_CHECKING:
+    from qlora_pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+BASELINE = "tfidf_logreg"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "labels.json")
+Scorer = Callable[[list[str], "list[str] | None"], tuple[np.ndarray, np.ndarray]]  # -> (proba, prediction)
+
+
+@dataclass
+class Predictor:
+    """A finished run, ready to score texts. Models load on first use of each model folder."""
+
+    run_dir: Path
+    config: Config
+    mode: str  # "embeddings" or "qlora"
+    head: str
+    label_names: list[str]
+    datasets: list[str]
+    pairs: bool  # whether the run's texts are pairs (text, text_pair)
+    batch_size: int
+    _scorers: dict[Path, Scorer] = field(default_factory=dict, repr=False)
+    _encoder: Any = field(default=None, repr=False)
+
+    def model_dir(self, dataset: str | None = None) -> Path:
+        """models/<dataset>/ when the run trained one for `dataset`, else models/all/."""
+        if dataset is not None and dataset not in self.datasets:
+            raise UserError(f"run {self.run_dir} has no dataset {dataset!r}; its datasets: {', '.join(self.datasets)}")
+        specific = self.run_dir / "models" / dataset if dataset else None
+        return specific if specific is not None and specific.is_dir() else self.run_dir / "models" / "all"
+
+    def predict(
+        self, texts: Sequence[str], pairs: Sequence[str] | None = None, dataset: str | None = None
+    ) -> pd.DataFrame:
+        """One row per text: text[, text_pair], prediction, prediction_name, confidence, prob_<class> ..."""
+        from qlora_pipeline.data.clean import rewrite
+
+        texts = list(texts)
+        if self.pairs and pairs is None:
+            raise UserError(f"run {self.run_dir} was trained on text pairs; give a second text for each text")
+        if pairs is not None and not self.pairs:
+            kind = "QLoRA runs read only the text column" if self.mode == "qlora" else "its data had no text_pair"
+            raise UserError(f"run {self.run_dir} scores single texts ({kind}); give no second texts")
+        if pairs is not None and len(pairs) != len(texts):
+            raise UserError(f"{len(texts)} texts but {len(pairs)} pairs; give one second text per text")
+        clean = rewrite(pd.Series(texts, dtype=object), self.config.data).tolist()
+        clean_pairs = (
+            None if pairs is None else rewrite(pd.Series(list(pairs), dtype=object), self.config.data).tolist()
+        )
+        for column, values in (("text", clean), ("text_pair", clean_pairs or [])):
+            empty = [i + 1 for i, value in enumerate(values) if not value]
+            if empty:
+                shown = ", ".join(map(str, empty[:5])) + (" …" if len(empty) > 5 else "")
+                raise DataError(f"{len(empty)} empty {column} input(s) (number {shown}); give non-empty texts")
+        proba, prediction = self.scorer(dataset)(clean, clean_pairs) if texts else (np.zeros((0, 0)), np.zeros(0))
+        frame = pd.DataFrame({"text": texts, **({"text_pair": list(pairs)} if pairs is not None else {})})
+        frame["prediction"] = prediction.astype(int)
+        frame["prediction_name"] = [self.label_names[i] for i in frame["prediction"]]
+        frame["confidence"] = proba[np.arange(len(texts)), frame["prediction"]] if texts else []
+        for index, name in enumerate(self.label_names):
+            frame[f"prob_{name}"] = proba[:, index] if texts else []
+        return frame
+
+    def scorer(self, dataset: str | None = None) -> Scorer:
+        folder = self.model_dir(dataset)
+        if folder not in self._scorers:
+            _check_model_files(self, folder)
+            self._scorers[folder] = self._load_scorer(folder)
+        return self._scorers[folder]
+
+    def _load_scorer(self, folder: Path) -> Scorer:
+        if self.head == BASELINE:
+            return _head_scorer(_read_head(self.run_dir, folder, BASELINE), baseline=True)
+        if self.mode == "qlora":
+            return _qlora_scorer(self, folder)
+        head = _read_head(self.run_dir, folder, self.head)
+        if self._encoder is None:
+            self._encoder = _load_encoder(self)
+        return _head_scorer(head, encoder=self._encoder)
+
+
+def load_predictor(
+    run_dir: str | Path, *, dataset: str | None = None, head: str | None = None, batch_size: int | None = None
+) -> Predictor:
+    """Check that `run_dir` is a run that succeeded, with its model files, and load what predicting needs.
+
+    `head`: another head the run saved (e.g. "tfidf_logreg"); default the run's primary head. `dataset`: check
+    and load that dataset's model up front (`predict(..., dataset=...)` picks the model per call).
+    """
+    from qlora_pipeline.reproduce import load_archived_config
+    from qlora_pipeline.runs import read_json
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"run directory {run} does not exist; pass a run directory such as outputs/run_007")
+    for name in ("status.json", "config.json", "data_summary.json"):
+        if not (run / name).is_file():
+            raise UserError(f"{run} has no {name}: not a finished qlora run directory")
+    status = read_json(run / "status.json")
+    state = status.get("state")
+    if state != "succeeded":
+        why = f" ({status['error']})" if status.get("error") else ""
+        still = "; wait for it to finish" if state == "running" else "; predict from a run that succeeded"
+        raise UserError(f"run {run} is {state}{why}{still}")
+    config = load_archived_config(run / "config.json")
+    mode = config.experiment.mode
+    primary = "qlora" if mode == "qlora" else config.classifier.heads[0]
+    if mode == "qlora" and head not in (None, primary, BASELINE):
+        raise UserError(f"run {run} is a QLoRA run: its heads are {primary} and {BASELINE}, not {head!r}")
+    predictor = Predictor(
+        run_dir=run,
+        config=config,
+        mode=mode,
+        head=head or primary,
+        label_names=list(read_json(run / "data_summary.json")["label_names"]),
+        datasets=[source.name for source in config.data.sources],
+        pairs=mode != "qlora" and any(source.text_pair_column for source in config.data.sources),
+        # Inference keeps no activations for backward and no optimizer state: 4x the training batch fits where
+        # training fit, and amortizes the per-forward NF4 dequantization (~3x the texts/s of the training batch
+        # on CPU). Batch-mates move a text's probabilities by ~1e-7 only.
+        batch_size=batch_size or (4 * config.training.batch_size if mode == "qlora" else config.embedding.batch_size),
+    )
+    _check_model_files(predictor, predictor.model_dir(dataset))
+    if dataset is not None:
+        predictor.scorer(dataset)
+    return predictor
+
+
+def _check_model_files(predictor: Predictor, folder: Path) -> None:
+    if predictor.mode == "qlora" and predictor.head != BASELINE:
+        needed = [folder / "lora_adapter" / name for name in ADAPTER_FILES]
+    else:
+        needed = [folder / f"{predictor.head}.joblib"]
+    missing = [str(p.relative_to(predictor.run_dir)) for p in needed if not p.is_file()]
+    if missing:
+        saved = sorted(p.stem for p in folder.glob("*.joblib")) if folder.is_dir() else []
+        hint = f" (heads saved: {', '.join(saved)})" if saved and predictor.mode != "qlora" else ""
+        raise UserError(
+            f"run {predictor.run_dir} is missing {', '.join(missing)}{hint}; its model files are incomplete"
+        )
+
+
+def _read_head(run_dir: Path, folder: Path, name: str) -> Any:
+    """A head's joblib pickle, only from inside this run directory (unpickling executes code)."""
+    from qlora_pipeline.classifiers import load_head
+
+    path = (folder / f"{name}.joblib").resolve()
+    if not path.is_relative_to(run_dir.resolve() / "models"):
+        raise UserError(f"{folder / f'{name}.joblib'} resolves outside {run_dir}/models; refusing to unpickle it")
+    try:
+        return load_head(path)
+    except (EOFError, pickle.UnpicklingError, KeyError, ValueError) as exc:
+        raise UserError(
+            f"{path} is damaged ({type(exc).__name__}: {exc}); the run's model files are not intact"
+        ) from exc
+
+
+def _head_scorer(head: Any, *, encoder: Any = None, baseline: bool = False) -> Scorer:
+    from qlora_pipeline.pipeline import baseline_texts
+
+    def score(texts: list[str], pairs: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+        if baseline:
+            frame = pd.DataFrame({"text": texts, **({"text_pair": pairs} if pairs is not None else {})})
+            features = baseline_texts(frame)
+        else:
+            features = encoder(texts, pairs)
+        proba = head.predict_proba(features)
+        return proba, head.predict(proba)
+
+    return score
+
+
+def _load_encoder(predictor: Predictor) -> Callable[[list[str], list[str] | None], np.ndarray]:
+    import dataclasses
+
+    from qlora_pipeline.embeddings import check_max_length, encode
+    from qlora_pipeline.modeling import load_model
+
+    config = predictor.config
+    loaded = load_model(config.model, task="encoder", seed=config.experiment.seed)
+    _compare_with_record(predictor.run_dir, loaded)
+    embedding = dataclasses.replace(config.embedding, batch_size=predictor.batch_size)
+    check_max_length(loaded, embedding)
+    return lambda texts, pairs: encode(texts, loaded, embedding, pairs=pairs, cache=None).vectors
+
+
+def _compare_with_record(run_dir: Path, loaded: Any) -> None:
+    """Warn when the model loads differently from the run (another quantization or dtype after a fallback)."""
+    recorded = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("model") or {}
+    for key in ("quantization", "compute_dtype"):
+        if recorded.get(key) not in (None, getattr(loaded, key)):
+            log.warning(
+                "the run used %s %s, this load gives %s: predictions may differ from the run's",
+                key,
+                recorded[key],
+                getattr(loaded, key),
+            )
+
+
+def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
+    import torch
+    from peft import PeftModel
+
+    from qlora_pipeline.modeling import load_model
+
+    config, adapter = predictor.config, folder / "lora_adapter"
+    labels = json.loads((adapter / "labels.json").read_text(encoding="utf-8"))
+    if labels["label_names"] != predictor.label_names:
+        raise UserError(f"{adapter}/labels.json names {labels['label_names']}, the run {predictor.label_names}")
+    loaded = load_model(
+        config.model, task="sequence_classification", num_labels=len(labels["label_names"]), seed=config.experiment.seed
+    )
+    _compare_with_record(predictor.run_dir, loaded)
+    model = PeftModel.from_pretrained(loaded.model, adapter).eval()
+    # The P(second class) cut calibrated on validation, when the run tuned one (training.threshold_metric).
+    threshold = (labels.get("threshold") or {}).get("value")
+    tokenizer, max_length, batch_size = loaded.tokenizer, config.training.max_length, predictor.batch_size
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def score(texts: list[str], pairs: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+        tokens = tokenizer(texts, truncation=True, max_length=max_length)
+        # Batches of similar length pad little; a text's logits move only ~1e-7 with its batch-mates.
+        order = sorted(range(len(texts)), key=lambda i: len(tokens["input_ids"][i]))
+        proba = np.zeros((len(texts), len(predictor.label_names)), dtype=np.float64)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            features = [{name: tokens[name][i] for name in tokens} for i in batch]
+            inputs = tokenizer.pad(features, padding=True, return_tensors="pt").to(device)
+            proba[batch] = torch.softmax(model(**inputs).logits.float(), dim=-1).cpu().numpy()
+        if threshold is not None and proba.shape[1] == 2:
+            return proba, (proba[:, 1] >= threshold).astype(int)
+        return proba, proba.argmax(axis=1)
+
+    return score

