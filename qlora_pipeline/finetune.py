@@ -139,11 +139,17 @@ def check_target_modules(model: torch.nn.Module, targets: str | list[str], head:
 # ---- train ----------------------------------------------------------------------------------------------
 
 
-class _Examples(torch.utils.data.Dataset[dict[str, Any]]):
-    """Tokenized texts (unpadded; the collator pads per batch) with their labels."""
+def pair_column(frame: Any) -> list[str] | None:
+    """The second texts of a pair task (the split frames carry `text_pair` only then), else None."""
+    return frame["text_pair"].tolist() if "text_pair" in frame else None
 
-    def __init__(self, tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> None:
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)
+
+class _Examples(torch.utils.data.Dataset[dict[str, Any]]):
+    """Tokenized texts, or text pairs as one sequence (unpadded; the collator pads per batch), with labels."""
+
+    def __init__(self, tokenizer: Any, frame: Any, max_length: int) -> None:
+        encoded = tokenizer(frame["text"].tolist(), pair_column(frame), truncation=True, max_length=max_length)
+        labels = frame["label"].to_numpy()
         self.rows = [
             {"input_ids": ids, "attention_mask": mask, "labels": int(label)}
             for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], labels, strict=True)
@@ -181,8 +187,8 @@ def train(
         tuned.notes.append(f"class weights ({source}) " + ", ".join(f"{w:.3f}" for w in weights.tolist()))
         log.info("loss class weights (%s): %s", source, [round(w, 4) for w in weights.tolist()])
     loss_fn = classification_loss(train_cfg.loss, weights, train_cfg.focal_gamma)
-    train_set = _Examples(tokenizer, train_split["text"].tolist(), labels, train_cfg.max_length)
-    eval_set = _Examples(tokenizer, validation["text"].tolist(), validation["label"].to_numpy(), train_cfg.max_length)
+    train_set = _Examples(tokenizer, train_split, train_cfg.max_length)
+    eval_set = _Examples(tokenizer, validation, train_cfg.max_length)
     args = training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes)
     trainer = make_trainer_class()(
         model=model,
@@ -252,15 +258,23 @@ def peak_rss_mb() -> float:
 
 
 @torch.no_grad()
-def predict_proba(loaded: LoadedModel, texts: list[str], max_length: int, batch_size: int) -> np.ndarray:
-    """Class probabilities (softmax of the head's logits), in input order."""
+def predict_proba(
+    loaded: LoadedModel, texts: list[str], max_length: int, batch_size: int, pairs: list[str] | None = None
+) -> np.ndarray:
+    """Class probabilities (softmax of the head's logits), in input order; `pairs` for text-pair tasks."""
     model, tokenizer = loaded.model, loaded.tokenizer
     model.eval()
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(texts), batch_size):
+        second = None if pairs is None else pairs[start : start + batch_size]
         batch = tokenizer(
-            texts[start : start + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            texts[start : start + batch_size],
+            second,
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
         ).to(device)
         chunks.append(torch.softmax(model(**batch).logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(chunks).astype(np.float64)

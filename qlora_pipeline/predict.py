@@ -76,8 +76,7 @@ class Predictor:
         if self.pairs and pairs is None:
             raise UserError(f"run {self.run_dir} was trained on text pairs; give a second text for each text")
         if pairs is not None and not self.pairs:
-            kind = "QLoRA runs read only the text column" if self.mode == "qlora" else "its data had no text_pair"
-            raise UserError(f"run {self.run_dir} scores single texts ({kind}); give no second texts")
+            raise UserError(f"run {self.run_dir} scores single texts (its data had no text_pair); give no second texts")
         if pairs is not None and len(pairs) != len(texts):
             raise UserError(f"{len(texts)} texts but {len(pairs)} pairs; give one second text per text")
         clean = rewrite(pd.Series(texts, dtype=object), self.config.data).tolist()
@@ -151,7 +150,7 @@ def load_predictor(
         head=head or primary,
         label_names=list(read_json(run / "data_summary.json")["label_names"]),
         datasets=[source.name for source in config.data.sources],
-        pairs=mode != "qlora" and any(source.text_pair_column for source in config.data.sources),
+        pairs=any(source.text_pair_column for source in config.data.sources),
         # Inference keeps no activations for backward and no optimizer state: 4x the training batch fits where
         # training fit, and amortizes the per-forward NF4 dequantization (~3x the texts/s of the training batch
         # on CPU). Batch-mates move a text's probabilities by ~1e-7 only.
@@ -256,7 +255,7 @@ def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
 
     @torch.inference_mode()
     def score(texts: list[str], pairs: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
-        tokens = tokenizer(texts, truncation=True, max_length=max_length)
+        tokens = tokenizer(texts, pairs, truncation=True, max_length=max_length)
         # Batches of similar length pad little; a text's logits move only ~1e-7 with its batch-mates.
         order = sorted(range(len(texts)), key=lambda i: len(tokens["input_ids"][i]))
         proba = np.zeros((len(texts), len(predictor.label_names)), dtype=np.float64)

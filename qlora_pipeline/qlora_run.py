@@ -33,7 +33,7 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
     from qlora_pipeline.classifiers import fit_baseline
     from qlora_pipeline.data import prepare_data
     from qlora_pipeline.evaluation import predictions_frame
-    from qlora_pipeline.pipeline import model_record, seed_everything, update_record, visualize_run
+    from qlora_pipeline.pipeline import baseline_texts, model_record, seed_everything, update_record, visualize_run
     from qlora_pipeline.results import evaluate_split
 
     seed = config.experiment.seed
@@ -76,7 +76,8 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
 
     def score(frame: pd.DataFrame) -> np.ndarray:
         texts, train = frame["text"].tolist(), config.training
-        return finetune.predict_proba(tuned.loaded, texts, train.max_length, train.batch_size)
+        pairs = finetune.pair_column(frame)
+        return finetune.predict_proba(tuned.loaded, texts, train.max_length, train.batch_size, pairs)
 
     threshold, scored = None, {}  # scored: split -> probabilities, computed once for calibration and evaluation
     if len(label_names) == 2 and config.training.threshold_metric != "none":
@@ -91,14 +92,13 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
         finetune.save(tuned, run.dir / "models" / "all", label_names, threshold)
 
     with run.stage("evaluation"):
-        baseline = fit_baseline(splits.train["text"].tolist(), splits.train["label"].to_numpy(), seed)
+        baseline = fit_baseline(baseline_texts(splits.train), splits.train["label"].to_numpy(), seed)
         baseline.save(run.dir / "models" / "all")
         metrics: dict[str, Any] = {}
         for split in config.evaluation.splits:
             frame = splits.get(split)
-            texts = frame["text"].tolist()
             proba = scored[split] if split in scored else score(frame)
-            base_proba = baseline.predict_proba(texts)
+            base_proba = baseline.predict_proba(baseline_texts(frame))
             predicted = proba.argmax(axis=1) if threshold is None else (proba[:, 1] >= threshold["value"]).astype(int)
             predictions = {
                 HEAD_NAME: predictions_frame(frame, proba, predicted, splits.label_names),

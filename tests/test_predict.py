@@ -228,10 +228,8 @@ def test_unknown_dataset_and_unwanted_pairs_are_refused(
     _fails_with(capsys, ["--run", str(embeddings_run), "--text", "好", "--text-pair", "差"], "single texts")
 
 
-@pytest.fixture(scope="module")
-def pair_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A three-class text-pair embeddings run on a small local file (multi-class: argmax, no threshold)."""
-    folder = tmp_path_factory.mktemp("pairs")
+def make_pair_run(folder: Path, mode: str) -> Path:
+    """A three-class text-pair run on a small local file (multi-class: argmax, no threshold)."""
     words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
     rows = [
         {"q": f"{words[i % 12]}{words[(i * 5) % 12]}{i}", "a": f"{words[(i * 7) % 12]}{i % 9}", "y": "abc"[i % 3]}
@@ -246,14 +244,30 @@ def pair_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "model: {name_or_path: 'builtin:tiny-qwen3', quantization: 4bit, compute_dtype: float32, device: cpu}\n"
         "embedding: {max_length: 32, batch_size: 16}\n"
         "classifier: {baseline: false}\n"
-        "evaluation: {splits: [test], figures: false, bootstrap: 0}\n",
+        "evaluation: {splits: [test], figures: false, bootstrap: 0}\n"
+        f"experiment: {{mode: {mode}}}\n"
+        "training: {max_steps: 3, batch_size: 8, max_length: 32, eval_steps: 3}\n",
         encoding="utf-8",
     )
     assert main(["run", "--config", str(config), "--output-dir", str(folder / "outputs")]) == 0
     return folder / "outputs" / "run_001"
 
 
-def test_multiclass_pair_run_predictions_reproduce_its_test_predictions(pair_run: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pair_run(tmp_path_factory.mktemp("pairs"), "embeddings")
+
+
+@pytest.fixture(scope="module")
+def qlora_pair_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pair_run(tmp_path_factory.mktemp("qlora_pairs"), "qlora")
+
+
+@pytest.mark.parametrize("run_fixture", ["pair_run", "qlora_pair_run"])
+def test_multiclass_pair_run_predictions_reproduce_its_test_predictions(
+    run_fixture: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    pair_run: Path = request.getfixturevalue(run_fixture)
     original = pd.read_csv(pair_run / "pairs" / "test" / "predictions.csv")
     raw = pd.read_csv(pair_run.parent.parent / "pairs.csv", dtype=str)
     rows = original["id"].str.removeprefix("pairs:").astype(int)
