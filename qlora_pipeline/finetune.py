@@ -190,6 +190,9 @@ def train(
     train_set = _Examples(tokenizer, train_split, train_cfg.max_length)
     eval_set = _Examples(tokenizer, validation, train_cfg.max_length)
     args = training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes)
+    # full_determinism switches deterministic algorithms on for the whole process; switched back after training,
+    # so a notebook that trains and then predicts is not left on the slower kernels.
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
     trainer = make_trainer_class()(
         model=model,
         args=args,
@@ -206,7 +209,10 @@ def train(
     start = time.perf_counter()
     with warnings.catch_warnings():  # already a note in config.json, not a warning on every run
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            torch.use_deterministic_algorithms(deterministic_before)
     seconds = time.perf_counter() - start
     state = trainer.state
     steps_here = state.global_step - ((checkpoint_step(resume_from) or 0) if resume_from else 0)

@@ -69,6 +69,13 @@ def test_config_json_and_report_record_parameters_memory_and_notes(qlora_run: Pa
     assert "trainable parameters" in report and "peak RSS" in report
 
 
+def test_training_leaves_deterministic_algorithms_as_it_found_them(qlora_run: Path) -> None:
+    import torch
+
+    # The run trained in this process with full determinism; afterwards the process is back to its default.
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def _score_plainly(run_dir: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """A plain transformers + peft script: NF4 base, `PeftModel.from_pretrained`; probabilities with and
     without the adapter."""
