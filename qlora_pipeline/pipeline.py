@@ -23,6 +23,7 @@ from qlora_pipeline.tracking import flatten_config, open_tracker
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
+    from qlora_pipeline.data import PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +98,13 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
     import numpy as np
 
     from qlora_pipeline.classifiers import fit_baseline, fit_head, tune_threshold
-    from qlora_pipeline.data import prepare_data
     from qlora_pipeline.embeddings import embed_splits, quantization_fidelity
     from qlora_pipeline.evaluation import predictions_frame
     from qlora_pipeline.modeling import load_model
 
     seed = config.experiment.seed
-    seed_everything(seed)
-    with run.stage("data"):
-        prepared = prepare_data(config.data, seed)
-        splits = prepared.splits
-        write_json(run.dir / "data_summary.json", prepared.summary)
-        update_record(
-            run, data={"fingerprint": prepared.summary["fingerprint"], "sources": prepared.summary["sources"]}
-        )
+    prepared = data_stage(config, run)
+    splits = prepared.splits
 
     with run.stage("model"):
         loaded = load_model(config.model, task="encoder", seed=seed)
@@ -166,6 +160,20 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
     return metrics
+
+
+def data_stage(config: Config, run: Run) -> PreparedData:
+    """Seed everything, then load, clean and split; data_summary.json and the fingerprint in config.json."""
+    from qlora_pipeline.data import prepare_data
+
+    seed_everything(config.experiment.seed)
+    with run.stage("data"):
+        prepared = prepare_data(config.data, config.experiment.seed)
+        write_json(run.dir / "data_summary.json", prepared.summary)
+        update_record(
+            run, data={"fingerprint": prepared.summary["fingerprint"], "sources": prepared.summary["sources"]}
+        )
+    return prepared
 
 
 def baseline_texts(frame: Any) -> list[str]:

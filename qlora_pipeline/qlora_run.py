@@ -31,21 +31,14 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
     """`resume_from`: a checkpoint of an interrupted run of this config (see `checkpoints.resolve_resume`)."""
     from qlora_pipeline import checkpoints, finetune
     from qlora_pipeline.classifiers import fit_baseline
-    from qlora_pipeline.data import prepare_data
     from qlora_pipeline.evaluation import predictions_frame
-    from qlora_pipeline.pipeline import baseline_texts, model_record, seed_everything, update_record, visualize_run
+    from qlora_pipeline.pipeline import baseline_texts, data_stage, model_record, update_record, visualize_run
     from qlora_pipeline.results import evaluate_split
 
     seed = config.experiment.seed
-    seed_everything(seed)
-    with run.stage("data"):
-        prepared = prepare_data(config.data, seed)
-        splits = prepared.splits
-        label_names = list(splits.label_names)
-        write_json(run.dir / "data_summary.json", prepared.summary)
-        update_record(
-            run, data={"fingerprint": prepared.summary["fingerprint"], "sources": prepared.summary["sources"]}
-        )
+    prepared = data_stage(config, run)
+    splits = prepared.splits
+    label_names = list(splits.label_names)
 
     with run.stage("model"):
         tuned = finetune.setup(config, len(label_names), seed)
