@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The TF-IDF baseline head trained beside every run; reports compare the primary head with it.
+BASELINE = "tfidf_logreg"
+
 
 def make_logreg(cfg: ClassifierConfig, seed: int, options: dict[str, Any]) -> Any:
     return LogisticRegression(**{"C": cfg.C, "max_iter": cfg.max_iter, "random_state": seed, **options})
@@ -217,7 +220,7 @@ def fit_baseline(texts: list[str], labels: np.ndarray, seed: int) -> TrainedHead
         LogisticRegression(C=4.0, max_iter=2000, random_state=seed),
     )
     model.fit(texts, labels)
-    return TrainedHead("tfidf_logreg", model)
+    return TrainedHead(BASELINE, model)
 
 
 def _default_cfg() -> ClassifierConfig:

@@ -97,7 +97,7 @@ def run_experiment(
 def execute(config: Config, run: Run) -> dict[str, Any]:
     import numpy as np
 
-    from qlora_pipeline.classifiers import fit_baseline, fit_head, tune_threshold
+    from qlora_pipeline.classifiers import BASELINE, fit_baseline, fit_head, tune_threshold
     from qlora_pipeline.embeddings import embed_splits, quantization_fidelity
     from qlora_pipeline.evaluation import predictions_frame
     from qlora_pipeline.modeling import load_model
@@ -150,7 +150,7 @@ def execute(config: Config, run: Run) -> dict[str, Any]:
             frame = splits.get(split)
             predictions = {}
             for head in heads:
-                features = baseline_texts(frame) if head.name == "tfidf_logreg" else vectors[split]
+                features = baseline_texts(frame) if head.name == BASELINE else vectors[split]
                 proba = head.predict_proba(features)
                 predictions[head.name] = predictions_frame(frame, proba, head.predict(proba), splits.label_names)
             label_names = list(splits.label_names)

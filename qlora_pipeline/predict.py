@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from qlora_pipeline.classifiers import BASELINE
 from qlora_pipeline.errors import DataError, UserError
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BASELINE = "tfidf_logreg"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "labels.json")
 Scorer = Callable[[list[str], "list[str] | None"], tuple[np.ndarray, np.ndarray]]  # -> (proba, prediction)
 

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qlora_pipeline.classifiers import BASELINE
 from qlora_pipeline.evaluation import HEADLINE, format_metric, metric_cell
 from qlora_pipeline.tiny_model import BUILTIN_PREFIX
 
-BASELINE = "tfidf_logreg"
 ON_WHAT = {"qlora": "(the fine-tuned NF4 model with its LoRA adapter)"}  # the primary head, in the verdict
 WHAT = {"qlora": "fine-tuned adapter's scores"}
 
