@@ -432,6 +432,19 @@ class ClassifierConfig:
         _check("target_precision", self.target_precision, 0 < self.target_precision <= 1, "in (0, 1]")
 
 
+def prompt_fields(template: str) -> set[str] | None:
+    """The `{field}` names of a prompt template, or None when it is malformed (an unmatched brace, a format spec)."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        return None
+    if any(spec or conversion for _, name, spec, conversion in parsed if name is not None):
+        return None
+    return {name for _, name, _, _ in parsed if name is not None}
+
+
 @dataclass
 class TrainingConfig:
     learning_rate: float = param(2e-4, "Peak learning rate; 2e-4 is the QLoRA paper's value for small models.")
@@ -442,6 +455,21 @@ class TrainingConfig:
     warmup_ratio: float = param(0.03, "Fraction of steps spent warming up the learning rate.")
     weight_decay: float = param(0.0, "AdamW weight decay; 0 because LoRA's low rank already regularises.")
     max_length: int = param(256, "Truncate texts to this many tokens.")
+    head: Literal["classification", "lm_label"] = param(
+        "classification",
+        "classification: a new sequence-classification head, trained in full with the adapter; lm_label: the "
+        "causal LM scores one label word per class at the end of prompt_template (no new weights; decoders only).",
+    )
+    label_words: list[str] | None = param(
+        None,
+        "head lm_label: one word per class, in label order, each a single token of the model's tokenizer "
+        "(e.g. [否, 是]); null uses the label names.",
+    )
+    prompt_template: str = param(
+        "{text}\n答案：",
+        "head lm_label: the prompt around each text ({text}, and {text_pair} for pair tasks); the label word's "
+        "logit is read at its last token. Texts are truncated, the template never.",
+    )
     lora_r: int = param(16, "LoRA rank; 16 is a common quality/size trade-off.")
     lora_alpha: int = param(32, "LoRA scaling numerator (scale = alpha / r); 2 x r is the usual choice.")
     lora_dropout: float = param(0.05, "Dropout on the LoRA input.")
@@ -494,6 +522,12 @@ class TrainingConfig:
         ok = bool(modules) and (isinstance(modules, str) or all(modules))
         _check("target_modules", modules, ok, "'all-linear' or a non-empty list of module names")
         _check("optimizer", self.optimizer, bool(self.optimizer), "a non-empty string")
+        words = self.label_words
+        ok = words is None or (len(words) >= 2 and all(words) and len(set(words)) == len(words))
+        _check("label_words", words, ok, "null or a list of at least 2 distinct non-empty words")
+        fields = prompt_fields(self.prompt_template)
+        ok = fields is not None and "text" in fields and fields <= {"text", "text_pair"}
+        _check("prompt_template", self.prompt_template, ok, "a template with {text} (and optionally {text_pair})")
         _check("focal_gamma", self.focal_gamma, self.focal_gamma >= 0, ">= 0")
         weights = self.class_weights
         ok = weights in ("none", "balanced") if isinstance(weights, str) else bool(weights) and min(weights) > 0

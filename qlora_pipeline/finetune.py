@@ -2,8 +2,10 @@
 
 A 4-bit NF4 base (`modeling.load_model`, sequence-classification head), `prepare_model_for_kbit_training`, LoRA
 adapters on the configured linear layers, and the freshly initialised classification head trained in full and
-saved with the adapter (`modules_to_save`). HF `Trainer` runs the loop (optimizer by name, warmup + cosine,
-gradient accumulation, length-grouped batches, mixed precision on GPUs); only the loss is ours (`losses.py`).
+saved with the adapter (`modules_to_save`). With `training.head: lm_label` the base is the causal LM and the class
+logits are its logits of one label word per class after a prompt (`lm_label.py`); nothing new is initialised.
+HF `Trainer` runs the loop (optimizer by name, warmup + cosine, gradient accumulation, length-grouped batches,
+mixed precision on GPUs); only the loss and the class logits are ours (`losses.py`, `class_logits_fn`).
 Every decision that differs from what the config literally says is logged and returned in `notes`.
 """
 
@@ -21,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from qlora_pipeline import lm_label
 from qlora_pipeline.checkpoints import checkpoint_step
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.losses import classification_loss, loss_weights
-from qlora_pipeline.modeling import LoadedModel, load_model
+from qlora_pipeline.modeling import LoadedModel, Task, load_model
 from qlora_pipeline.trainer import eval_metrics, make_trainer_class, training_arguments, training_callbacks
 
 if TYPE_CHECKING:
@@ -44,6 +47,7 @@ class FineTuned:
     head: str
     trainable_parameters: int
     total_parameters: int
+    label_words: lm_label.LabelWords | None = None  # head lm_label: the prompt and the class tokens
     log_history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # timings, throughput, memory, notes: config.json
     notes: list[str] = field(default_factory=list)
@@ -52,25 +56,41 @@ class FineTuned:
 # ---- setup ----------------------------------------------------------------------------------------------
 
 
-def setup(config: Config, num_labels: int, seed: int) -> FineTuned:
-    """NF4 base with a `num_labels` head, prepared for k-bit training, wrapped with LoRA (+ the head in full)."""
+def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | None = None) -> FineTuned:
+    """NF4 base with a `num_labels` head, prepared for k-bit training, wrapped with LoRA (+ the head in full);
+    for `training.head: lm_label` the causal LM with the label words of `label_names` checked against its tokenizer."""
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     train = config.training
+    lm = train.head == "lm_label"
     try:
-        loaded = load_model(config.model, task="sequence_classification", num_labels=num_labels, seed=seed)
-    except ValueError as exc:  # transformers' AutoModelForSequenceClassification has no class for this config
+        task: Task = "causal_lm" if lm else "sequence_classification"
+        loaded = load_model(config.model, task=task, num_labels=None if lm else num_labels, seed=seed)
+    except ValueError as exc:  # transformers' Auto class has no class for this architecture
         if "Unrecognized configuration class" not in str(exc):
             raise
+        name = config.model.name_or_path
+        if lm:
+            raise UserError(
+                f"model.name_or_path {name!r}: its architecture has no causal-LM class in transformers, which "
+                "training.head lm_label needs; use training.head classification (encoders such as BERT)"
+            ) from exc
         raise UserError(
-            f"model.name_or_path {config.model.name_or_path!r}: its architecture has no sequence-classification "
-            "class in transformers; choose a base with a *ForSequenceClassification class (Qwen, Llama, BERT, ...), "
-            "or use experiment.mode embeddings, which needs only the base model"
+            f"model.name_or_path {name!r}: its architecture has no sequence-classification class in transformers; "
+            "set training.head: lm_label to score label words with its causal LM, choose a base with a "
+            "*ForSequenceClassification class (Qwen, Llama, BERT, ...), or use experiment.mode embeddings"
         ) from exc
     model = loaded.model
-    head = next((name for name in HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)), None)
-    if head is None:
-        raise UserError(f"model {loaded.source!r} has no classification head named {' or '.join(HEAD_NAMES)}")
+    words = None
+    if lm:
+        head = _lm_head(loaded)
+        names = label_names if label_names is not None else [str(i) for i in range(num_labels)]
+        words = lm_label.resolve(loaded.tokenizer, train.label_words, names, train.prompt_template)
+    else:
+        found = next((name for name in HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)), None)
+        if found is None:
+            raise UserError(f"model {loaded.source!r} has no classification head named {' or '.join(HEAD_NAMES)}")
+        head = found
     targets = check_target_modules(model, train.target_modules, head)
     if loaded.quantization != "none":
         model = prepare_model_for_kbit_training(
@@ -81,12 +101,13 @@ def setup(config: Config, num_labels: int, seed: int) -> FineTuned:
     elif train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if lm else TaskType.SEQ_CLS,
         r=train.lora_r,
         lora_alpha=train.lora_alpha,
         lora_dropout=train.lora_dropout,
         target_modules=targets,
-        modules_to_save=[head],  # the new head is trained in full and saved beside the adapter
+        # A new classification head is trained in full and saved beside the adapter; the LM head stays as it is.
+        modules_to_save=None if lm else [head],
         bias="none",
     )
     with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: draw them under the run's seed
@@ -102,7 +123,40 @@ def setup(config: Config, num_labels: int, seed: int) -> FineTuned:
         100 * trainable / total,
     )
     loaded = dataclasses.replace(loaded, model=model)
-    return FineTuned(loaded, head, trainable, total)  # model notes are in config.json "model" already
+    tuned = FineTuned(loaded, head, trainable, total, label_words=words)  # model notes: config.json "model"
+    if words is not None:
+        tuned.notes.append(
+            "lm_label head: class scores are the LM logits of "
+            + " / ".join(f"{w!r} (token {t})" for w, t in zip(words.words, words.token_ids, strict=True))
+            + f" after the prompt {words.template!r}"
+        )
+        log.info(tuned.notes[-1])
+    return tuned
+
+
+def _lm_head(loaded: LoadedModel) -> str:
+    """The name of the causal LM's output layer. Refused for encoders (BERT and kin load a masked-LM head whose
+    logits at the last token are no next-word prediction) and when the LM head's weights were not in the
+    checkpoint (freshly initialised, its label-word logits would mean nothing)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model, source = loaded.model, loaded.source
+    fix = "use training.head classification for this base"
+    if model.config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model.config, "is_decoder", False):
+        raise UserError(
+            f"model {source!r} is an encoder ({model.config.model_type}), and training.head lm_label needs a causal "
+            f"(decoder) LM that predicts the word after the prompt; {fix}"
+        )
+    output = model.get_output_embeddings()
+    name = next((n for n, module in model.named_modules() if module is output), None)
+    if name is None:
+        raise UserError(f"model {source!r} has no output embedding layer to score label words with; {fix}")
+    if any(key.startswith(name + ".") for key in loaded.new_weights):
+        raise UserError(
+            f"model {source!r} has no pretrained LM head ({name} is newly initialised), so training.head lm_label "
+            f"has nothing to score label words with; {fix}"
+        )
+    return name.rsplit(".", 1)[-1]
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
@@ -147,10 +201,10 @@ def pair_column(frame: Any) -> list[str] | None:
 class _Examples(torch.utils.data.Dataset[dict[str, Any]]):
     """Tokenized texts, or text pairs as one sequence (unpadded; the collator pads per batch), with labels."""
 
-    def __init__(self, tokenizer: Any, frame: Any, max_length: int) -> None:
-        encoded = tokenizer(frame["text"].tolist(), pair_column(frame), truncation=True, max_length=max_length)
+    def __init__(self, tokenizer: Any, frame: Any, max_length: int, words: lm_label.LabelWords | None) -> None:
+        encoded = encode_texts(tokenizer, frame["text"].tolist(), pair_column(frame), max_length, words)
         labels = frame["label"].to_numpy()
-        self.rows = [
+        self.rows: list[dict[str, Any]] = [
             {"input_ids": ids, "attention_mask": mask, "labels": int(label)}
             for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], labels, strict=True)
         ]
@@ -160,6 +214,25 @@ class _Examples(torch.utils.data.Dataset[dict[str, Any]]):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.rows[index]
+
+
+def encode_texts(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int, words: lm_label.LabelWords | None
+) -> dict[str, list[list[int]]]:
+    """Unpadded `input_ids` and `attention_mask` per text (or pair): as one sequence for a classification head,
+    inside the prompt for lm_label."""
+    if words is None:
+        return dict(tokenizer(texts, pairs, truncation=True, max_length=max_length))
+    ids = lm_label.encode(tokenizer, words, texts, pairs, max_length)
+    return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
+
+
+def class_logits_fn(words: lm_label.LabelWords | None) -> Any:
+    """`(model, inputs) -> [batch, classes]` logits: the classification head's, or the label words'."""
+    if words is None:
+        return lambda model, inputs: model(**inputs).logits
+    token_ids = torch.tensor(words.token_ids)
+    return lambda model, inputs: lm_label.class_logits(model, inputs, token_ids)
 
 
 def train(
@@ -181,14 +254,15 @@ def train(
     train_cfg = config.training
     tokenizer, model = tuned.loaded.tokenizer, tuned.loaded.model
     labels = train_split["label"].to_numpy()
-    num_labels = int(model.config.num_labels)
+    words = tuned.label_words
+    num_labels = len(words.words) if words is not None else int(model.config.num_labels)
     weights, source = loss_weights(train_cfg.class_weights, labels, num_labels, data_weights)
     if weights is not None:
         tuned.notes.append(f"class weights ({source}) " + ", ".join(f"{w:.3f}" for w in weights.tolist()))
         log.info("loss class weights (%s): %s", source, [round(w, 4) for w in weights.tolist()])
     loss_fn = classification_loss(train_cfg.loss, weights, train_cfg.focal_gamma)
-    train_set = _Examples(tokenizer, train_split, train_cfg.max_length)
-    eval_set = _Examples(tokenizer, validation, train_cfg.max_length)
+    train_set = _Examples(tokenizer, train_split, train_cfg.max_length, tuned.label_words)
+    eval_set = _Examples(tokenizer, validation, train_cfg.max_length, tuned.label_words)
     args = training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes)
     # full_determinism switches deterministic algorithms on for the whole process; switched back after training,
     # so a notebook that trains and then predicts is not left on the slower kernels.
@@ -203,6 +277,7 @@ def train(
         compute_metrics=eval_metrics,
         callbacks=training_callbacks(train_cfg, marker),
         loss_fn=loss_fn,
+        logits_fn=class_logits_fn(tuned.label_words),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
     tokens = sum(len(row["input_ids"]) for row in train_set.rows)
@@ -265,24 +340,20 @@ def peak_rss_mb() -> float:
 
 @torch.no_grad()
 def predict_proba(
-    loaded: LoadedModel, texts: list[str], max_length: int, batch_size: int, pairs: list[str] | None = None
+    tuned: FineTuned, texts: list[str], max_length: int, batch_size: int, pairs: list[str] | None = None
 ) -> np.ndarray:
-    """Class probabilities (softmax of the head's logits), in input order; `pairs` for text-pair tasks."""
-    model, tokenizer = loaded.model, loaded.tokenizer
+    """Class probabilities (softmax of the class logits), in input order; `pairs` for text-pair tasks."""
+    model, tokenizer = tuned.loaded.model, tuned.loaded.tokenizer
     model.eval()
     device = next(model.parameters()).device
+    logits_of = class_logits_fn(tuned.label_words)
+    encoded = encode_texts(tokenizer, texts, pairs, max_length, tuned.label_words)
     chunks = []
     for start in range(0, len(texts), batch_size):
-        second = None if pairs is None else pairs[start : start + batch_size]
-        batch = tokenizer(
-            texts[start : start + batch_size],
-            second,
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        ).to(device)
-        chunks.append(torch.softmax(model(**batch).logits.float(), dim=-1).cpu().numpy())
+        rows = range(start, min(start + batch_size, len(texts)))
+        features = [{key: encoded[key][i] for key in encoded} for i in rows]
+        batch = tokenizer.pad(features, padding=True, return_tensors="pt").to(device)
+        chunks.append(torch.softmax(logits_of(model, dict(batch)).float(), dim=-1).cpu().numpy())
     return np.concatenate(chunks).astype(np.float64)
 
 
@@ -299,7 +370,17 @@ def save(tuned: FineTuned, out_dir: Path, label_names: list[str], threshold: dic
     tuned.loaded.model.save_pretrained(target)
     tuned.loaded.tokenizer.save_pretrained(target)
     (target / "labels.json").write_text(
-        json.dumps({"label_names": label_names, "head": tuned.head, "threshold": cut}, indent=2) + "\n",
+        json.dumps(
+            {
+                "label_names": label_names,
+                "head": tuned.head,
+                "threshold": cut,
+                "lm_label": None if tuned.label_words is None else tuned.label_words.to_dict(),
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n",
         encoding="utf-8",
     )
     log.info("adapter saved to %s", target)

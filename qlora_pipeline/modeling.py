@@ -40,6 +40,7 @@ class LoadedModel:
     source: str  # resolved local path or hub id
     revision: str | None  # hub commit hash when known, else the requested revision
     notes: list[str] = field(default_factory=list)
+    new_weights: tuple[str, ...] = ()  # parameters the checkpoint lacked, freshly initialised (a new head)
 
 
 def resolve_device(cfg: ModelConfig) -> str:
@@ -228,12 +229,13 @@ def load_model(
     target = f"cuda:{gpu}" if device == "cuda" else "cpu"
     with torch.random.fork_rng(devices=[gpu] if device == "cuda" else []):
         torch.manual_seed(seed)
-        model = auto_class.from_pretrained(
+        model, info = auto_class.from_pretrained(
             source,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             dtype=dtype,
             device_map={"": target},
+            output_loading_info=True,
             **extra,
         )
     if quantization == "4bit" and device == "cpu":
@@ -253,6 +255,7 @@ def load_model(
         source=source,
         revision=commit or cfg.revision,
         notes=notes,
+        new_weights=tuple(sorted(info.get("missing_keys", ()))),
     )
 
 

@@ -41,7 +41,7 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
     label_names = list(splits.label_names)
 
     with run.stage("model"):
-        tuned = finetune.setup(config, len(label_names), seed)
+        tuned = finetune.setup(config, len(label_names), seed, label_names)
         update_record(run, model=model_record(tuned.loaded))
 
     with run.stage("training"):
@@ -70,7 +70,7 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
     def score(frame: pd.DataFrame) -> np.ndarray:
         texts, train = frame["text"].tolist(), config.training
         pairs = finetune.pair_column(frame)
-        return finetune.predict_proba(tuned.loaded, texts, train.max_length, train.batch_size, pairs)
+        return finetune.predict_proba(tuned, texts, train.max_length, train.batch_size, pairs)
 
     threshold, scored = None, {}  # scored: split -> probabilities, computed once for calibration and evaluation
     if len(label_names) == 2 and config.training.threshold_metric != "none":

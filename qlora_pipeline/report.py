@@ -119,6 +119,7 @@ def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> li
         ],
         ["batch", f"{t.get('batch_size')} x {t.get('gradient_accumulation_steps')} accumulation steps"],
         ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
+        ["head", str(t.get("head", "classification"))],
     ]
     if training:
         share = 100 * training["trainable_parameters"] / training["total_parameters"]

@@ -23,21 +23,23 @@ def make_trainer_class() -> type:
     from transformers import Trainer
 
     class ClassificationTrainer(Trainer):
-        """Trainer whose loss is ours: class-weighted cross-entropy or focal loss, a mean over the batch."""
+        """Trainer whose loss is ours: class-weighted cross-entropy or focal loss, a mean over the batch, on the
+        class logits that `logits_fn(model, inputs)` returns (the head's output, or label-word logits)."""
 
         loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
 
-        def __init__(self, *args: Any, loss_fn: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, loss_fn: Any, logits_fn: Any = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.loss_fn = loss_fn
+            self.logits_fn = logits_fn or (lambda model, inputs: model(**inputs).logits)
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
             labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            loss = self.loss_fn(outputs.logits.float(), labels)
-            return (loss, outputs) if return_outputs else loss
+            logits = self.logits_fn(model, inputs)
+            loss = self.loss_fn(logits.float(), labels)
+            return (loss, {"logits": logits}) if return_outputs else loss  # evaluation reads "logits"
 
     return ClassificationTrainer
 

@@ -228,8 +228,9 @@ def test_unknown_dataset_and_unwanted_pairs_are_refused(
     _fails_with(capsys, ["--run", str(embeddings_run), "--text", "好", "--text-pair", "差"], "single texts")
 
 
-def make_pair_run(folder: Path, mode: str) -> Path:
-    """A three-class text-pair run on a small local file (multi-class: argmax, no threshold)."""
+def make_pair_run(folder: Path, mode: str, training: str = "") -> Path:
+    """A three-class text-pair run on a small local file (multi-class: argmax, no threshold); `training` adds
+    settings to the training section (", key: value" in YAML flow style)."""
     words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
     rows = [
         {"q": f"{words[i % 12]}{words[(i * 5) % 12]}{i}", "a": f"{words[(i * 7) % 12]}{i % 9}", "y": "abc"[i % 3]}
@@ -246,7 +247,7 @@ def make_pair_run(folder: Path, mode: str) -> Path:
         "classifier: {baseline: false}\n"
         "evaluation: {splits: [test], figures: false, bootstrap: 0}\n"
         f"experiment: {{mode: {mode}}}\n"
-        "training: {max_steps: 3, batch_size: 8, max_length: 32, eval_steps: 3}\n",
+        f"training: {{max_steps: 3, batch_size: 8, max_length: 32, eval_steps: 3{training}}}\n",
         encoding="utf-8",
     )
     assert main(["run", "--config", str(config), "--output-dir", str(folder / "outputs")]) == 0
