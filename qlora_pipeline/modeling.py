@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -87,6 +90,30 @@ class _KernelProbeFilter(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelProbeFilter())
+# transformers 5 renamed gradient checkpointing to activation checkpointing; peft and the Trainer still call the
+# old names on every QLoRA run, which warns twice per run about code that is not ours (nothing a user can change).
+warnings.filterwarnings(
+    "ignore",
+    message=r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated",
+    category=FutureWarning,
+)
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" progress bar and no LOAD REPORT table of missing keys on stderr while a model loads:
+    the freshly initialised weights (a new classification head) are a note in config.json instead."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def bitsandbytes_problem(device: str) -> str | None:
@@ -227,7 +254,7 @@ def load_model(
     # quantization; {"": "cpu"} also works on CPU). Under torchrun each rank takes its own GPU.
     gpu = int(os.environ.get("LOCAL_RANK", 0))
     target = f"cuda:{gpu}" if device == "cuda" else "cpu"
-    with torch.random.fork_rng(devices=[gpu] if device == "cuda" else []):
+    with torch.random.fork_rng(devices=[gpu] if device == "cuda" else []), _quiet_loading():
         torch.manual_seed(seed)
         model, info = auto_class.from_pretrained(
             source,
@@ -240,6 +267,10 @@ def load_model(
         )
     if quantization == "4bit" and device == "cpu":
         _keep_cpu_4bit_weights_unpacked(model, notes)
+    new_weights = tuple(sorted(info.get("missing_keys", ())))
+    if new_weights:
+        shown = ", ".join(new_weights[:4]) + (f" and {len(new_weights) - 4} more" if len(new_weights) > 4 else "")
+        notes.append(f"not in the checkpoint, initialised under seed {seed}: {shown}")
     if model.config.pad_token_id is None:  # sequence classification pools at the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
     label = {"4bit": f"4bit-{cfg.quant_type}", "8bit": "8bit", "none": "none"}[quantization]
@@ -255,7 +286,7 @@ def load_model(
         source=source,
         revision=commit or cfg.revision,
         notes=notes,
-        new_weights=tuple(sorted(info.get("missing_keys", ()))),
+        new_weights=new_weights,
     )
 
 
