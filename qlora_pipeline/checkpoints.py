@@ -57,14 +57,20 @@ def checkpoints_in(folder: Path) -> list[Path]:
 
 
 def marker_callback(hash_: str, run_name: str) -> Any:
-    """A TrainerCallback that stamps every saved checkpoint with the config hash and the run that wrote it."""
+    """A TrainerCallback that stamps every saved checkpoint with the config hash, the run that wrote it and the
+    number of processes that trained it. Under torchrun every rank saves its RNG state into the checkpoint: the
+    marker is written once all of them have, so it still means complete."""
     from transformers import TrainerCallback
+
+    from qlora_pipeline import distributed
 
     class CheckpointMarker(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            distributed.barrier()
             if args.should_save and folder.is_dir():
                 marker = {"config_hash": hash_, "run": run_name, "step": state.global_step}
+                marker["world_size"] = args.world_size
                 (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
 
     return CheckpointMarker()
@@ -90,7 +96,7 @@ def resolve_resume(resume: str | None, config: Config, output_root: Path) -> Pat
             found = checkpoints_in(run_dir / CHECKPOINTS_DIR)
             if found and _marker_hash(found[-1]) == wanted:
                 log.info("resume auto: continuing %s from %s", run_dir.name, found[-1].name)
-                return found[-1]
+                return _check_world_size(found[-1], resume)
         log.info("resume auto: no unfinished run of this config under %s; starting fresh", output_root)
         return None
     path = Path(resume)
@@ -110,7 +116,22 @@ def resolve_resume(resume: str | None, config: Config, output_root: Path) -> Pat
             f"--resume {resume}: the checkpoint was written by a different config (hash {found_hash} vs {wanted} "
             "for this one); resume it with `qlora resume RUN_DIR`, which reuses that run's config"
         )
-    return path
+    return _check_world_size(path, resume)
+
+
+def _check_world_size(checkpoint: Path, resume: str) -> Path:
+    """A checkpoint resumes on as many processes as trained it: the batch per step, the data each rank reads
+    and the per-rank RNG states all depend on that number."""
+    from qlora_pipeline.distributed import world_size
+
+    trained_on = _marker(checkpoint).get("world_size", 1)  # markers written before this field: one process
+    if trained_on != world_size():
+        launch = "plain `qlora run`" if trained_on == 1 else f"torchrun --nproc_per_node {trained_on}"
+        raise UserError(
+            f"--resume {resume}: {checkpoint.name} was trained on {trained_on} process(es), this run has "
+            f"{world_size()}; resume it with the same number ({launch})"
+        )
+    return checkpoint
 
 
 def _state(run_dir: Path) -> str | None:
@@ -129,11 +150,16 @@ def _resumed_run(run_dir: Path) -> Path | None:
     return Path(resumed_from).resolve().parent.parent if resumed_from else None
 
 
-def _marker_hash(checkpoint: Path) -> str | None:
+def _marker(checkpoint: Path) -> dict[str, Any]:
     try:
-        return json.loads((checkpoint / MARKER).read_text(encoding="utf-8")).get("config_hash")
+        marker = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return None
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _marker_hash(checkpoint: Path) -> str | None:
+    return _marker(checkpoint).get("config_hash")
 
 
 def adopt(checkpoint: Path, checkpoints_dir: Path) -> Path:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline import __version__
+from qlora_pipeline import __version__, distributed
 from qlora_pipeline.errors import UserError
 
 log = logging.getLogger("qlora_pipeline")
@@ -119,7 +119,8 @@ def setup_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Under torchrun the other ranks repeat rank 0's progress: they log only warnings and errors.
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if distributed.is_replica() else logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return dispatch(args)
     except UserError as exc:
-        print(f"qlora: error: {exc}", file=sys.stderr)
+        where = f" (rank {distributed.rank()})" if distributed.is_replica() else ""
+        print(f"qlora: error{where}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qlora: interrupted", file=sys.stderr)
@@ -171,6 +173,8 @@ def run_command(
     from qlora_pipeline.pipeline import run_experiment
 
     result = run_experiment(config, output_dir, reproduce_of=reproduce_of, resume=resume)
+    if result.replica:
+        return 0  # rank 0 prints the summary
     print_summary(result.run_dir, result.metrics)
     if result.reproduction is not None:
         verdict = "MATCH" if result.reproduction["matches"] else "MISMATCH"
@@ -182,10 +186,11 @@ def run_command(
 
 
 def reproduce_command(run_path: str, output_dir: str | None) -> int:
-    from qlora_pipeline.reproduce import load_archived_config, locate_archive
+    from qlora_pipeline.reproduce import check_processes, load_archived_config, locate_archive
 
     run_dir, config_json = locate_archive(run_path)
     config = load_archived_config(config_json)
+    check_processes(run_dir, config_json)
     return run_command(config, output_dir or str(run_dir.parent), reproduce_of=run_dir)
 
 

@@ -291,7 +291,16 @@ def train(
     seconds = time.perf_counter() - start
     state = trainer.state
     steps_here = state.global_step - ((checkpoint_step(resume_from) or 0) if resume_from else 0)
-    samples = steps_here * train_cfg.batch_size * train_cfg.gradient_accumulation_steps
+    # Under torchrun every process takes its own batch_size per micro-step: the optimizer sees world_size times more.
+    world = int(args.world_size)
+    effective_batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * world
+    samples = steps_here * effective_batch
+    if world > 1:
+        tuned.notes.append(
+            f"data-parallel on {world} processes (DDP, {args.distributed_state.backend}): effective batch "
+            f"{effective_batch} = {train_cfg.batch_size} per process x {train_cfg.gradient_accumulation_steps} "
+            f"accumulation x {world}; a rerun reproduces with the same number of processes"
+        )
     tuned.log_history = [  # timings vary run to run; the log keeps what reproduces
         {k: v for k, v in row.items() if not k.endswith(("_runtime", "_per_second"))}
         for row in state.log_history
@@ -312,7 +321,9 @@ def train(
         "epochs": round(float(state.epoch or 0), 4),
         "train_loss": float(np.mean(step_losses)) if step_losses else None,  # mean per-step loss, resume-proof
         "train_seconds": round(seconds, 3),
-        "samples_per_second": round(samples / seconds, 2),
+        "samples_per_second": round(samples / seconds, 2),  # all processes together
+        "world_size": world,
+        "effective_batch_size": effective_batch,
         "train_tokens_per_epoch": tokens,
         "trainable_parameters": tuned.trainable_parameters,
         "total_parameters": tuned.total_parameters,

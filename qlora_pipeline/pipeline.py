@@ -19,7 +19,7 @@ from qlora_pipeline.runs import (
     sigterm_interrupts,
     write_json,
 )
-from qlora_pipeline.tracking import flatten_config, open_tracker
+from qlora_pipeline.tracking import Tracker, flatten_config, open_tracker
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -33,6 +33,7 @@ class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
     reproduction: dict[str, Any] | None
+    replica: bool = False  # a rank other than 0 under torchrun: it trained; rank 0 evaluated and wrote the run
 
 
 def run_experiment(
@@ -42,22 +43,52 @@ def run_experiment(
     resume: str | None = None,
 ) -> RunResult:
     """Run one experiment into a new run directory; the directory records failure as faithfully as success.
-    `resume` (qlora mode): auto, none, or a run directory / checkpoint to continue (`checkpoints.resolve_resume`)."""
-    from qlora_pipeline.classifiers import check_heads
+    `resume` (qlora mode): auto, none, or a run directory / checkpoint to continue (`checkpoints.resolve_resume`).
+    Under torchrun / accelerate launch every process calls this; rank 0 writes the run (see `distributed.py`)."""
+    from qlora_pipeline import distributed
+
+    if distributed.world_size() == 1:
+        return _run_experiment(config, output_root, reproduce_of, resume)
+    if config.experiment.mode != "qlora":
+        raise UserError(
+            f"experiment.mode {config.experiment.mode} runs in one process, but {distributed.world_size()} were "
+            "launched (torchrun / accelerate launch); run it with plain `qlora run` (only qlora mode trains "
+            "data-parallel)"
+        )
+    from qlora_pipeline.modeling import resolve_device
+    from qlora_pipeline.tiny_model import resolve_model_path
+
+    # Once a process group exists transformers' save_pretrained writes on rank 0 only: a built-in model is built
+    # (by every rank at once, which is safe) before joining it.
+    resolve_model_path(config.model.name_or_path)
+    distributed.start(resolve_device(config.model))
+    try:
+        if distributed.is_replica():
+            from qlora_pipeline.qlora_run import train_replica
+
+            plan = distributed.share(None)
+            if plan is None:
+                raise UserError("rank 0 did not start the run (its error says why); this rank trained nothing")
+            train_replica(config, Path(plan["run_dir"]), plan["resume"])
+            return RunResult(Path(plan["run_dir"]), {}, None, replica=True)
+        return _run_experiment(config, output_root, reproduce_of, resume)
+    finally:
+        distributed.stop()
+
+
+def _run_experiment(
+    config: Config, output_root: str | Path | None, reproduce_of: Path | None, resume: str | None
+) -> RunResult:
+    from qlora_pipeline import distributed
 
     qlora = config.experiment.mode == "qlora"
     root = Path(output_root if output_root is not None else config.output.root)
-    resume_from = None
-    if not qlora:
-        check_heads(config.classifier)  # before a run directory exists: a bad head option is a config error
-        if resume not in (None, "none"):
-            raise UserError("--resume applies to experiment.mode qlora (embedding runs have no checkpoints)")
-    elif resume not in (None, "none"):
-        from qlora_pipeline.checkpoints import resolve_resume
-
-        resume_from = resolve_resume(resume, config, root)
-    tracker = open_tracker(config.output, root, config.experiment.name)  # before a run directory exists
-    run = Run.create(root)
+    try:
+        run, tracker, resume_from = open_run(config, root, resume)
+    except BaseException:
+        distributed.share(None)  # the other ranks of a torchrun job wait for the run directory: there is none
+        raise
+    distributed.share({"run_dir": str(run.dir.resolve()), "resume": resume_from.name if resume_from else None})
     write_json(run.dir / "config.json", archive_record(config, run, reproduce_of))
     update_record(run, tracking=tracker.start(run.name, run.dir, flatten_config(config.to_dict())))
     try:
@@ -92,6 +123,23 @@ def run_experiment(
     write_report(run.dir, run.status())  # again, now with the final state and every stage's timing
     tracker.finish(run.dir, run.status())
     return RunResult(run.dir, metrics, reproduction)
+
+
+def open_run(config: Config, root: Path, resume: str | None) -> tuple[Run, Tracker, Path | None]:
+    """Check what can be checked before a run directory exists, then create it: (run, tracker, resume_from)."""
+    from qlora_pipeline.classifiers import check_heads
+
+    resume_from = None
+    if config.experiment.mode != "qlora":
+        check_heads(config.classifier)  # before a run directory exists: a bad head option is a config error
+        if resume not in (None, "none"):
+            raise UserError("--resume applies to experiment.mode qlora (embedding runs have no checkpoints)")
+    elif resume not in (None, "none"):
+        from qlora_pipeline.checkpoints import resolve_resume
+
+        resume_from = resolve_resume(resume, config, root)
+    tracker = open_tracker(config.output, root, config.experiment.name)  # before a run directory exists
+    return Run.create(root), tracker, resume_from
 
 
 def execute(config: Config, run: Run) -> dict[str, Any]:

@@ -29,7 +29,7 @@ TRAINING_SUMMARY = "training_summary.json"
 
 def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> dict[str, Any]:
     """`resume_from`: a checkpoint of an interrupted run of this config (see `checkpoints.resolve_resume`)."""
-    from qlora_pipeline import checkpoints, finetune
+    from qlora_pipeline import checkpoints, distributed, finetune
     from qlora_pipeline.classifiers import fit_baseline
     from qlora_pipeline.evaluation import predictions_frame
     from qlora_pipeline.pipeline import baseline_texts, data_stage, model_record, update_record, visualize_run
@@ -50,6 +50,8 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
             update_record(run, resumed_from=str(resume_from))
             tuned.notes.append(f"resumed from {resume_from} (its checkpoints copied into checkpoints/)")
             resume_from = checkpoints.adopt(resume_from, work_dir)
+        # Under torchrun: the other ranks wait here until the checkpoints to resume from are copied.
+        distributed.agree(prepared.summary["fingerprint"], "data fingerprint")
         marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name)
         validation = splits.get("validation")
         finetune.train(
@@ -106,6 +108,33 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
     return metrics
+
+
+def train_replica(config: Config, run_dir: Path, resume: str | None) -> None:
+    """What a rank other than 0 does under torchrun: the data, model and training of `execute_qlora`, kept in
+    step with rank 0 by DDP. It writes only what the Trainer writes per rank (its RNG state in each checkpoint
+    of `run_dir`); rank 0 calibrates, evaluates and writes the run. `resume`: the checkpoint's folder name."""
+    from qlora_pipeline import checkpoints, distributed, finetune
+    from qlora_pipeline.data import prepare_data
+    from qlora_pipeline.pipeline import seed_everything
+
+    seed = config.experiment.seed
+    seed_everything(seed)  # as `data_stage` does on rank 0
+    prepared = prepare_data(config.data, seed)
+    tuned = finetune.setup(config, len(prepared.splits.label_names), seed)
+    distributed.agree(prepared.summary["fingerprint"], "data fingerprint")  # rank 0 has adopted `resume` by now
+    work_dir = run_dir / checkpoints.CHECKPOINTS_DIR
+    finetune.train(
+        tuned,
+        config,
+        prepared.splits.train,
+        prepared.splits.get("validation"),
+        seed,
+        work_dir,
+        marker=checkpoints.marker_callback(checkpoints.config_hash(config), run_dir.name),
+        resume_from=work_dir / resume if resume else None,
+        data_weights=prepared.class_weights,
+    )
 
 
 def write_training_log(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -117,7 +117,7 @@ def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> li
             "optimizer / learning rate",
             f"{t.get('optimizer')} / {t.get('learning_rate')} (cosine, warmup {t.get('warmup_ratio')})",
         ],
-        ["batch", f"{t.get('batch_size')} x {t.get('gradient_accumulation_steps')} accumulation steps"],
+        ["batch", batch_text(t, training)],
         ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
         ["head", str(t.get("head", "classification"))],
     ]
@@ -136,6 +136,15 @@ def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> li
         ]
         rows += [["training note", note] for note in training.get("notes", [])]
     return rows
+
+
+def batch_text(t: dict[str, Any], training: dict[str, Any] | None) -> str:
+    """Per-process batch x accumulation, and x processes when trained data-parallel (torchrun)."""
+    text = f"{t.get('batch_size')} x {t.get('gradient_accumulation_steps')} accumulation steps"
+    if training and training.get("world_size", 1) > 1:
+        world, effective = training["world_size"], training["effective_batch_size"]
+        text += f" x {world} processes = {effective} per optimizer step (DDP)"
+    return text
 
 
 def embedding_rows(embedding: dict[str, Any]) -> list[list[str]]:

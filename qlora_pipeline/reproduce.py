@@ -35,6 +35,21 @@ def load_archived_config(config_json: Path) -> Config:
     return Config.from_dict(record["config"])
 
 
+def check_processes(run_dir: Path, config_json: Path) -> None:
+    """A QLoRA run reproduces on as many processes as trained it (torchrun / accelerate launch): the batch of an
+    optimizer step and each process's share of the data depend on that number. Refused before anything runs."""
+    from qlora_pipeline.distributed import world_size
+
+    record = json.loads(config_json.read_text(encoding="utf-8"))  # valid: `load_archived_config` read it first
+    trained_on = (record.get("training") or {}).get("world_size", 1)
+    if trained_on != world_size():
+        launch = "plain `qlora reproduce`" if trained_on == 1 else f"torchrun --nproc_per_node {trained_on}"
+        raise UserError(
+            f"{run_dir} was trained on {trained_on} process(es) and this reproduction has {world_size()}; "
+            f"reproduce it with the same number ({launch})"
+        )
+
+
 def compare_runs(original: Path, new: Path) -> dict[str, Any]:
     """Compare data fingerprint, every metric and every predictions.csv byte for byte."""
     checks = [compare_fingerprint(original, new), compare_metrics(original, new)]

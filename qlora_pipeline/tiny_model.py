@@ -146,6 +146,12 @@ def build_tiny_qwen3(out_dir: Path) -> Path:
     try:
         vocab_size = _train_tokenizer(tmp)
         _build_model(tmp, vocab_size)
+        missing = [name for name in ("config.json", "model.safetensors") if not (tmp / name).is_file()]
+        if missing:  # never rename an incomplete checkpoint into place
+            raise RuntimeError(
+                f"building {out_dir.name}: save_pretrained wrote no {', '.join(missing)} (transformers saves on rank 0 "
+                "only once a torch.distributed process group exists: build before joining one)"
+            )
         try:
             os.replace(tmp, out_dir)
         except OSError:

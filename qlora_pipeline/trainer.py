@@ -102,6 +102,9 @@ def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path
         # some ops refuse to run, so there the run is seeded only (a note says so).
         full_determinism=not cuda,
         dataloader_num_workers=0,
+        # Under torchrun (DDP): every trainable parameter (LoRA matrices, the head) takes part in every forward, so
+        # DDP need not search the graph for unused ones each step (the Trainer would, for a peft-wrapped model).
+        ddp_find_unused_parameters=False,
         remove_unused_columns=False,
     )
 
