@@ -121,7 +121,8 @@ def train_replica(config: Config, run_dir: Path, resume: str | None) -> None:
     seed = config.experiment.seed
     seed_everything(seed)  # as `data_stage` does on rank 0
     prepared = prepare_data(config.data, seed)
-    tuned = finetune.setup(config, len(prepared.splits.label_names), seed)
+    label_names = list(prepared.splits.label_names)
+    tuned = finetune.setup(config, len(label_names), seed, label_names)  # lm_label's default words are the names
     distributed.agree(prepared.summary["fingerprint"], "data fingerprint")  # rank 0 has adopted `resume` by now
     work_dir = run_dir / checkpoints.CHECKPOINTS_DIR
     finetune.train(
