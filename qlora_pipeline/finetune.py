@@ -24,7 +24,7 @@ import torch
 from qlora_pipeline.checkpoints import checkpoint_step
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.losses import classification_loss, loss_weights
-from qlora_pipeline.modeling import LoadedModel, load_model
+from qlora_pipeline.modeling import LoadedModel, check_max_length, load_model
 from qlora_pipeline.trainer import eval_metrics, make_trainer_class, training_arguments, training_callbacks
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ def setup(config: Config, num_labels: int, seed: int) -> FineTuned:
     head = next((name for name in HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)), None)
     if head is None:
         raise UserError(f"model {loaded.source!r} has no classification head named {' or '.join(HEAD_NAMES)}")
+    check_max_length(loaded, train.max_length, "training.max_length")
     targets = check_target_modules(model, train.target_modules, head)
     if loaded.quantization != "none":
         model = prepare_model_for_kbit_training(

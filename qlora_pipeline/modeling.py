@@ -256,6 +256,16 @@ def load_model(
     )
 
 
+def check_max_length(loaded: LoadedModel, max_length: int, setting: str) -> None:
+    """A max_length (`setting` names it) above the model's position limit would index past its position table
+    (BERT's 512 learned positions) or run past the lengths it was trained on (rotary decoders)."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise UserError(
+            f"{setting} is {max_length} but {loaded.source} has {limit} positions; set {setting} to {limit} or less"
+        )
+
+
 def _keep_cpu_4bit_weights_unpacked(model: Any, notes: list[str]) -> None:
     """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weight on its first no-grad eval
     forward (a bf16 kernel, ~3e-3 off the float32 dequantized result, and no faster on our sizes), and

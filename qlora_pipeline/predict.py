@@ -209,14 +209,14 @@ def _head_scorer(head: Any, *, encoder: Any = None, baseline: bool = False) -> S
 def _load_encoder(predictor: Predictor) -> Callable[[list[str], list[str] | None], np.ndarray]:
     import dataclasses
 
-    from qlora_pipeline.embeddings import check_max_length, encode
-    from qlora_pipeline.modeling import load_model
+    from qlora_pipeline.embeddings import encode
+    from qlora_pipeline.modeling import check_max_length, load_model
 
     config = predictor.config
     loaded = load_model(config.model, task="encoder", seed=config.experiment.seed)
     _compare_with_record(predictor.run_dir, loaded)
     embedding = dataclasses.replace(config.embedding, batch_size=predictor.batch_size)
-    check_max_length(loaded, embedding)
+    check_max_length(loaded, embedding.max_length, "embedding.max_length")
     return lambda texts, pairs: encode(texts, loaded, embedding, pairs=pairs, cache=None).vectors
 
 
