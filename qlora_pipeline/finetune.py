@@ -150,10 +150,12 @@ class _Examples(torch.utils.data.Dataset[dict[str, Any]]):
 
     def __init__(self, tokenizer: Any, frame: Any, max_length: int) -> None:
         encoded = tokenizer(frame["text"].tolist(), pair_column(frame), truncation=True, max_length=max_length)
-        labels = frame["label"].to_numpy()
+        # Every model input the tokenizer gives: input_ids and attention_mask, and for BERT-style encoders the
+        # token_type_ids that mark a pair's second text (scoring passes them too, so training must).
+        names = list(encoded.keys())
         self.rows = [
-            {"input_ids": ids, "attention_mask": mask, "labels": int(label)}
-            for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], labels, strict=True)
+            {**{name: encoded[name][i] for name in names}, "labels": int(label)}
+            for i, label in enumerate(frame["label"].to_numpy())
         ]
 
     def __len__(self) -> int:
