@@ -24,7 +24,7 @@ import torch
 from qlora_pipeline.checkpoints import checkpoint_step
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.losses import classification_loss, loss_weights
-from qlora_pipeline.modeling import LoadedModel, check_max_length, load_model
+from qlora_pipeline.modeling import HEAD_NAMES, POOLER, UNQUANTIZED_MODULES, LoadedModel, check_max_length, load_model
 from qlora_pipeline.trainer import eval_metrics, make_trainer_class, training_arguments, training_callbacks
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEAD_NAMES = ("score", "classifier")  # the classification head: Qwen/Llama-style decoders, BERT-style encoders
 ADAPTER_DIR = "lora_adapter"
 
 
@@ -42,6 +41,7 @@ ADAPTER_DIR = "lora_adapter"
 class FineTuned:
     loaded: LoadedModel  # .model is the PeftModel with the trained adapter
     head: str
+    trained_in_full: list[str]  # the head, and BERT's pooler: peft's modules_to_save
     trainable_parameters: int
     total_parameters: int
     log_history: list[dict[str, Any]] = field(default_factory=list)
@@ -81,13 +81,17 @@ def setup(config: Config, num_labels: int, seed: int) -> FineTuned:
         )
     elif train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The new head is trained in full and saved beside the adapter; so is a BERT-style pooler, the dense layer
+    # between the encoder and the classifier (new when the checkpoint lacks it, else pretrained for another task).
+    # peft then puts no LoRA on it, whatever target_modules says.
+    in_full = [head, *([POOLER] if _has_module(model, POOLER) else [])]
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=train.lora_r,
         lora_alpha=train.lora_alpha,
         lora_dropout=train.lora_dropout,
         target_modules=targets,
-        modules_to_save=[head],  # the new head is trained in full and saved beside the adapter
+        modules_to_save=list(in_full),  # peft adds its SEQ_CLS defaults to the list it is given
         bias="none",
     )
     with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: draw them under the run's seed
@@ -95,15 +99,23 @@ def setup(config: Config, num_labels: int, seed: int) -> FineTuned:
         model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
-        "LoRA r=%d on %s; trainable %d of %d parameters (%.2f%%)",
+        "LoRA r=%d on %s, %s trained in full; trainable %d of %d parameters (%.2f%%)",
         train.lora_r,
         targets,
+        " and ".join(in_full),
         trainable,
         total,
         100 * trainable / total,
     )
     loaded = dataclasses.replace(loaded, model=model)
-    return FineTuned(loaded, head, trainable, total)  # model notes are in config.json "model" already
+    tuned = FineTuned(loaded, head, in_full, trainable, total)  # model notes are in config.json "model" already
+    if POOLER in in_full:
+        tuned.notes.append(f"the encoder's {POOLER} is trained in full with the {head}, in full precision")
+    return tuned
+
+
+def _has_module(model: torch.nn.Module, name: str) -> bool:
+    return any(path.rsplit(".", 1)[-1] == name for path, _ in model.named_modules())
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
@@ -294,16 +306,24 @@ def predict_proba(
 
 def save(tuned: FineTuned, out_dir: Path, label_names: list[str], threshold: dict[str, Any] | None = None) -> Path:
     """Adapter (LoRA weights + the head) and tokenizer, loadable by `PeftModel.from_pretrained` on the same base;
-    labels.json names the classes and, when calibrated, the P(positive) threshold that prediction should use."""
+    labels.json names the classes and, when calibrated, the P(positive) threshold that prediction should use.
+
+    "The same base" is the base loaded as `modeling.load_model` loads it: a 4-bit base keeps the head (and pooler)
+    in full precision, so a plain script passes labels.json's `unquantized_modules` to `BitsAndBytesConfig` as
+    `llm_int8_skip_modules` (transformers would otherwise quantize BERT's classifier)."""
     import json
 
     target = out_dir / ADAPTER_DIR
     cut = None if threshold is None else {k: threshold[k] for k in ("metric", "value", "logit_margin")}
     tuned.loaded.model.save_pretrained(target)
     tuned.loaded.tokenizer.save_pretrained(target)
-    (target / "labels.json").write_text(
-        json.dumps({"label_names": label_names, "head": tuned.head, "threshold": cut}, indent=2) + "\n",
-        encoding="utf-8",
-    )
+    labels = {
+        "label_names": label_names,
+        "head": tuned.head,
+        "trained_in_full": tuned.trained_in_full,
+        "unquantized_modules": UNQUANTIZED_MODULES if tuned.loaded.quantization != "none" else None,
+        "threshold": cut,
+    }
+    (target / "labels.json").write_text(json.dumps(labels, indent=2) + "\n", encoding="utf-8")
     log.info("adapter saved to %s", target)
     return target
