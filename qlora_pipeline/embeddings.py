@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from qlora_pipeline.cache import EmbeddingCache, text_key, weights_fingerprint
-from qlora_pipeline.errors import UserError
+from qlora_pipeline.modeling import check_max_length
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import EmbeddingConfig
@@ -63,16 +63,6 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
         last = (positions * attention_mask.long()).max(dim=1).values
         return hidden[torch.arange(hidden.shape[0]), last]
     raise ValueError(f"unknown pooling {method!r}")
-
-
-def check_max_length(loaded: LoadedModel, cfg: EmbeddingConfig) -> None:
-    """embedding.max_length above the model's position limit would index past its position table."""
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and cfg.max_length > limit:
-        raise UserError(
-            f"embedding.max_length is {cfg.max_length} but {loaded.source} has {limit} positions; "
-            f"set embedding.max_length to {limit} or less"
-        )
 
 
 def cache_settings(loaded: LoadedModel, cfg: EmbeddingConfig) -> dict[str, Any]:
@@ -228,7 +218,7 @@ def embed_splits(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Encode each split's `text` (with `text_pair` when the frame has one) through the cache when
     `cfg.cache` is on; returns the vectors per split and a record for config.json."""
-    check_max_length(loaded, cfg)
+    check_max_length(loaded, cfg.max_length, "embedding.max_length")
     cache = EmbeddingCache(cache_settings(loaded, cfg)) if cfg.cache else None
     vectors: dict[str, np.ndarray] = {}
     record: dict[str, Any] = {"cache": str(cache.folder) if cache else None, "splits": {}}

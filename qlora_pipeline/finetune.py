@@ -27,7 +27,15 @@ from qlora_pipeline import lm_label
 from qlora_pipeline.checkpoints import checkpoint_step
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.losses import classification_loss, loss_weights
-from qlora_pipeline.modeling import LoadedModel, Task, load_model
+from qlora_pipeline.modeling import (
+    HEAD_NAMES,
+    POOLER,
+    UNQUANTIZED_MODULES,
+    LoadedModel,
+    Task,
+    check_max_length,
+    load_model,
+)
 from qlora_pipeline.trainer import eval_metrics, make_trainer_class, training_arguments, training_callbacks
 
 if TYPE_CHECKING:
@@ -37,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEAD_NAMES = ("score", "classifier")  # the classification head: Qwen/Llama-style decoders, BERT-style encoders
 ADAPTER_DIR = "lora_adapter"
 
 
@@ -45,6 +52,7 @@ ADAPTER_DIR = "lora_adapter"
 class FineTuned:
     loaded: LoadedModel  # .model is the PeftModel with the trained adapter
     head: str
+    trained_in_full: list[str]  # the head, and BERT's pooler: peft's modules_to_save
     trainable_parameters: int
     total_parameters: int
     label_words: lm_label.LabelWords | None = None  # head lm_label: the prompt and the class tokens
@@ -91,6 +99,7 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
         if found is None:
             raise UserError(f"model {loaded.source!r} has no classification head named {' or '.join(HEAD_NAMES)}")
         head = found
+    check_max_length(loaded, train.max_length, "training.max_length")
     targets = check_target_modules(model, train.target_modules, head)
     if loaded.quantization != "none":
         model = prepare_model_for_kbit_training(
@@ -100,14 +109,17 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
         )
     elif train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # A new classification head is trained in full and saved beside the adapter; so is a BERT-style pooler, the
+    # dense layer between the encoder and the classifier (new when the checkpoint lacks it, else pretrained for
+    # another task). peft then puts no LoRA on it, whatever target_modules says. lm_label's LM head stays as it is.
+    in_full = [] if lm else [head, *([POOLER] if _has_module(model, POOLER) else [])]
     lora = LoraConfig(
         task_type=TaskType.CAUSAL_LM if lm else TaskType.SEQ_CLS,
         r=train.lora_r,
         lora_alpha=train.lora_alpha,
         lora_dropout=train.lora_dropout,
         target_modules=targets,
-        # A new classification head is trained in full and saved beside the adapter; the LM head stays as it is.
-        modules_to_save=None if lm else [head],
+        modules_to_save=list(in_full) or None,  # peft adds its SEQ_CLS defaults to the list it is given
         bias="none",
     )
     with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: draw them under the run's seed
@@ -115,15 +127,18 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
         model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
-        "LoRA r=%d on %s; trainable %d of %d parameters (%.2f%%)",
+        "LoRA r=%d on %s, %s trained in full; trainable %d of %d parameters (%.2f%%)",
         train.lora_r,
         targets,
+        " and ".join(in_full) or "nothing",
         trainable,
         total,
         100 * trainable / total,
     )
     loaded = dataclasses.replace(loaded, model=model)
-    tuned = FineTuned(loaded, head, trainable, total, label_words=words)  # model notes: config.json "model"
+    tuned = FineTuned(loaded, head, in_full, trainable, total, label_words=words)  # model notes: config.json
+    if POOLER in in_full:
+        tuned.notes.append(f"the encoder's {POOLER} is trained in full with the {head}, in full precision")
     if words is not None:
         tuned.notes.append(
             "lm_label head: class scores are the LM logits of "
@@ -157,6 +172,10 @@ def _lm_head(loaded: LoadedModel) -> str:
             f"has nothing to score label words with; {fix}"
         )
     return name.rsplit(".", 1)[-1]
+
+
+def _has_module(model: torch.nn.Module, name: str) -> bool:
+    return any(path.rsplit(".", 1)[-1] == name for path, _ in model.named_modules())
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
@@ -203,10 +222,12 @@ class _Examples(torch.utils.data.Dataset[dict[str, Any]]):
 
     def __init__(self, tokenizer: Any, frame: Any, max_length: int, words: lm_label.LabelWords | None) -> None:
         encoded = encode_texts(tokenizer, frame["text"].tolist(), pair_column(frame), max_length, words)
-        labels = frame["label"].to_numpy()
+        # Every model input the tokenizer gives: input_ids and attention_mask, and for BERT-style encoders the
+        # token_type_ids that mark a pair's second text (scoring passes them too, so training must).
+        names = list(encoded.keys())
         self.rows: list[dict[str, Any]] = [
-            {"input_ids": ids, "attention_mask": mask, "labels": int(label)}
-            for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], labels, strict=True)
+            {**{name: encoded[name][i] for name in names}, "labels": int(label)}
+            for i, label in enumerate(frame["label"].to_numpy())
         ]
 
     def __len__(self) -> int:
@@ -373,26 +394,28 @@ def predict_proba(
 
 def save(tuned: FineTuned, out_dir: Path, label_names: list[str], threshold: dict[str, Any] | None = None) -> Path:
     """Adapter (LoRA weights + the head) and tokenizer, loadable by `PeftModel.from_pretrained` on the same base;
-    labels.json names the classes and, when calibrated, the P(positive) threshold that prediction should use."""
+    labels.json names the classes and, when calibrated, the P(positive) threshold that prediction should use.
+
+    "The same base" is the base loaded as `modeling.load_model` loads it: a 4-bit base keeps the head (and pooler)
+    in full precision, so a plain script passes labels.json's `unquantized_modules` to `BitsAndBytesConfig` as
+    `llm_int8_skip_modules` (transformers would otherwise quantize BERT's classifier)."""
     import json
 
     target = out_dir / ADAPTER_DIR
     cut = None if threshold is None else {k: threshold[k] for k in ("metric", "value", "logit_margin")}
     tuned.loaded.model.save_pretrained(target)
     tuned.loaded.tokenizer.save_pretrained(target)
-    (target / "labels.json").write_text(
-        json.dumps(
-            {
-                "label_names": label_names,
-                "head": tuned.head,
-                "threshold": cut,
-                "lm_label": None if tuned.label_words is None else tuned.label_words.to_dict(),
-            },
-            indent=2,
-            ensure_ascii=False,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    quantized = tuned.loaded.quantization != "none"
+    labels = {
+        "label_names": label_names,
+        "head": tuned.head,
+        "trained_in_full": tuned.trained_in_full,
+        # What a plain script keeps out of 4-bit when it builds the base (llm_int8_skip_modules); none for lm_label.
+        "unquantized_modules": UNQUANTIZED_MODULES if quantized and tuned.trained_in_full else None,
+        "threshold": cut,
+        "lm_label": None if tuned.label_words is None else tuned.label_words.to_dict(),
+    }
+    text = json.dumps(labels, indent=2, ensure_ascii=False) + "\n"
+    (target / "labels.json").write_text(text, encoding="utf-8")
     log.info("adapter saved to %s", target)
     return target

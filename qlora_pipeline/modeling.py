@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 
 Task = Literal["encoder", "causal_lm", "sequence_classification"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The classification head of a *ForSequenceClassification model: `score` in Qwen/Llama-style decoders, `classifier`
+# in BERT-style encoders, where the encoder's `pooler` (dense + tanh over the first token) feeds it.
+HEAD_NAMES = ("score", "classifier")
+POOLER = "pooler"
+# Loaded in full precision for sequence classification, to be trained in full: bitsandbytes' skip list, where a
+# name matches as a prefix, a regex from the start or a suffix ("bert.pooler.dense" by the pattern).
+UNQUANTIZED_MODULES = [*HEAD_NAMES, rf"(.*\.)?{POOLER}"]
 FIX_HINT = f"point model.name_or_path at a local model directory or at {BUILTIN_PREFIX}{TINY_QWEN3}"
 
 
@@ -138,7 +145,10 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> BitsAnd
     return _bnb_config(cfg.quantization, cfg, compute_dtype)
 
 
-def _bnb_config(quantization: str, cfg: ModelConfig, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+def _bnb_config(
+    quantization: str, cfg: ModelConfig, compute_dtype: torch.dtype, keep: list[str] | None = None
+) -> BitsAndBytesConfig | None:
+    """`keep`: modules left unquantized (None: transformers' default, the model's last layer and tied weights)."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
@@ -147,9 +157,10 @@ def _bnb_config(quantization: str, cfg: ModelConfig, compute_dtype: torch.dtype)
             bnb_4bit_quant_type=cfg.quant_type,
             bnb_4bit_use_double_quant=cfg.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=keep,  # despite the name, 4-bit loading honours it too
         )
     if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     if quantization == "none":
         return None
     raise ValueError(f"resolve quantization {quantization!r} to 4bit/8bit/none before building a config")
@@ -247,7 +258,12 @@ def load_model(
         if num_labels is None:
             raise ValueError("task='sequence_classification' needs num_labels")
         extra["num_labels"] = num_labels
-    qconfig = _bnb_config(quantization, cfg, dtype)
+    # The head stays in full precision, to be trained in full. transformers' default keeps only the module of the
+    # model's last parameter: Qwen's `score` (no bias), but BERT's last parameter is `classifier.bias`, which names no
+    # module, so its classifier would be quantized and could not be trained. A pooler missing from the checkpoint
+    # would be left as a 4-bit layer holding unquantized weights, which fails on its first forward.
+    keep = UNQUANTIZED_MODULES if task == "sequence_classification" else None
+    qconfig = _bnb_config(quantization, cfg, dtype, keep)
     if qconfig is not None:
         extra["quantization_config"] = qconfig
     # bitsandbytes places weights while quantizing, so the device goes in device_map (it is required with
@@ -288,6 +304,16 @@ def load_model(
         notes=notes,
         new_weights=new_weights,
     )
+
+
+def check_max_length(loaded: LoadedModel, max_length: int, setting: str) -> None:
+    """A max_length (`setting` names it) above the model's position limit would index past its position table
+    (BERT's 512 learned positions) or run past the lengths it was trained on (rotary decoders)."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise UserError(
+            f"{setting} is {max_length} but {loaded.source} has {limit} positions; set {setting} to {limit} or less"
+        )
 
 
 def _keep_cpu_4bit_weights_unpacked(model: Any, notes: list[str]) -> None:

@@ -25,9 +25,9 @@ import json
 import logging
 import pickle
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEVICES = ("auto", "cpu", "cuda")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "labels.json")
 Scorer = Callable[[list[str], "list[str] | None"], tuple[np.ndarray, np.ndarray]]  # -> (proba, prediction)
 
@@ -116,12 +117,19 @@ class Predictor:
 
 
 def load_predictor(
-    run_dir: str | Path, *, dataset: str | None = None, head: str | None = None, batch_size: int | None = None
+    run_dir: str | Path,
+    *,
+    dataset: str | None = None,
+    head: str | None = None,
+    batch_size: int | None = None,
+    device: Literal["auto", "cpu", "cuda"] | None = None,
 ) -> Predictor:
     """Check that `run_dir` is a run that succeeded, with its model files, and load what predicting needs.
 
     `head`: another head the run saved (e.g. "tfidf_logreg"); default the run's primary head. `dataset`: check
-    and load that dataset's model up front (`predict(..., dataset=...)` picks the model per call).
+    and load that dataset's model up front (`predict(..., dataset=...)` picks the model per call). `device`:
+    "cpu", "cuda" or "auto" for where the model runs; default the run's `model.device`, so a run trained on a GPU
+    predicts on a CPU-only machine with device="cpu" (a warning says its probabilities may then differ slightly).
     """
     from qlora_pipeline.reproduce import load_archived_config
     from qlora_pipeline.runs import read_json
@@ -143,6 +151,12 @@ def load_predictor(
     primary = "qlora" if mode == "qlora" else config.classifier.heads[0]
     if mode == "qlora" and head not in (None, primary, BASELINE):
         raise UserError(f"run {run} is a QLoRA run: its heads are {primary} and {BASELINE}, not {head!r}")
+    if device is not None:
+        if device not in DEVICES:
+            raise UserError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
+        config = replace(config, model=replace(config.model, device=device))
+    if (head or primary) != BASELINE:  # the TF-IDF baseline needs no model
+        _check_device(run, config.model.device, explicit=device is not None)
     predictor = Predictor(
         run_dir=run,
         config=config,
@@ -160,6 +174,17 @@ def load_predictor(
     if dataset is not None:
         predictor.scorer(dataset)
     return predictor
+
+
+def _check_device(run: Path, device: str, explicit: bool) -> None:
+    """A run trained with model.device cuda, predicted where no GPU is visible: say how to run it on the CPU."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        asked = "device 'cuda' was asked for" if explicit else f"run {run} ran with model.device 'cuda'"
+        raise UserError(f"{asked} but no CUDA GPU is visible; predict on the CPU with --device cpu (or auto)")
 
 
 def _check_model_files(predictor: Predictor, folder: Path) -> None:
@@ -207,23 +232,22 @@ def _head_scorer(head: Any, *, encoder: Any = None, baseline: bool = False) -> S
 
 
 def _load_encoder(predictor: Predictor) -> Callable[[list[str], list[str] | None], np.ndarray]:
-    import dataclasses
-
-    from qlora_pipeline.embeddings import check_max_length, encode
-    from qlora_pipeline.modeling import load_model
+    from qlora_pipeline.embeddings import encode
+    from qlora_pipeline.modeling import check_max_length, load_model
 
     config = predictor.config
     loaded = load_model(config.model, task="encoder", seed=config.experiment.seed)
     _compare_with_record(predictor.run_dir, loaded)
-    embedding = dataclasses.replace(config.embedding, batch_size=predictor.batch_size)
-    check_max_length(loaded, embedding)
+    embedding = replace(config.embedding, batch_size=predictor.batch_size)
+    check_max_length(loaded, embedding.max_length, "embedding.max_length")
     return lambda texts, pairs: encode(texts, loaded, embedding, pairs=pairs, cache=None).vectors
 
 
 def _compare_with_record(run_dir: Path, loaded: Any) -> None:
-    """Warn when the model loads differently from the run (another quantization or dtype after a fallback)."""
+    """Warn when the model loads differently from the run (another device, or quantization or dtype after a
+    fallback): the same weights, but float results that can differ slightly from the run's."""
     recorded = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("model") or {}
-    for key in ("quantization", "compute_dtype"):
+    for key in ("device", "quantization", "compute_dtype"):
         if recorded.get(key) not in (None, getattr(loaded, key)):
             log.warning(
                 "the run used %s %s, this load gives %s: predictions may differ from the run's",
@@ -235,11 +259,10 @@ def _compare_with_record(run_dir: Path, loaded: Any) -> None:
 
 def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
     import torch
-    from peft import PeftModel
 
     from qlora_pipeline import lm_label
     from qlora_pipeline.finetune import class_logits_fn, encode_texts
-    from qlora_pipeline.modeling import load_model
+    from qlora_pipeline.modeling import load_model  # before peft: it quiets bitsandbytes' import-time kernel probe
 
     config, adapter = predictor.config, folder / "lora_adapter"
     labels = json.loads((adapter / "labels.json").read_text(encoding="utf-8"))
@@ -260,6 +283,8 @@ def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
                 f"tokenizer gives {again.token_ids}: predict with the base model the run was trained on"
             )
     _compare_with_record(predictor.run_dir, loaded)
+    from peft import PeftModel
+
     model = PeftModel.from_pretrained(loaded.model, adapter).eval()
     # The P(second class) cut calibrated on validation, when the run tuned one (training.threshold_metric).
     threshold = (labels.get("threshold") or {}).get("value")

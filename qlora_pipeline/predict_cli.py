@@ -62,6 +62,12 @@ def add_predict_parser(commands: Any) -> None:
     predict.add_argument("--dataset", help="use the model the run trained for this dataset, when it trained one")
     predict.add_argument("--head", help="another head the run saved (e.g. tfidf_logreg); default: its primary head")
     predict.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model runs (default: the run's model.device); a run trained on a GPU predicts on a "
+        "CPU-only machine with --device cpu",
+    )
+    predict.add_argument(
         "--batch-size",
         type=_positive,
         help="texts per forward pass (default: the run's embedding batch size; QLoRA runs: 4x its training batch)",
@@ -78,7 +84,9 @@ def _positive(value: str) -> int:
 def predict_command(args: argparse.Namespace) -> int:
     from qlora_pipeline.predict import load_predictor
 
-    predictor = load_predictor(args.run, dataset=args.dataset, head=args.head, batch_size=args.batch_size)
+    predictor = load_predictor(
+        args.run, dataset=args.dataset, head=args.head, batch_size=args.batch_size, device=args.device
+    )
     if args.interactive:
         return interactive(predictor, args)
     ids = None

@@ -76,29 +76,37 @@ def test_training_leaves_deterministic_algorithms_as_it_found_them(qlora_run: Pa
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-def _score_plainly(run_dir: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _score_plainly(
+    run_dir: Path, texts: list[str], pairs: list[str] | None = None, max_length: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """A plain transformers + peft script: NF4 base, `PeftModel.from_pretrained`; probabilities with and
-    without the adapter."""
+    without the adapter. The base keeps the head in full precision, as labels.json says (`unquantized_modules`)."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
     adapter = run_dir / "models" / "all" / "lora_adapter"
     base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    labels = json.loads((adapter / "labels.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=labels["unquantized_modules"],
     )
     base = AutoModelForSequenceClassification.from_pretrained(
-        base_path, num_labels=2, quantization_config=quant, dtype=torch.float32, device_map={"": "cpu"}
+        base_path,
+        num_labels=len(labels["label_names"]),
+        quantization_config=quant,
+        dtype=torch.float32,
+        device_map={"": "cpu"},
     )
     base.config.pad_token_id = tokenizer.pad_token_id
     for module in base.modules():  # bitsandbytes' lossy AVX512-BF16 CPU repack, off as in modeling.load_model
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         without = torch.softmax(base(**batch).logits, dim=-1).numpy()
         model = PeftModel.from_pretrained(base, adapter).eval()

