@@ -109,7 +109,7 @@ def test_pairs_reach_the_model_with_segment_ids() -> None:
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     frame = pd.DataFrame({"text": ["the book was great", "awful"], "text_pair": ["buy it", "never again"]})
     frame["label"] = [1, 0]
-    examples = _Examples(tokenizer, frame, MAX_LENGTH)
+    examples = _Examples(tokenizer, frame, MAX_LENGTH, None)
     batch = DataCollatorWithPadding(tokenizer)([examples[0], examples[1]])  # what the Trainer hands the model
     expected = tokenizer(frame["text"].tolist(), frame["text_pair"].tolist(), padding=True, return_tensors="pt")
     torch.testing.assert_close(batch["input_ids"], expected["input_ids"])
