@@ -44,6 +44,7 @@ def run_experiment(
     """Run one experiment into a new run directory; the directory records failure as faithfully as success.
     `resume` (qlora mode): auto, none, or a run directory / checkpoint to continue (`checkpoints.resolve_resume`)."""
     from qlora_pipeline.classifiers import check_heads
+    from qlora_pipeline.modeling import cpu_threads
 
     qlora = config.experiment.mode == "qlora"
     root = Path(output_root if output_root is not None else config.output.root)
@@ -61,7 +62,7 @@ def run_experiment(
     write_json(run.dir / "config.json", archive_record(config, run, reproduce_of))
     update_record(run, tracking=tracker.start(run.name, run.dir, flatten_config(config.to_dict())))
     try:
-        with sigterm_interrupts():
+        with sigterm_interrupts(), cpu_threads(config.model.cpu_threads):
             if qlora:
                 from qlora_pipeline.qlora_run import execute_qlora
 
