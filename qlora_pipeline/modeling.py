@@ -84,6 +84,27 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+@contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Torch's CPU threads set to `count` inside the block (None leaves them alone), the previous count after.
+
+    Why a run may want 1: torch starts one OpenMP thread per core, and they spin-wait for each other between
+    parallel regions. On a 2-core machine shared with another busy process they then wait on each other's time
+    slices. Measured with the tiny QLoRA recipe (scripts/bench_training.py --contention), 1 thread trained ~3x
+    faster than the default 2 beside a one-core Python loop and 2.6-25x faster beside another torch process, and
+    ~10% slower on an idle CPU: the tiny model's ops are too small to gain from splitting. Large models do."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    log.info("torch CPU threads: %d (model.cpu_threads; %d before this run)", count, before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _KernelProbeFilter(logging.Filter):
     """bitsandbytes' CPU backend tries, at import, to fetch an optional fused kernel from the hub and warns when
     it cannot ("Failed to load CPU gemm_4bit_forward from kernels-community"). Its built-in kernels are used

@@ -80,6 +80,7 @@ def _run_experiment(
     config: Config, output_root: str | Path | None, reproduce_of: Path | None, resume: str | None
 ) -> RunResult:
     from qlora_pipeline import distributed
+    from qlora_pipeline.modeling import cpu_threads
 
     qlora = config.experiment.mode == "qlora"
     root = Path(output_root if output_root is not None else config.output.root)
@@ -92,7 +93,7 @@ def _run_experiment(
     write_json(run.dir / "config.json", archive_record(config, run, reproduce_of))
     update_record(run, tracking=tracker.start(run.name, run.dir, flatten_config(config.to_dict())))
     try:
-        with sigterm_interrupts():
+        with sigterm_interrupts(), cpu_threads(config.model.cpu_threads):
             if qlora:
                 from qlora_pipeline.qlora_run import execute_qlora
 

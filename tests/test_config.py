@@ -105,6 +105,11 @@ def test_out_of_range_names_the_full_path() -> None:
         Config.from_dict({"training": {"learning_rate": -1}})
 
 
+def test_cpu_threads_must_be_positive_or_null() -> None:
+    with pytest.raises(ConfigError, match=r"^model\.cpu_threads must be >= 1 or null, got 0$"):
+        Config.from_dict({"model": {"cpu_threads": 0}})
+
+
 def test_direct_construction_validates_too() -> None:
     with pytest.raises(ConfigError, match=r"^lora_r must be >= 1"):
         TrainingConfig(lora_r=0)

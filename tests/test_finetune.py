@@ -76,6 +76,12 @@ def test_training_leaves_deterministic_algorithms_as_it_found_them(qlora_run: Pa
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_run_trains_with_the_configs_cpu_threads(qlora_run: Path) -> None:
+    # qlora_tiny.yaml sets model.cpu_threads: 1 (the tiny model trains as fast on one thread and is not slowed
+    # by other busy processes); the run applies it, and test_modeling checks that it is undone afterwards.
+    assert "torch CPU threads: 1 (model.cpu_threads" in (qlora_run / "experiment.log").read_text()
+
+
 def _score_plainly(
     run_dir: Path, texts: list[str], pairs: list[str] | None = None, max_length: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:

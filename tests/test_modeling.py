@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.modeling import LoadedModel, load_model
+from qlora_pipeline.modeling import LoadedModel, cpu_threads, load_model
 from qlora_pipeline.tiny_model import build_tiny_qwen3, ensure_tiny_qwen3, resolve_model_path
 
 TEXTS = ["这本书很好看，物流也很快！", "质量太差了", "Great book"]
@@ -163,7 +163,7 @@ def test_loading_is_deterministic_across_processes(loaded_4bit: LoadedModel, cac
         "import hashlib, sys, torch\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "from tests.test_modeling import cfg, forward, quantized_bytes\n"
-        "from qlora_pipeline.modeling import LoadedModel, load_model\n"
+        "from qlora_pipeline.modeling import LoadedModel, cpu_threads, load_model\n"
         "m = load_model(cfg(device='cpu'))\n"
         "print(hashlib.sha256(quantized_bytes(m.model)).hexdigest())\n"
         "print(hashlib.sha256(forward(m).numpy().tobytes()).hexdigest())\n"
@@ -226,3 +226,14 @@ def test_explicit_4bit_never_falls_back(monkeypatch: pytest.MonkeyPatch) -> None
         load_model(cfg(device="cpu"))
     auto = load_model(cfg(quantization="auto", device="cpu"))
     assert auto.quantization == "none" and any("auto → none" in note for note in auto.notes)
+
+
+def test_cpu_threads_applies_inside_and_restores_after_even_on_error() -> None:
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    with pytest.raises(RuntimeError, match="inside"), cpu_threads(wanted):
+        assert torch.get_num_threads() == wanted
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with cpu_threads(None):
+        assert torch.get_num_threads() == before
