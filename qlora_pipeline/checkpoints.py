@@ -36,8 +36,10 @@ _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 
 def config_hash(config: Config) -> str:
-    """Hash of the settings that decide training; evaluation, output and names may differ on resume."""
+    """Hash of the settings that decide training; evaluation, output, names and the CPU thread count (which moves
+    no number) may differ on resume."""
     record = config.to_dict()
+    record["model"].pop("cpu_threads")
     decisive = {"seed": record["experiment"]["seed"], **{k: record[k] for k in ("data", "model", "training")}}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -259,3 +259,11 @@ def test_a_run_killed_with_sigterm_resumes_to_the_uninterrupted_result(uninterru
     assert main(args(tmp_path, CONFIG, "--resume", "auto")) == 0
     comparison = compare_runs(uninterrupted, tmp_path / "run_002")
     assert comparison["matches"], comparison["checks"]
+
+
+def test_config_hash_ignores_what_moves_no_number() -> None:
+    from qlora_pipeline.checkpoints import config_hash
+
+    base = config_hash(load_config("qlora_tiny"))
+    assert config_hash(load_config("qlora_tiny", ["model.cpu_threads=2", "evaluation.bootstrap=0"])) == base
+    assert config_hash(load_config("qlora_tiny", ["training.lora_r=4"])) != base
