@@ -385,7 +385,7 @@ def predict_proba(
         rows = range(start, min(start + batch_size, len(texts)))
         features = [{key: encoded[key][i] for key in encoded} for i in rows]
         batch = tokenizer.pad(features, padding=True, return_tensors="pt").to(device)
-        chunks.append(torch.softmax(logits_of(model, dict(batch)).float(), dim=-1).cpu().numpy())
+        chunks.append(torch.softmax(logits_of(model, dict(batch)).double(), dim=-1).cpu().numpy())  # float64: sums to 1
     return np.concatenate(chunks).astype(np.float64)
 
 

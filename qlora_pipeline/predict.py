@@ -302,7 +302,7 @@ def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
             batch = order[start : start + batch_size]
             features = [{name: tokens[name][i] for name in tokens} for i in batch]
             inputs = tokenizer.pad(features, padding=True, return_tensors="pt").to(device)
-            proba[batch] = torch.softmax(logits_of(model, dict(inputs)).float(), dim=-1).cpu().numpy()
+            proba[batch] = torch.softmax(logits_of(model, dict(inputs)).double(), dim=-1).cpu().numpy()
         if threshold is not None and proba.shape[1] == 2:
             return proba, (proba[:, 1] >= threshold).astype(int)
         return proba, proba.argmax(axis=1)
