@@ -134,7 +134,10 @@ class TrainedHead:
     threshold: float | None = None  # binary only: P(positive class) at or above which we predict it
 
     def predict_proba(self, features: Any) -> np.ndarray:
-        return np.asarray(self.model.predict_proba(features), dtype=np.float64)
+        """Class probabilities in float64, each row summing to one (heads fitted on float32 vectors answer in
+        float32, whose rows miss one by ~1e-7, and sklearn's probabilistic metrics warn about that)."""
+        proba = np.asarray(self.model.predict_proba(features), dtype=np.float64)
+        return proba / proba.sum(axis=1, keepdims=True)
 
     def predict(self, proba: np.ndarray) -> np.ndarray:
         if self.threshold is not None and proba.shape[1] == 2:
