@@ -39,6 +39,8 @@ def predictions_frame(
             "prediction_name": [label_names[i] for i in prediction],
         }
     )
+    if "text_pair" in split:  # a pair task: both texts, so an error can be read and the row predicted again
+        frame.insert(3, "text_pair", split["text_pair"].to_numpy())
     for index, name in enumerate(label_names):
         frame[f"prob_{name}"] = proba[:, index]
     return frame

@@ -272,8 +272,9 @@ def test_multiclass_pair_run_predictions_reproduce_its_test_predictions(
     original = pd.read_csv(pair_run / "pairs" / "test" / "predictions.csv")
     raw = pd.read_csv(pair_run.parent.parent / "pairs.csv", dtype=str)
     rows = original["id"].str.removeprefix("pairs:").astype(int)
-    source = tmp_path / "in.jsonl"  # predictions.csv has no second texts: take them from the data by row id
-    table = pd.DataFrame({"id": original["id"], "text": original["text"], "second": raw["a"][rows].to_numpy()})
+    assert original["text_pair"].tolist() == raw["a"][rows].tolist()  # predictions.csv keeps each row's second text
+    source = tmp_path / "in.jsonl"
+    table = pd.DataFrame({"id": original["id"], "text": original["text"], "second": original["text_pair"]})
     table.to_json(source, orient="records", lines=True, force_ascii=False)
     out = tmp_path / "preds.csv"
     args = ["predict", "--run", str(pair_run), "--file", str(source), "--text-pair-column", "second", "--out", str(out)]
