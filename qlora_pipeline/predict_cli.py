@@ -87,6 +87,13 @@ def predict_command(args: argparse.Namespace) -> int:
     predictor = load_predictor(
         args.run, dataset=args.dataset, head=args.head, batch_size=args.batch_size, device=args.device
     )
+    from qlora_pipeline.modeling import cpu_threads
+
+    with cpu_threads(predictor.config.model.cpu_threads):  # as the run trained and scored
+        return _predict(predictor, args)
+
+
+def _predict(predictor: Predictor, args: argparse.Namespace) -> int:
     if args.interactive:
         return interactive(predictor, args)
     ids = None

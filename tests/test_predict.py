@@ -332,3 +332,17 @@ def test_device_is_checked_before_any_model_loads(
         load_predictor(embeddings_run, device="tpu")  # type: ignore[arg-type]
     copy = _recorded_on_cuda(embeddings_run, tmp_path)
     assert load_predictor(copy, head="tfidf_logreg").predict(["好"])["prediction_name"][0]  # the baseline: no model
+
+
+def test_predict_scores_on_the_runs_cpu_threads_and_restores_them(
+    qlora_run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import torch
+
+    before = torch.get_num_threads()
+    with caplog.at_level(logging.INFO, logger="qlora_pipeline.modeling"):
+        assert main(["predict", "--run", str(qlora_run), "--text", "很好"]) == 0
+    assert "torch CPU threads: 1 (model.cpu_threads" in caplog.text  # qlora_tiny.yaml sets 1
+    assert torch.get_num_threads() == before
