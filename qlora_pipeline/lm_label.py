@@ -26,6 +26,11 @@ class LabelWords:
     def to_dict(self) -> dict[str, Any]:
         return {"words": self.words, "token_ids": self.token_ids, "prompt_template": self.template}
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> LabelWords:
+        """The record `to_dict` wrote (labels.json's "lm_label")."""
+        return cls(saved["words"], saved["token_ids"], saved["prompt_template"])
+
 
 def resolve(tokenizer: Any, words: list[str] | None, label_names: list[str], template: str) -> LabelWords:
     """Check `training.label_words` (or, when null, the label names) against the tokenizer: one word per class,

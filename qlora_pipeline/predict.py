@@ -258,17 +258,15 @@ def _compare_with_record(run_dir: Path, loaded: Any) -> None:
 
 
 def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
-    import torch
-
     from qlora_pipeline import lm_label
-    from qlora_pipeline.finetune import class_logits_fn, encode_texts
+    from qlora_pipeline.finetune import predict_proba
     from qlora_pipeline.modeling import load_model  # before peft: it quiets bitsandbytes' import-time kernel probe
 
     config, adapter = predictor.config, folder / "lora_adapter"
     labels = json.loads((adapter / "labels.json").read_text(encoding="utf-8"))
     if labels["label_names"] != predictor.label_names:
         raise UserError(f"{adapter}/labels.json names {labels['label_names']}, the run {predictor.label_names}")
-    words = lm_label.LabelWords(**_label_words_fields(labels["lm_label"])) if labels.get("lm_label") else None
+    words = lm_label.LabelWords.from_dict(labels["lm_label"]) if labels.get("lm_label") else None
     if words is None:
         num_labels = len(labels["label_names"])
         loaded = load_model(
@@ -285,31 +283,15 @@ def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
     _compare_with_record(predictor.run_dir, loaded)
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(loaded.model, adapter).eval()
+    adapted = replace(loaded, model=PeftModel.from_pretrained(loaded.model, adapter).eval())
     # The P(second class) cut calibrated on validation, when the run tuned one (training.threshold_metric).
     threshold = (labels.get("threshold") or {}).get("value")
-    tokenizer, max_length, batch_size = loaded.tokenizer, config.training.max_length, predictor.batch_size
-    device = next(model.parameters()).device
-    logits_of = class_logits_fn(words)
+    max_length, batch_size = config.training.max_length, predictor.batch_size
 
-    @torch.inference_mode()
     def score(texts: list[str], pairs: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
-        tokens = encode_texts(tokenizer, texts, pairs, max_length, words)
-        # Batches of similar length pad little; a text's logits move only ~1e-7 with its batch-mates.
-        order = sorted(range(len(texts)), key=lambda i: len(tokens["input_ids"][i]))
-        proba = np.zeros((len(texts), len(predictor.label_names)), dtype=np.float64)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            features = [{name: tokens[name][i] for name in tokens} for i in batch]
-            inputs = tokenizer.pad(features, padding=True, return_tensors="pt").to(device)
-            proba[batch] = torch.softmax(logits_of(model, dict(inputs)).double(), dim=-1).cpu().numpy()
+        proba = predict_proba(adapted, words, texts, max_length, batch_size, pairs, by_length=True)
         if threshold is not None and proba.shape[1] == 2:
             return proba, (proba[:, 1] >= threshold).astype(int)
         return proba, proba.argmax(axis=1)
 
     return score
-
-
-def _label_words_fields(saved: dict[str, Any]) -> dict[str, Any]:
-    """labels.json's "lm_label" record as `LabelWords` fields."""
-    return {"words": saved["words"], "token_ids": saved["token_ids"], "template": saved["prompt_template"]}

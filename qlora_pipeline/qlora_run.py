@@ -72,7 +72,7 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
     def score(frame: pd.DataFrame) -> np.ndarray:
         texts, train = frame["text"].tolist(), config.training
         pairs = finetune.pair_column(frame)
-        return finetune.predict_proba(tuned, texts, train.max_length, train.batch_size, pairs)
+        return finetune.predict_proba(tuned.loaded, tuned.label_words, texts, train.max_length, train.batch_size, pairs)
 
     threshold, scored = None, {}  # scored: split -> probabilities, computed once for calibration and evaluation
     if len(label_names) == 2 and config.training.threshold_metric != "none":

@@ -28,10 +28,10 @@ def make_trainer_class() -> type:
 
         loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
 
-        def __init__(self, *args: Any, loss_fn: Any, logits_fn: Any = None, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, loss_fn: Any, logits_fn: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.loss_fn = loss_fn
-            self.logits_fn = logits_fn or (lambda model, inputs: model(**inputs).logits)
+            self.logits_fn = logits_fn
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None

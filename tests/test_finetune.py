@@ -25,8 +25,11 @@ FAST = [
 ]
 
 
-def fast_args(root: Path, *extra: str) -> list[str]:
-    args = ["quick-test", "--mode", "qlora", "--output-dir", str(root)]  # configs/qlora_tiny.yaml
+def fast_args(root: Path, *extra: str, config: str | None = None) -> list[str]:
+    """`qlora run --config CONFIG` with the FAST settings and `extra`; without a config the QLoRA quick test
+    (configs/qlora_tiny.yaml)."""
+    command = ["run", "--config", config] if config else ["quick-test", "--mode", "qlora"]
+    args = [*command, "--output-dir", str(root)]
     for item in [*FAST, *extra]:
         args += ["--set", item]
     return args

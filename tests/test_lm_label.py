@@ -9,8 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_finetune import FAST
-from test_predict import TOLERANCE, _assert_same_predictions, _predict_own_test_split, make_pair_run
+from test_finetune import fast_args
+from test_predict import (
+    TOLERANCE,
+    _assert_same_predictions,
+    _predict_own_test_split,
+    make_pair_run,
+    predict_pairs_again,
+)
 
 from qlora_pipeline import lm_label
 from qlora_pipeline.cli import main
@@ -22,10 +28,7 @@ CONFIG = "qlora_tiny_lm_label"  # label words 差 / 好 after "评论：{text}\n
 
 
 def run_args(root: Path, *extra: str) -> list[str]:
-    args = ["run", "--config", CONFIG, "--output-dir", str(root)]
-    for item in [*FAST, *extra]:
-        args += ["--set", item]
-    return args
+    return fast_args(root, *extra, config=CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +116,7 @@ def test_multiclass_pair_run_reproduces_through_qlora_predict(tmp_path: Path) ->
     labels = json.loads((run / "models" / "all" / "lora_adapter" / "labels.json").read_text())
     assert labels["lm_label"]["words"] == ["a", "b", "c"]  # null label_words: the label names, one token each
     original = pd.read_csv(run / "pairs" / "test" / "predictions.csv")
-    raw = pd.read_csv(tmp_path / "pairs.csv", dtype=str)
-    rows = original["id"].str.removeprefix("pairs:").astype(int)
-    source = tmp_path / "in.jsonl"
-    table = pd.DataFrame({"id": original["id"], "text": original["text"], "second": raw["a"][rows].to_numpy()})
-    table.to_json(source, orient="records", lines=True, force_ascii=False)
-    out = tmp_path / "preds.csv"
-    args = ["predict", "--run", str(run), "--file", str(source), "--text-pair-column", "second", "--out", str(out)]
-    assert main(args) == 0
-    _assert_same_predictions(original, pd.read_csv(out))
+    _assert_same_predictions(original, predict_pairs_again(run, original, tmp_path))
 
 
 def _one_error(capsys: pytest.CaptureFixture[str]) -> str:

@@ -273,16 +273,21 @@ def test_multiclass_pair_run_predictions_reproduce_its_test_predictions(
     raw = pd.read_csv(pair_run.parent.parent / "pairs.csv", dtype=str)
     rows = original["id"].str.removeprefix("pairs:").astype(int)
     assert original["text_pair"].tolist() == raw["a"][rows].tolist()  # predictions.csv keeps each row's second text
+    predicted = predict_pairs_again(pair_run, original, tmp_path)
+    assert set(original["prediction_name"]) | set(predicted["prediction_name"]) <= {"a", "b", "c"}
+    _assert_same_predictions(original, predicted)
+    assert {"prob_a", "prob_b", "prob_c"} <= set(predicted.columns)
+
+
+def predict_pairs_again(run: Path, original: pd.DataFrame, tmp_path: Path) -> pd.DataFrame:
+    """`qlora predict --file` on a pair run's own predictions.csv rows (texts and second texts as a JSON-lines file)."""
     source = tmp_path / "in.jsonl"
     table = pd.DataFrame({"id": original["id"], "text": original["text"], "second": original["text_pair"]})
     table.to_json(source, orient="records", lines=True, force_ascii=False)
     out = tmp_path / "preds.csv"
-    args = ["predict", "--run", str(pair_run), "--file", str(source), "--text-pair-column", "second", "--out", str(out)]
+    args = ["predict", "--run", str(run), "--file", str(source), "--text-pair-column", "second", "--out", str(out)]
     assert main(args) == 0
-    predicted = pd.read_csv(out)
-    assert set(original["prediction_name"]) | set(predicted["prediction_name"]) <= {"a", "b", "c"}
-    _assert_same_predictions(original, predicted)
-    assert {"prob_a", "prob_b", "prob_c"} <= set(predicted.columns)
+    return pd.read_csv(out)
 
 
 def test_a_pair_run_needs_the_second_texts(pair_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
