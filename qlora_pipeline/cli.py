@@ -151,7 +151,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "resume":
         return resume_command(args.run_path, args.output_dir)
     if args.command == "compare":
-        from qlora_pipeline.compare import compare
+        from qlora_pipeline.reporting.compare import compare
 
         markdown, path = compare(args.runs, args.out)
         print(markdown)
@@ -203,7 +203,7 @@ def resume_command(run_path: str, output_dir: str | None) -> int:
 
 
 def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
-    from qlora_pipeline.evaluation import format_metric
+    from qlora_pipeline.evaluation.metrics import format_metric
 
     print(f"run directory: {run_dir}")
     for split, per_head in metrics.items():
@@ -217,7 +217,7 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
 
 
 def cache_command(args: argparse.Namespace) -> int:
-    from qlora_pipeline import cache
+    from qlora_pipeline.embeddings import cache
 
     if args.cache_command == "info":
         info = cache.cache_info()

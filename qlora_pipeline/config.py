@@ -187,7 +187,7 @@ class ExperimentConfig:
         _check("seed", self.seed, 0 <= self.seed < 2**32, ">= 0 and < 2**32 (numpy's seed range)")
 
 
-SPLIT_KEYS = ("train", "validation", "test")
+SPLIT_NAMES = ("train", "validation", "test")  # the one list of split names
 
 
 @dataclass
@@ -282,8 +282,8 @@ class SourceConfig:
         if self.splits is not None:
             if self.type == "bundled":
                 raise _FieldError("splits", "is not read for a bundled corpus (it has no splits of its own)")
-            unknown = sorted(set(self.splits) - set(SPLIT_KEYS))
-            _check("splits", self.splits, not unknown, f"keyed by {', '.join(SPLIT_KEYS)} (unknown: {unknown})")
+            unknown = sorted(set(self.splits) - set(SPLIT_NAMES))
+            _check("splits", self.splits, not unknown, f"keyed by {', '.join(SPLIT_NAMES)} (unknown: {unknown})")
             _check("splits", self.splits, "train" in self.splits, "a mapping that names the train split")
         for column in ("text_column", "label_column"):
             _check(column, getattr(self, column), bool(getattr(self, column)), "a non-empty string")

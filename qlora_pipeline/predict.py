@@ -11,7 +11,7 @@ the argmax, or a calibrated threshold when the run saved one in labels.json.
 
 The embedding cache is not used: new texts are computed, never written into the cache shared by all runs (a
 service would otherwise fill it with every text it sees), and the run's own texts then test the computation
-itself. A vector can differ from the run's by ~1e-7 when its batch-mates differ (see cache.py), so
+itself. A vector can differ from the run's by ~1e-7 when its batch-mates differ (see embeddings/cache.py), so
 probabilities agree with the run's predictions.csv to float tolerance rather than bit for bit.
 
 Security: classifier heads are joblib pickles, and unpickling runs code. Heads are therefore read only from a
@@ -21,7 +21,6 @@ folder; never point `qlora predict` at a run directory from someone you do not t
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from collections.abc import Callable, Sequence
@@ -32,8 +31,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from qlora_pipeline.classifiers import BASELINE
 from qlora_pipeline.errors import DataError, UserError
+from qlora_pipeline.evaluation.baseline import BASELINE, baseline_texts
+from qlora_pipeline.reproduce import load_archived_config
+from qlora_pipeline.runs import read_json
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -131,9 +132,6 @@ def load_predictor(
     "cpu", "cuda" or "auto" for where the model runs; default the run's `model.device`, so a run trained on a GPU
     predicts on a CPU-only machine with device="cpu" (a warning says its probabilities may then differ slightly).
     """
-    from qlora_pipeline.reproduce import load_archived_config
-    from qlora_pipeline.runs import read_json
-
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist; pass a run directory such as outputs/run_007")
@@ -203,7 +201,7 @@ def _check_model_files(predictor: Predictor, folder: Path) -> None:
 
 def _read_head(run_dir: Path, folder: Path, name: str) -> Any:
     """A head's joblib pickle, only from inside this run directory (unpickling executes code)."""
-    from qlora_pipeline.classifiers import load_head
+    from qlora_pipeline.evaluation.trained_head import load_head
 
     path = (folder / f"{name}.joblib").resolve()
     if not path.is_relative_to(run_dir.resolve() / "models"):
@@ -217,8 +215,6 @@ def _read_head(run_dir: Path, folder: Path, name: str) -> Any:
 
 
 def _head_scorer(head: Any, *, encoder: Any = None, baseline: bool = False) -> Scorer:
-    from qlora_pipeline.pipeline import baseline_texts
-
     def score(texts: list[str], pairs: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
         if baseline:
             frame = pd.DataFrame({"text": texts, **({"text_pair": pairs} if pairs is not None else {})})
@@ -232,8 +228,8 @@ def _head_scorer(head: Any, *, encoder: Any = None, baseline: bool = False) -> S
 
 
 def _load_encoder(predictor: Predictor) -> Callable[[list[str], list[str] | None], np.ndarray]:
-    from qlora_pipeline.embeddings import encode
-    from qlora_pipeline.modeling import check_max_length, load_model
+    from qlora_pipeline.embeddings.encoding import encode
+    from qlora_pipeline.models.loading import check_max_length, load_model
 
     config = predictor.config
     loaded = load_model(config.model, task="encoder", seed=config.experiment.seed)
@@ -246,7 +242,7 @@ def _load_encoder(predictor: Predictor) -> Callable[[list[str], list[str] | None
 def _compare_with_record(run_dir: Path, loaded: Any) -> None:
     """Warn when the model loads differently from the run (another device, or quantization or dtype after a
     fallback): the same weights, but float results that can differ slightly from the run's."""
-    recorded = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("model") or {}
+    recorded = read_json(run_dir / "config.json").get("model") or {}
     for key in ("device", "quantization", "compute_dtype"):
         if recorded.get(key) not in (None, getattr(loaded, key)):
             log.warning(
@@ -258,12 +254,12 @@ def _compare_with_record(run_dir: Path, loaded: Any) -> None:
 
 
 def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
-    from qlora_pipeline import lm_label
-    from qlora_pipeline.finetune import predict_proba
-    from qlora_pipeline.modeling import load_model  # before peft: it quiets bitsandbytes' import-time kernel probe
+    from qlora_pipeline.finetune import lm_label
+    from qlora_pipeline.finetune.scoring import predict_proba
+    from qlora_pipeline.models.loading import load_model, quiet_library_warnings
 
     config, adapter = predictor.config, folder / "lora_adapter"
-    labels = json.loads((adapter / "labels.json").read_text(encoding="utf-8"))
+    labels = read_json(adapter / "labels.json")
     if labels["label_names"] != predictor.label_names:
         raise UserError(f"{adapter}/labels.json names {labels['label_names']}, the run {predictor.label_names}")
     words = lm_label.LabelWords.from_dict(labels["lm_label"]) if labels.get("lm_label") else None
@@ -283,7 +279,8 @@ def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
     _compare_with_record(predictor.run_dir, loaded)
     from peft import PeftModel
 
-    adapted = replace(loaded, model=PeftModel.from_pretrained(loaded.model, adapter).eval())
+    with quiet_library_warnings():
+        adapted = replace(loaded, model=PeftModel.from_pretrained(loaded.model, adapter).eval())
     # The P(second class) cut calibrated on validation, when the run tuned one (training.threshold_metric).
     threshold = (labels.get("threshold") or {}).get("value")
     max_length, batch_size = config.training.max_length, predictor.batch_size

@@ -1,6 +1,6 @@
 """`qlora predict`: score texts with a finished run from the command line (a thin layer over `predict.py`).
 
-Inputs: --text (repeatable), --file (CSV or JSON lines), --interactive (a line in, an answer out, until EOF;
+Inputs: --text (repeatable), --file (.csv, .tsv, .jsonl, .parquet), --interactive (a line in, an answer out, until EOF;
 `text<TAB>second text` for pair runs) or --demo. Output: a table, or --json, or --out FILE.
 Nothing heavy is imported at module level: `qlora --help` builds this parser.
 """
@@ -51,7 +51,7 @@ def add_predict_parser(commands: Any) -> None:
     predict.add_argument("--run", required=True, help="a run directory that succeeded (outputs/run_XXX)")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to score (repeatable)")
-    source.add_argument("--file", help="CSV or JSON-lines file of texts (.csv, .jsonl)")
+    source.add_argument("--file", help="a file of texts, as data sources read them (.csv, .tsv, .jsonl, .parquet)")
     source.add_argument("--interactive", action="store_true", help="read one text per line until EOF")
     source.add_argument("--demo", action="store_true", help="score a few built-in examples in the run's language")
     predict.add_argument("--text-pair", action="append", help="the second text of a pair, one per --text")
@@ -87,7 +87,7 @@ def predict_command(args: argparse.Namespace) -> int:
     predictor = load_predictor(
         args.run, dataset=args.dataset, head=args.head, batch_size=args.batch_size, device=args.device
     )
-    from qlora_pipeline.modeling import cpu_threads
+    from qlora_pipeline.models.device import cpu_threads
 
     with cpu_threads(predictor.config.model.cpu_threads):  # as the run trained and scored
         return _predict(predictor, args)
@@ -152,17 +152,12 @@ def _lines(prompt: bool) -> Any:
 
 
 def read_table(path: Path, text_column: str, pair_column: str | None) -> pd.DataFrame:
-    import pandas as pd
+    """The file's text columns as strings (empty where missing), read as the data layer reads a local source."""
+    from qlora_pipeline.data.sources import read_table as read_file
 
     if not path.is_file():
         raise UserError(f"input file {path} does not exist")
-    try:
-        if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-            table = pd.read_json(path, lines=True, dtype=False)
-        else:
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except ValueError as exc:  # pandas' parser errors (ParserError, bad JSON) are ValueErrors
-        raise DataError(f"cannot read {path}: {exc}") from exc
+    table = read_file(path)
     for column, flag in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
         if column is not None and column not in table.columns:
             found = ", ".join(map(str, table.columns))

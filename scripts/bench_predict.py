@@ -36,7 +36,7 @@ def make_run(root: Path, mode: str) -> Path:
 def write_inputs(path: Path, n: int) -> None:
     import pandas as pd
 
-    from qlora_pipeline.tiny_model import corpus_texts
+    from qlora_pipeline.models.tiny import corpus_texts
 
     texts = list(dict.fromkeys(corpus_texts()))[:n]  # distinct reviews, in corpus order (positives, then negatives)
     pd.DataFrame({"id": range(len(texts)), "text": texts}).to_csv(path, index=False)

@@ -124,8 +124,9 @@ def make_clock(inner: Any = None) -> Any:
 def run_ours(spec: dict[str, Any], work: Path) -> tuple[Any, float]:
     import pandas as pd
 
-    from qlora_pipeline import checkpoints, finetune
     from qlora_pipeline.config import load_config
+    from qlora_pipeline.finetune import checkpoints
+    from qlora_pipeline.finetune import recipe as finetune
 
     config = load_config(spec["config"], spec["overrides"])
     seed = config.experiment.seed
@@ -238,8 +239,8 @@ def worker(spec: dict[str, Any]) -> None:
 def prepare(folder: Path, steps: int) -> dict[str, Any]:
     """The split qlora_tiny.yaml trains on, written once for every contender; the settings both scripts share."""
     from qlora_pipeline.config import load_config
-    from qlora_pipeline.data import prepare_data
-    from qlora_pipeline.tiny_model import resolve_model_path
+    from qlora_pipeline.data.prepare import prepare_data
+    from qlora_pipeline.models.tiny import resolve_model_path
 
     config = load_config(CONFIG, [f"training.max_steps={steps}"])
     prepared = prepare_data(config.data, config.experiment.seed)

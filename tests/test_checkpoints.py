@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
-from qlora_pipeline import finetune
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import load_config
 from qlora_pipeline.errors import UserError
+from qlora_pipeline.finetune import recipe as finetune
 from qlora_pipeline.runs import RunInterrupted
 
 BASE = [
@@ -129,7 +129,7 @@ def test_resume_auto_picks_the_latest_checkpoint_of_an_unfinished_run_of_this_co
 ) -> None:
     import shutil
 
-    from qlora_pipeline.checkpoints import resolve_resume
+    from qlora_pipeline.finetune.checkpoints import resolve_resume
 
     shutil.copytree(interrupted, tmp_path / "run_001")  # alone under its root: no finished run resumed it
     config = load_config("qlora_tiny", CONFIG)
@@ -142,7 +142,7 @@ def test_resume_auto_picks_the_latest_checkpoint_of_an_unfinished_run_of_this_co
 def test_resume_auto_skips_a_run_that_a_finished_run_already_resumed(interrupted: Path, tmp_path: Path) -> None:
     import shutil
 
-    from qlora_pipeline.checkpoints import resolve_resume
+    from qlora_pipeline.finetune.checkpoints import resolve_resume
 
     # run_001 interrupted; run_002 resumed it and was interrupted too; run_003 resumed run_002 and succeeded.
     root = tmp_path / "outputs"
@@ -181,7 +181,7 @@ def test_data_layer_class_weights_reach_the_loss_and_are_recorded(uninterrupted:
 
 
 def test_loss_weights_prefer_the_config_and_fall_back_to_the_data_layer() -> None:
-    from qlora_pipeline.losses import loss_weights
+    from qlora_pipeline.finetune.losses import loss_weights
 
     labels = np.array([0, 0, 0, 1])
     weights, source = loss_weights("none", labels, 2, {0: 0.5, 1: 3.0})
@@ -218,7 +218,7 @@ def test_base_without_a_sequence_classification_class_is_one_line_exit_2(
 ) -> None:
     import shutil
 
-    from qlora_pipeline.tiny_model import ensure_tiny_qwen3
+    from qlora_pipeline.models.tiny import ensure_tiny_qwen3
 
     base = tmp_path / "clip-text"  # CLIP's text tower: no *ForSequenceClassification class in transformers
     shutil.copytree(ensure_tiny_qwen3(), base, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
@@ -262,7 +262,7 @@ def test_a_run_killed_with_sigterm_resumes_to_the_uninterrupted_result(uninterru
 
 
 def test_config_hash_ignores_what_moves_no_number() -> None:
-    from qlora_pipeline.checkpoints import config_hash
+    from qlora_pipeline.finetune.checkpoints import config_hash
 
     base = config_hash(load_config("qlora_tiny"))
     assert config_hash(load_config("qlora_tiny", ["model.cpu_threads=2", "evaluation.bootstrap=0"])) == base

@@ -11,10 +11,11 @@ import pytest
 from sklearn.datasets import make_classification
 from sklearn.metrics import precision_score
 
-from qlora_pipeline.classifiers import HEADS, check_heads, fit_head, load_head, tune_threshold
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import ClassifierConfig
+from qlora_pipeline.embeddings.classifiers import HEADS, check_heads, fit_head
 from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.evaluation.trained_head import load_head, tune_threshold
 
 CFG = ClassifierConfig(options={"xgboost": {"n_estimators": 20}, "mlp": {"hidden_layer_sizes": [32]}})
 

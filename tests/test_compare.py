@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from qlora_pipeline.cli import main
-from qlora_pipeline.compare import compare
 from qlora_pipeline.config import Config
-from qlora_pipeline.evaluation import evaluate
+from qlora_pipeline.evaluation.metrics import evaluate
+from qlora_pipeline.reporting.compare import compare
 
 
 def make_run(root: Path, name: str, labels: list[str], seed: int, C: float = 1.0) -> Path:

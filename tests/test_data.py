@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from qlora_pipeline.config import DataConfig, SourceConfig
-from qlora_pipeline.data import prepare_data
 from qlora_pipeline.data.clean import clean
+from qlora_pipeline.data.prepare import prepare_data
 from qlora_pipeline.data.sources import load_source
 from qlora_pipeline.errors import DataError
 

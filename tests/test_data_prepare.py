@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from qlora_pipeline.config import DataConfig, SourceConfig
-from qlora_pipeline.data import prepare_data
 from qlora_pipeline.data.clean import clean
+from qlora_pipeline.data.prepare import prepare_data
 from qlora_pipeline.errors import DataError
 
 
@@ -126,7 +126,7 @@ def test_summary_records_sources_balancing_and_is_json(tmp_path: Path) -> None:
 
 
 def test_report_data_section_shows_sources_and_balancing(tmp_path: Path) -> None:
-    from qlora_pipeline.report import data_section
+    from qlora_pipeline.reporting.report import data_section
 
     summary = prepare_data(config(corpus(tmp_path / "d.jsonl", (30, 20)), balance="upsample"), seed=0).summary
     text = "\n".join(data_section(json.loads(json.dumps(summary))))

@@ -1,4 +1,5 @@
-"""The committed diagrams name the same stages as the code, in source and in the rendered SVG."""
+"""The committed diagrams name the stages and the training functions of both paths as the code does, and the
+modules they point at exist; the rendered SVGs are kept in step with their sources."""
 
 from __future__ import annotations
 
@@ -8,23 +9,63 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = sorted(set(re.findall(r'run\.stage\("(\w+)"\)', (REPO / "qlora_pipeline" / "pipeline.py").read_text())))
+PACKAGE = REPO / "qlora_pipeline"
+DIAGRAMS = REPO / "diagrams"
 
 
-def test_the_pipeline_has_stages_to_check() -> None:
-    assert {"data", "evaluation", "visualize", "report"} <= set(STAGES)
+def stages(*files: str) -> set[str]:
+    return {stage for name in files for stage in re.findall(r'run\.stage\("(\w+)"\)', (PACKAGE / name).read_text())}
+
+
+SHARED = stages("pipeline.py", "stages.py")
+EMBEDDINGS = stages("embeddings/run.py")
+QLORA = stages("finetune/run.py")
+
+
+def diagram(name: str, suffix: str) -> str:
+    return (DIAGRAMS / f"{name}{suffix}").read_text(encoding="utf-8")
+
+
+def test_both_paths_have_stages_to_check() -> None:
+    assert {"data", "report"} <= SHARED
+    assert {"embeddings", "classifiers", "evaluation", "visualize"} <= EMBEDDINGS
+    assert {"training", "calibration", "save", "evaluation", "visualize"} <= QLORA
 
 
 @pytest.mark.parametrize("suffix", [".dot", ".svg"])
-def test_data_flow_diagram_names_every_pipeline_stage(suffix: str) -> None:
-    text = (REPO / "diagrams" / f"data_flow{suffix}").read_text(encoding="utf-8")
-    missing = [stage for stage in STAGES if not re.search(rf"\b{stage}\b", text)]
+def test_data_flow_names_every_stage_of_the_embeddings_path(suffix: str) -> None:
+    text = diagram("data_flow", suffix)
+    missing = sorted(stage for stage in SHARED | EMBEDDINGS if not re.search(rf"\b{stage}\b", text))
     assert not missing, f"diagrams/data_flow{suffix} lacks {missing}; edit the .dot, run scripts/render_diagrams.py"
 
 
+def test_training_flow_has_a_node_per_stage_of_the_qlora_path() -> None:
+    """Each qlora stage of its own is a node `q_<stage>`; the stages it shares are drawn in data_flow."""
+    text = diagram("training_flow", ".dot")
+    missing = sorted(stage for stage in QLORA - SHARED - EMBEDDINGS if f"q_{stage} [" not in text)
+    assert not missing, f"diagrams/training_flow.dot has no node q_<stage> for {missing}"
+
+
 @pytest.mark.parametrize("suffix", [".dot", ".svg"])
-def test_training_flow_diagram_names_the_functions_that_train(suffix: str) -> None:
-    text = (REPO / "diagrams" / f"training_flow{suffix}").read_text(encoding="utf-8")
-    pipeline = (REPO / "qlora_pipeline" / "pipeline.py").read_text()
-    for function in ("fit_head", "tune_threshold", "fit_baseline"):
-        assert f"{function}(" in pipeline and function in text, function
+@pytest.mark.parametrize(
+    ("path", "functions"),
+    [
+        ("embeddings/run.py", ["fit_head", "tune_threshold", "fit_baseline"]),
+        ("finetune/run.py", ["setup", "train", "calibrate", "save", "predict_proba", "fit_baseline", "train_replica"]),
+    ],
+)
+def test_training_flow_names_the_functions_that_train(path: str, functions: list[str], suffix: str) -> None:
+    code, text = (PACKAGE / path).read_text(), diagram("training_flow", suffix)
+    for function in functions:
+        assert re.search(rf"\b{function}\(", code), f"{path} no longer calls {function}"
+        assert re.search(rf"\b{function}\b", text), f"diagrams/training_flow{suffix} lacks {function}"
+
+
+@pytest.mark.parametrize("name", ["data_flow", "training_flow"])
+def test_the_modules_a_diagram_names_exist(name: str) -> None:
+    named = set(re.findall(r"[\w/]+\.py\b", diagram(name, ".dot")))
+    assert named, f"diagrams/{name}.dot names no module"
+    files = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")}
+    found = files | {m for m in named if (REPO / m).is_file()}  # scripts/, tests/
+    missing = sorted(m for m in named if m not in found and not any(f.endswith("/" + m) for f in files))
+    assert not missing, f"diagrams/{name}.dot names modules that do not exist: {missing}"

@@ -166,7 +166,7 @@ def test_a_built_in_model_that_save_pretrained_skipped_is_never_put_in_place(
     tokenizer-only folder that a rank other than 0 would get (the pipeline builds before joining the group)."""
     from transformers import PreTrainedModel
 
-    from qlora_pipeline.tiny_model import build_tiny_qwen3
+    from qlora_pipeline.models.tiny import build_tiny_qwen3
 
     monkeypatch.setattr(PreTrainedModel, "should_save_on_this_rank", lambda self, is_main_process: False)
     with pytest.raises(RuntimeError, match="wrote no config.json, model.safetensors"):

@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from qlora_pipeline import embeddings
-from qlora_pipeline.cache import EmbeddingCache, cache_info, read_chunk, text_key
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import EmbeddingConfig, ModelConfig
-from qlora_pipeline.embeddings import cache_settings, embed_splits, encode, quantization_fidelity
+from qlora_pipeline.embeddings import encoding as embeddings
+from qlora_pipeline.embeddings.cache import EmbeddingCache, cache_info, read_chunk, text_key
+from qlora_pipeline.embeddings.encoding import cache_settings, embed_splits, encode, quantization_fidelity
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.modeling import LoadedModel, load_model
-from qlora_pipeline.tiny_model import corpus_texts
+from qlora_pipeline.models.loading import LoadedModel, load_model
+from qlora_pipeline.models.tiny import corpus_texts
 
 TEXTS = corpus_texts()[::331][:60]
 EMB = EmbeddingConfig(pooling="mean", max_length=64, batch_size=8)
@@ -178,7 +178,7 @@ def test_progress_is_logged_without_a_terminal(
     loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(embeddings, "LOG_EVERY_S", 0.0)
-    with caplog.at_level(logging.INFO, logger="qlora_pipeline.embeddings"):
+    with caplog.at_level(logging.INFO, logger="qlora_pipeline.embeddings.encoding"):
         encode(TEXTS[:20], loaded, EMB)
     assert "encoding: 8 / 20 texts" in caplog.text and "texts/s" in caplog.text
 

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from qlora_pipeline.config import EmbeddingConfig, ModelConfig
-from qlora_pipeline.embeddings import embed_splits, encode
+from qlora_pipeline.embeddings.encoding import embed_splits, encode
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.modeling import LoadedModel, load_model
+from qlora_pipeline.models.loading import LoadedModel, load_model
 
 MINILM = str(Path(minilm.__file__).parent / "model")
 TEXTS = [

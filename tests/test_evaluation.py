@@ -14,11 +14,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from qlora_pipeline.analysis import by_length, confident_errors
-from qlora_pipeline.bootstrap import bootstrap_block, bootstrap_intervals, resample_counts
 from qlora_pipeline.config import ConfigError, load_config
 from qlora_pipeline.errors import DataError
-from qlora_pipeline.evaluation import compute_metrics, evaluate, expected_calibration_error, metric_cell
+from qlora_pipeline.evaluation.analysis import by_length, confident_errors
+from qlora_pipeline.evaluation.bootstrap import bootstrap_block, bootstrap_intervals, resample_counts
+from qlora_pipeline.evaluation.metrics import compute_metrics, evaluate, expected_calibration_error, metric_cell
 
 BINARY = ["negative", "positive"]
 

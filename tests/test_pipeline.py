@@ -122,11 +122,13 @@ def test_failed_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_sigterm_marks_run_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def killed(config: object, run: object) -> dict[str, object]:
+    from qlora_pipeline.embeddings import run as embeddings_path
+
+    def killed(config: object, run: object, resume_from: object) -> dict[str, object]:
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM should have interrupted the run")
 
-    monkeypatch.setattr(pipeline, "execute", killed)
+    monkeypatch.setattr(embeddings_path, "execute", killed)
     with pytest.raises(pipeline.RunInterrupted):
         pipeline.run_experiment(load_config("quick_test"), tmp_path)
     status = json.loads((tmp_path / "run_001" / "status.json").read_text())

@@ -17,13 +17,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_finetune import _score_plainly, fast_args
+from helpers import (
+    TOLERANCE,
+    assert_same_predictions,
+    fast_args,
+    make_pair_run,
+    predict_own_test_split,
+    predict_pairs_again,
+    score_plainly,
+)
 
 from qlora_pipeline import load_predictor
-from qlora_pipeline.classifiers import load_head
 from qlora_pipeline.cli import main
+from qlora_pipeline.evaluation.trained_head import load_head
 
-TOLERANCE = 1e-6
 FAST_EMBEDDINGS = ["evaluation.figures=false", "evaluation.bootstrap=0", "data.max_samples=200"]
 
 
@@ -47,31 +54,16 @@ def qlora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run_001"
 
 
-def _predict_own_test_split(run_dir: Path, tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    original = pd.read_csv(run_dir / "snownlp_sentiment" / "test" / "predictions.csv")
-    out = tmp_path / "preds.csv"
-    source = run_dir / "snownlp_sentiment" / "test" / "predictions.csv"
-    assert main(["predict", "--run", str(run_dir), "--file", str(source), "--out", str(out)]) == 0
-    return original, pd.read_csv(out)
-
-
-def _assert_same_predictions(original: pd.DataFrame, predicted: pd.DataFrame) -> None:
-    assert predicted["id"].tolist() == original["id"].tolist()
-    assert predicted["prediction_name"].tolist() == original["prediction_name"].tolist()
-    columns = [c for c in original.columns if c.startswith("prob_")]
-    np.testing.assert_allclose(predicted[columns].to_numpy(), original[columns].to_numpy(), rtol=0, atol=TOLERANCE)
-
-
 def test_embeddings_run_predictions_reproduce_its_test_predictions(embeddings_run: Path, tmp_path: Path) -> None:
-    original, predicted = _predict_own_test_split(embeddings_run, tmp_path)
-    _assert_same_predictions(original, predicted)
+    original, predicted = predict_own_test_split(embeddings_run, tmp_path)
+    assert_same_predictions(original, predicted)
     # The run tuned a threshold, so the labels above came through it.
     assert load_head(embeddings_run / "models" / "all" / "logreg.joblib").threshold is not None
 
 
 def test_qlora_run_predictions_reproduce_its_test_predictions(qlora_run: Path, tmp_path: Path) -> None:
-    original, predicted = _predict_own_test_split(qlora_run, tmp_path)
-    _assert_same_predictions(original, predicted)
+    original, predicted = predict_own_test_split(qlora_run, tmp_path)
+    assert_same_predictions(original, predicted)
     # The run calibrated a threshold, so the labels above came through it.
     labels = json.loads((qlora_run / "models" / "all" / "lora_adapter" / "labels.json").read_text())
     assert labels["threshold"]["value"] is not None
@@ -95,7 +87,7 @@ def test_qlora_predictor_applies_the_saved_threshold(qlora_run: Path, tmp_path: 
 
 def test_qlora_predictor_agrees_with_a_plain_peft_script(qlora_run: Path) -> None:
     texts = pd.read_csv(qlora_run / "snownlp_sentiment" / "test" / "predictions.csv")["text"].head(6).tolist()
-    plain, _ = _score_plainly(qlora_run, texts)
+    plain, _ = score_plainly(qlora_run, texts)
     ours = load_predictor(qlora_run).predict(texts)[["prob_negative", "prob_positive"]].to_numpy()
     np.testing.assert_allclose(ours, plain, rtol=0, atol=TOLERANCE)
 
@@ -214,6 +206,26 @@ def test_file_without_the_column_lists_its_columns(
     _fails_with(capsys, ["--run", str(embeddings_run), "--file", str(data)], "no column 'text'", "review, stars")
 
 
+@pytest.mark.parametrize("suffix", [".tsv", ".parquet", ".jsonl"])
+def test_predict_reads_every_file_type_the_data_layer_reads(embeddings_run: Path, tmp_path: Path, suffix: str) -> None:
+    texts = ["这本书很好看", "太差了"]
+    table = pd.DataFrame({"id": ["a", "b"], "review": texts})
+    data = tmp_path / f"in{suffix}"
+    if suffix == ".tsv":
+        table.to_csv(data, sep="\t", index=False)
+    elif suffix == ".parquet":
+        table.to_parquet(data)
+    else:
+        table.to_json(data, orient="records", lines=True, force_ascii=False)
+    out = tmp_path / "out.csv"
+    args = ["predict", "--run", str(embeddings_run), "--file", str(data), "--text-column", "review", "--out", str(out)]
+    assert main(args) == 0
+    predicted = pd.read_csv(out)
+    assert predicted["id"].tolist() == ["a", "b"] and predicted["text"].tolist() == texts
+    expected = load_predictor(embeddings_run).predict(texts)
+    np.testing.assert_allclose(predicted["prob_positive"], expected["prob_positive"], rtol=0, atol=TOLERANCE)
+
+
 def test_empty_inputs_are_refused(embeddings_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails_with(capsys, ["--run", str(embeddings_run), "--text", "好", "--text", " \u200b "], "empty text", "2")
     data = tmp_path / "in.jsonl"
@@ -226,32 +238,6 @@ def test_unknown_dataset_and_unwanted_pairs_are_refused(
 ) -> None:
     _fails_with(capsys, ["--run", str(embeddings_run), "--text", "好", "--dataset", "x"], "snownlp_sentiment")
     _fails_with(capsys, ["--run", str(embeddings_run), "--text", "好", "--text-pair", "差"], "single texts")
-
-
-def make_pair_run(folder: Path, mode: str, training: str = "") -> Path:
-    """A three-class text-pair run on a small local file (multi-class: argmax, no threshold); `training` adds
-    settings to the training section (", key: value" in YAML flow style)."""
-    words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
-    rows = [
-        {"q": f"{words[i % 12]}{words[(i * 5) % 12]}{i}", "a": f"{words[(i * 7) % 12]}{i % 9}", "y": "abc"[i % 3]}
-        for i in range(150)
-    ]
-    pd.DataFrame(rows).to_csv(folder / "pairs.csv", index=False)
-    config = folder / "pairs.yaml"
-    config.write_text(
-        "data:\n  sources:\n    - name: pairs\n      type: local\n"
-        f"      path: {folder / 'pairs.csv'}\n      text_column: q\n      text_pair_column: a\n"
-        "      label_column: y\n      label_names: [a, b, c]\n"
-        "model: {name_or_path: 'builtin:tiny-qwen3', quantization: 4bit, compute_dtype: float32, device: cpu}\n"
-        "embedding: {max_length: 32, batch_size: 16}\n"
-        "classifier: {baseline: false}\n"
-        "evaluation: {splits: [test], figures: false, bootstrap: 0}\n"
-        f"experiment: {{mode: {mode}}}\n"
-        f"training: {{max_steps: 3, batch_size: 8, max_length: 32, eval_steps: 3{training}}}\n",
-        encoding="utf-8",
-    )
-    assert main(["run", "--config", str(config), "--output-dir", str(folder / "outputs")]) == 0
-    return folder / "outputs" / "run_001"
 
 
 @pytest.fixture(scope="module")
@@ -275,19 +261,8 @@ def test_multiclass_pair_run_predictions_reproduce_its_test_predictions(
     assert original["text_pair"].tolist() == raw["a"][rows].tolist()  # predictions.csv keeps each row's second text
     predicted = predict_pairs_again(pair_run, original, tmp_path)
     assert set(original["prediction_name"]) | set(predicted["prediction_name"]) <= {"a", "b", "c"}
-    _assert_same_predictions(original, predicted)
+    assert_same_predictions(original, predicted)
     assert {"prob_a", "prob_b", "prob_c"} <= set(predicted.columns)
-
-
-def predict_pairs_again(run: Path, original: pd.DataFrame, tmp_path: Path) -> pd.DataFrame:
-    """`qlora predict --file` on a pair run's own predictions.csv rows (texts and second texts as a JSON-lines file)."""
-    source = tmp_path / "in.jsonl"
-    table = pd.DataFrame({"id": original["id"], "text": original["text"], "second": original["text_pair"]})
-    table.to_json(source, orient="records", lines=True, force_ascii=False)
-    out = tmp_path / "preds.csv"
-    args = ["predict", "--run", str(run), "--file", str(source), "--text-pair-column", "second", "--out", str(out)]
-    assert main(args) == 0
-    return pd.read_csv(out)
 
 
 def test_a_pair_run_needs_the_second_texts(pair_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -321,7 +296,7 @@ def test_a_run_trained_on_a_gpu_predicts_on_a_cpu_with_device_cpu(
     source = copy / "snownlp_sentiment" / "test" / "predictions.csv"
     out = tmp_path / "preds.csv"
     assert main(["predict", "--run", str(copy), "--file", str(source), "--out", str(out), "--device", "cpu"]) == 0
-    _assert_same_predictions(pd.read_csv(source), pd.read_csv(out))
+    assert_same_predictions(pd.read_csv(source), pd.read_csv(out))
     assert "the run used device cuda, this load gives cpu" in caplog.text  # said, not hidden
 
 
@@ -347,7 +322,7 @@ def test_predict_scores_on_the_runs_cpu_threads_and_restores_them(
     import torch
 
     before = torch.get_num_threads()
-    with caplog.at_level(logging.INFO, logger="qlora_pipeline.modeling"):
+    with caplog.at_level(logging.INFO, logger="qlora_pipeline.models.loading"):
         assert main(["predict", "--run", str(qlora_run), "--text", "很好"]) == 0
     assert "torch CPU threads: 1 (model.cpu_threads" in caplog.text  # qlora_tiny.yaml sets 1
     assert torch.get_num_threads() == before

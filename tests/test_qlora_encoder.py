@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import score_plainly
 from safetensors import safe_open
-from test_finetune import _score_plainly
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import load_config
@@ -104,7 +104,7 @@ def test_explicit_target_list_puts_lora_only_there(tmp_path: Path) -> None:
 def test_pairs_reach_the_model_with_segment_ids() -> None:
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from qlora_pipeline.finetune import _Examples
+    from qlora_pipeline.finetune.scoring import Examples as _Examples
 
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     frame = pd.DataFrame({"text": ["the book was great", "awful"], "text_pair": ["buy it", "never again"]})
@@ -129,7 +129,7 @@ def _test_pairs(run_dir: Path) -> tuple[pd.DataFrame, list[str]]:
 def test_adapter_loads_with_plain_peft_and_reproduces_the_runs_predictions(bert_run: Path) -> None:
     original, pairs = _test_pairs(bert_run)
     expected = original[["prob_neg", "prob_pos"]].to_numpy()
-    with_adapter, without = _score_plainly(bert_run, original["text"].tolist(), pairs, MAX_LENGTH)
+    with_adapter, without = score_plainly(bert_run, original["text"].tolist(), pairs, MAX_LENGTH)
     np.testing.assert_allclose(with_adapter, expected, rtol=0, atol=1e-5)
     assert np.abs(without - expected).max() > 1e-3  # the base alone (untrained head) scores differently
 
@@ -150,7 +150,7 @@ def test_qlora_predict_reproduces_the_runs_test_predictions(bert_run: Path, tmp_
 
 
 def test_gradient_checkpointing_recomputes_the_encoder_layers_with_the_same_gradients(tmp_path: Path) -> None:
-    from qlora_pipeline.finetune import setup
+    from qlora_pipeline.finetune.recipe import setup
 
     def one_backward(checkpointing: bool) -> tuple[int, dict[str, torch.Tensor]]:
         config = load_config(write_pair_config(tmp_path), [f"training.gradient_checkpointing={checkpointing}"])
@@ -192,7 +192,7 @@ def test_a_pooler_missing_from_the_checkpoint_is_drawn_under_the_seed(tmp_path: 
     from safetensors.torch import load_file, save_file
 
     from qlora_pipeline.config import ModelConfig
-    from qlora_pipeline.modeling import load_model
+    from qlora_pipeline.models.loading import load_model
 
     folder = tmp_path / "minilm-no-pooler"
     shutil.copytree(MINILM, folder, ignore=shutil.ignore_patterns("model.safetensors"))

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import Config, OutputConfig
 from qlora_pipeline.errors import ConfigError, UserError
-from qlora_pipeline.tracking import NullTracker, flatten_config, open_tracker, run_artifacts
+from qlora_pipeline.reporting.tracking import NullTracker, config_params, open_tracker, run_artifacts
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_the_run_is_logged_finished_under_its_name_with_the_resolved_config(trac
     run = only_run(client, "quick-test")
     assert (run.info.run_name, run.info.status) == ("run_001", "FINISHED")
     config = json.loads((run_dir / "config.json").read_text())["config"]
-    assert run.data.params == flatten_config(config)
+    assert run.data.params == config_params(config)
     assert run.data.params["output.tracking"] == "mlflow"
     assert json.loads((run_dir / "config.json").read_text())["tracking"]["run_id"] == run.info.run_id
     assert f"Also logged to MLflow: run `{run.info.run_id}`" in (run_dir / "experiment_report.md").read_text()

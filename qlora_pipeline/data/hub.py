@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from qlora_pipeline.data.sources import SourceData, from_table
+from qlora_pipeline.data.table import SourceData, from_table
 from qlora_pipeline.errors import DataError
 
 if TYPE_CHECKING:

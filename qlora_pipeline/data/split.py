@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from qlora_pipeline.config import SPLIT_NAMES
+from qlora_pipeline.data.clean import row_key
 from qlora_pipeline.errors import DataError
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import DataConfig
-
-SPLIT_NAMES = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,6 @@ def cross_split_overlap(splits: Splits, normalized: bool = False) -> int:
 
     Compares whole rows (text, or text + text_pair); 0 whenever the matching dedupe is on.
     """
-    from qlora_pipeline.data.clean import row_key
-
     seen = set(row_key(splits.train, normalized))
     overlap = 0
     for name in ("validation", "test"):

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qlora_pipeline.errors import UserError
+from qlora_pipeline.evaluation.metrics import accuracy_macro_f1
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import TrainingConfig
-    from qlora_pipeline.modeling import LoadedModel
+    from qlora_pipeline.models.loading import LoadedModel
 
 
 def make_trainer_class() -> type:
@@ -120,11 +121,6 @@ def training_callbacks(train_cfg: TrainingConfig, marker: Any) -> list[Any]:
 
 
 def eval_metrics(prediction: Any) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
+    """Validation accuracy and macro-F1 of the argmax, at each evaluation during training."""
     predicted = np.asarray(prediction.predictions).argmax(axis=-1)
-    labels = np.asarray(prediction.label_ids)
-    return {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-    }
+    return accuracy_macro_f1(np.asarray(prediction.label_ids), predicted)

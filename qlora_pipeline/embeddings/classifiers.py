@@ -1,8 +1,8 @@
-"""Classifier heads on embeddings, a registry selected by name in the config, and the TF-IDF baseline.
+"""Classifier heads on embeddings: a registry selected by name in the config, checked before a run starts.
 
 A head is an sklearn-style estimator behind an optional StandardScaler. Its hyperparameters are its
 estimator's own parameters, set under `classifier.options.<head>` and checked before a run starts.
-Heads are saved with joblib, except XGBoost, whose booster is saved in its own format (`<name>.ubj`).
+A fitted head is a `TrainedHead` (evaluation/trained_head.py), saved as the TF-IDF baseline is.
 """
 
 from __future__ import annotations
@@ -10,27 +10,20 @@ from __future__ import annotations
 import difflib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import joblib
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score, precision_recall_curve
-from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.evaluation.trained_head import TrainedHead
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import ClassifierConfig
 
 log = logging.getLogger(__name__)
-
-# The TF-IDF baseline head trained beside every run; reports compare the primary head with it.
-BASELINE = "tfidf_logreg"
 
 
 def make_logreg(cfg: ClassifierConfig, seed: int, options: dict[str, Any]) -> Any:
@@ -127,50 +120,6 @@ def check_heads(cfg: ClassifierConfig) -> None:
             raise ConfigError(f"classifier.options.ensemble.method must be soft_vote or stacking, got {method!r}")
 
 
-@dataclass
-class TrainedHead:
-    name: str
-    model: Pipeline
-    threshold: float | None = None  # binary only: P(positive class) at or above which we predict it
-
-    def predict_proba(self, features: Any) -> np.ndarray:
-        """Class probabilities in float64, each row summing to one (heads fitted on float32 vectors answer in
-        float32, whose rows miss one by ~1e-7, and sklearn's probabilistic metrics warn about that)."""
-        proba = np.asarray(self.model.predict_proba(features), dtype=np.float64)
-        return proba / proba.sum(axis=1, keepdims=True)
-
-    def predict(self, proba: np.ndarray) -> np.ndarray:
-        if self.threshold is not None and proba.shape[1] == 2:
-            return (proba[:, 1] >= self.threshold).astype(int)
-        return proba.argmax(axis=1)  # multi-class: argmax of the (calibrated) probabilities
-
-    def save(self, folder: Path) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{self.name}.joblib"
-        record: dict[str, Any] = {"name": self.name, "threshold": self.threshold}
-        final = self.model.steps[-1][1]
-        if type(final).__name__ == "XGBClassifier":  # the booster in XGBoost's own, version-stable format
-            final.save_model(folder / f"{self.name}.ubj")
-            record |= {"steps": self.model.steps[:-1], "xgboost": f"{self.name}.ubj"}
-        else:
-            record["model"] = self.model
-        joblib.dump(record, path)
-        return path
-
-
-def load_head(path: Path) -> TrainedHead:
-    """Load a head written by `TrainedHead.save` (its `.joblib` file)."""
-    record = joblib.load(path)
-    if "xgboost" in record:
-        from xgboost import XGBClassifier
-
-        booster = XGBClassifier()
-        booster.load_model(Path(path).parent / record["xgboost"])
-        model = Pipeline([*record["steps"], ("xgbclassifier", booster)])
-        return TrainedHead(record["name"], model, record["threshold"])
-    return TrainedHead(record["name"], record["model"], record["threshold"])
-
-
 def fit_head(
     name: str,
     features: np.ndarray,
@@ -192,38 +141,6 @@ def fit_head(
         fit_params[f"{model.steps[-1][0]}__sample_weight"] = weights
     model.fit(features, labels, **fit_params)
     return TrainedHead(name, model)
-
-
-def tune_threshold(labels: np.ndarray, positive_proba: np.ndarray, metric: str, target_precision: float = 0.9) -> float:
-    """The threshold on P(positive) that maximizes `metric` ("f1" or "macro_f1") on these labels; for
-    "precision", the lowest threshold whose precision reaches `target_precision` (the most recall there)."""
-    if metric == "precision":
-        precision, _, thresholds = precision_recall_curve(labels, positive_proba)
-        reaching = np.flatnonzero(precision[:-1] >= target_precision)
-        if len(reaching):
-            return float(thresholds[reaching[0]])
-        best = int(np.argmax(precision[:-1]))
-        log.warning(
-            "no threshold reaches precision %.3f on validation; using the most precise one (%.3f)",
-            target_precision,
-            precision[best],
-        )
-        return float(thresholds[best])
-    candidates = np.unique(np.concatenate([positive_proba, [0.5]]))
-    average = "binary" if metric == "f1" else "macro"
-    scores = [f1_score(labels, (positive_proba >= t).astype(int), average=average, zero_division=0) for t in candidates]
-    best = int(np.argmax(scores))  # first best: the lowest threshold among ties
-    return float(candidates[best])
-
-
-def fit_baseline(texts: list[str], labels: np.ndarray, seed: int) -> TrainedHead:
-    """TF-IDF over character 1-3-grams (works for Chinese without a word segmenter) + logistic regression."""
-    model = make_pipeline(
-        TfidfVectorizer(analyzer="char", ngram_range=(1, 3), min_df=2, sublinear_tf=True),
-        LogisticRegression(C=4.0, max_iter=2000, random_state=seed),
-    )
-    model.fit(texts, labels)
-    return TrainedHead(BASELINE, model)
 
 
 def _default_cfg() -> ClassifierConfig:

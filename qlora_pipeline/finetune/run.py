@@ -1,4 +1,5 @@
-"""The qlora path of the pipeline: data → model → train → evaluate → save adapter → figures.
+"""The QLoRA path of a run: data → model → training (checkpoints, resume, DDP) → calibration → save adapter →
+evaluation (+ the TF-IDF baseline) → figures.
 
 Evaluation goes through the same code as the embeddings path (`predictions_frame`, `evaluate_split`), with the
 fine-tuned model as the primary head and the TF-IDF baseline beside it, so reports and comparisons read alike.
@@ -11,10 +12,20 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from qlora_pipeline import distributed
+from qlora_pipeline.data.prepare import prepare_data
+from qlora_pipeline.evaluation.baseline import baseline_texts, fit_baseline
+from qlora_pipeline.evaluation.metrics import accuracy_macro_f1, format_metric, predictions_frame
+from qlora_pipeline.evaluation.results import evaluate_split
+from qlora_pipeline.evaluation.trained_head import tune_threshold
+from qlora_pipeline.finetune import checkpoints, recipe
+from qlora_pipeline.finetune.scoring import pair_column, predict_proba
 from qlora_pipeline.runs import write_json
+from qlora_pipeline.stages import data_stage, model_record, seed_everything, update_record, visualize_run
 
 if TYPE_CHECKING:
-    import numpy as np
     import pandas as pd
 
     from qlora_pipeline.config import Config
@@ -25,23 +36,24 @@ log = logging.getLogger(__name__)
 HEAD_NAME = "qlora"
 TRAINING_LOG = "training_log.csv"
 TRAINING_SUMMARY = "training_summary.json"
+DATA_PARALLEL = True  # under torchrun / accelerate launch: rank 0 runs `execute`, the other ranks `train_replica`
 
 
-def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> dict[str, Any]:
+def preflight(config: Config, output_root: Path, resume: str | None) -> Path | None:
+    """Before a run directory exists: the checkpoint `resume` names (auto, none, a run or a checkpoint), checked
+    against this config (see `checkpoints.resolve_resume`)."""
+    return checkpoints.resolve_resume(resume, config, output_root)
+
+
+def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[str, Any]:
     """`resume_from`: a checkpoint of an interrupted run of this config (see `checkpoints.resolve_resume`)."""
-    from qlora_pipeline import checkpoints, distributed, finetune
-    from qlora_pipeline.classifiers import fit_baseline
-    from qlora_pipeline.evaluation import predictions_frame
-    from qlora_pipeline.pipeline import baseline_texts, data_stage, model_record, update_record, visualize_run
-    from qlora_pipeline.results import evaluate_split
-
     seed = config.experiment.seed
     prepared = data_stage(config, run)
     splits = prepared.splits
     label_names = list(splits.label_names)
 
     with run.stage("model"):
-        tuned = finetune.setup(config, len(label_names), seed, label_names)
+        tuned = recipe.setup(config, len(label_names), seed, label_names)
         update_record(run, model=model_record(tuned.loaded))
 
     with run.stage("training"):
@@ -54,7 +66,7 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
         distributed.agree(prepared.summary["fingerprint"], "data fingerprint")
         marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name)
         validation = splits.get("validation")
-        finetune.train(
+        recipe.train(
             tuned,
             config,
             splits.train,
@@ -71,8 +83,8 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
 
     def score(frame: pd.DataFrame) -> np.ndarray:
         texts, train = frame["text"].tolist(), config.training
-        pairs = finetune.pair_column(frame)
-        return finetune.predict_proba(tuned.loaded, tuned.label_words, texts, train.max_length, train.batch_size, pairs)
+        pairs = pair_column(frame)
+        return predict_proba(tuned.loaded, tuned.label_words, texts, train.max_length, train.batch_size, pairs)
 
     threshold, scored = None, {}  # scored: split -> probabilities, computed once for calibration and evaluation
     if len(label_names) == 2 and config.training.threshold_metric != "none":
@@ -84,7 +96,7 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
             update_record(run, training=tuned.summary)
 
     with run.stage("save"):
-        finetune.save(tuned, run.dir / "models" / "all", label_names, threshold)
+        recipe.save(tuned, run.dir / "models" / "all", label_names, threshold)
 
     with run.stage("evaluation"):
         baseline = fit_baseline(baseline_texts(splits.train), splits.train["label"].to_numpy(), seed)
@@ -111,21 +123,17 @@ def execute_qlora(config: Config, run: Run, resume_from: Path | None = None) -> 
 
 
 def train_replica(config: Config, run_dir: Path, resume: str | None) -> None:
-    """What a rank other than 0 does under torchrun: the data, model and training of `execute_qlora`, kept in
+    """What a rank other than 0 does under torchrun: the data, model and training of `execute`, kept in
     step with rank 0 by DDP. It writes only what the Trainer writes per rank (its RNG state in each checkpoint
     of `run_dir`); rank 0 calibrates, evaluates and writes the run. `resume`: the checkpoint's folder name."""
-    from qlora_pipeline import checkpoints, distributed, finetune
-    from qlora_pipeline.data import prepare_data
-    from qlora_pipeline.pipeline import seed_everything
-
     seed = config.experiment.seed
     seed_everything(seed)  # as `data_stage` does on rank 0
     prepared = prepare_data(config.data, seed)
     label_names = list(prepared.splits.label_names)
-    tuned = finetune.setup(config, len(label_names), seed, label_names)  # lm_label's default words are the names
+    tuned = recipe.setup(config, len(label_names), seed, label_names)  # lm_label's default words are the names
     distributed.agree(prepared.summary["fingerprint"], "data fingerprint")  # rank 0 has adopted `resume` by now
     work_dir = run_dir / checkpoints.CHECKPOINTS_DIR
-    finetune.train(
+    recipe.train(
         tuned,
         config,
         prepared.splits.train,
@@ -154,11 +162,6 @@ def write_training_log(rows: list[dict[str, Any]], path: Path) -> Path:
 def calibrate(tuned: Any, config: Config, scored: dict[str, tuple[pd.DataFrame, np.ndarray]]) -> dict[str, Any]:
     """Tune the P(positive) threshold on validation (`training.threshold_metric`); the same cut on the logit
     margin is log(t / (1 - t)). Before (argmax) and after, on validation and test, for metrics.json and the report."""
-    import numpy as np
-
-    from qlora_pipeline.classifiers import tune_threshold
-    from qlora_pipeline.evaluation import format_metric
-
     train = config.training
     positives = {name: (frame["label"].to_numpy(), proba[:, 1]) for name, (frame, proba) in scored.items()}
     value = tune_threshold(*positives["validation"], train.threshold_metric)
@@ -166,8 +169,8 @@ def calibrate(tuned: Any, config: Config, scored: dict[str, tuple[pd.DataFrame, 
     record: dict[str, Any] = {"metric": train.threshold_metric, "value": value, "logit_margin": margin}
     for name, (labels, positive) in positives.items():
         record[name] = {
-            "before": _scores(labels, (positive >= 0.5).astype(int)),
-            "after": _scores(labels, (positive >= value).astype(int)),
+            "before": accuracy_macro_f1(labels, (positive >= 0.5).astype(int)),
+            "after": accuracy_macro_f1(labels, (positive >= value).astype(int)),
         }
     change = ", ".join(
         f"{name} macro-F1 {format_metric(record[name]['before']['macro_f1'])} -> "
@@ -180,12 +183,3 @@ def calibrate(tuned: Any, config: Config, scored: dict[str, tuple[pd.DataFrame, 
     )
     log.info(tuned.notes[-1])
     return record
-
-
-def _scores(labels: Any, predicted: Any) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    return {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-    }

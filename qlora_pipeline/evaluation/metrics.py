@@ -18,11 +18,22 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from qlora_pipeline.bootstrap import bootstrap_intervals
 from qlora_pipeline.errors import DataError
+from qlora_pipeline.evaluation.bootstrap import bootstrap_intervals
+from qlora_pipeline.evaluation.calibration import expected_calibration_error
 
 # The metrics shown in report tables, in this order.
 HEADLINE = ("accuracy", "macro_f1", "f1", "precision", "recall", "roc_auc", "pr_auc", "mcc", "brier", "ece")
+# The metrics bar charts compare (runs side by side, datasets side by side): each on a 0-1 scale.
+COMPARED = ("accuracy", "macro_f1", "roc_auc", "pr_auc", "mcc", "brier", "ece")
+
+
+def accuracy_macro_f1(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """The two headline numbers of a quick check (validation during training, threshold calibration)."""
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+    }
 
 
 def predictions_frame(
@@ -59,15 +70,6 @@ def check_probabilities(predictions: pd.DataFrame, label_names: tuple[str, ...] 
             f"{int(bad.sum())} of {len(predictions)} rows have NaN probabilities (first: id {first}); "
             "the model produced invalid scores, check its inputs and numerical precision"
         )
-
-
-def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int) -> float:
-    """Top-label ECE: sum over equal-width confidence bins of |accuracy - confidence| weighted by bin size."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    counts = np.bincount(index, minlength=bins)
-    gap = np.abs(np.bincount(index, correct, bins) - np.bincount(index, confidence, bins))
-    return float(gap.sum() / max(counts.sum(), 1))
 
 
 def compute_metrics(

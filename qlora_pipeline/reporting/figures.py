@@ -1,6 +1,6 @@
 """PNG figures, pure functions `(results, out_dir) -> path`. Matplotlib's object API (no pyplot state), Agg.
 
-`results` is one dataset/split's evaluation_results.json (see results.py); every figure is drawn from it, so
+`results` is one dataset/split's evaluation_results.json (see evaluation/results.py); every figure is drawn from it, so
 figures can be redrawn from a finished run without the model.
 """
 
@@ -10,11 +10,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlora_pipeline.evaluation.metrics import COMPARED
+from qlora_pipeline.evaluation.results import collect_results
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-COMPARED = ("accuracy", "macro_f1", "roc_auc", "pr_auc", "mcc")
 TRAINING_LOGS = ("training_log.csv", "training_log.jsonl", "training_log.json")
 
 
@@ -178,8 +180,6 @@ def plot_training_curves(log_path: Path, out_dir: Path) -> Path:
 
 def plot_run(run_dir: Path) -> list[Path]:
     """Every figure for a finished run: per dataset and split, per split across datasets, training curves."""
-    from qlora_pipeline.results import collect_results
-
     paths = []
     for split, per_dataset in collect_results(run_dir).items():
         for dataset, results in per_dataset.items():

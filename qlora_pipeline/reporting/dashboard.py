@@ -14,8 +14,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.evaluation import HEADLINE, metric_cell
-from qlora_pipeline.visualize import COMPARED, TRAINING_LOGS, read_training_log
+from qlora_pipeline.evaluation.metrics import COMPARED, HEADLINE, metric_cell
+from qlora_pipeline.evaluation.results import collect_results
+from qlora_pipeline.reporting.figures import TRAINING_LOGS, read_training_log
 
 HOOK = """window.dashboardErrors = [];
 function reportError(message) {
@@ -265,8 +266,6 @@ def build_page(
 
 
 def write_dashboard(run_dir: Path) -> Path:
-    from qlora_pipeline.results import collect_results
-
     logs = [run_dir / name for name in TRAINING_LOGS if (run_dir / name).is_file()]
     training = (logs[0].name, read_training_log(logs[0])) if logs else None
     path = run_dir / "dashboard.html"

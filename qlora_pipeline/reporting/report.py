@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from qlora_pipeline.classifiers import BASELINE
-from qlora_pipeline.evaluation import HEADLINE, format_metric, metric_cell
-from qlora_pipeline.tiny_model import BUILTIN_PREFIX
+from qlora_pipeline.evaluation.baseline import BASELINE
+from qlora_pipeline.evaluation.metrics import HEADLINE, format_metric, metric_cell
+from qlora_pipeline.models.tiny import BUILTIN_PREFIX
+from qlora_pipeline.reporting.markdown import table
+from qlora_pipeline.runs import read_json
 
 ON_WHAT = {"qlora": "(the fine-tuned NF4 model with its LoRA adapter)"}  # the primary head, in the verdict
 WHAT = {"qlora": "fine-tuned adapter's scores"}
 
 
-def load_optional(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
-    record = load_optional(run_dir / "config.json") or {}
-    data = load_optional(run_dir / "data_summary.json")
-    metrics = load_optional(run_dir / "metrics.json")
-    reproduction = load_optional(run_dir / "reproduction.json")
+    record = read_json(run_dir / "config.json", optional=True) or {}
+    data = read_json(run_dir / "data_summary.json", optional=True)
+    metrics = read_json(run_dir / "metrics.json", optional=True)
+    reproduction = read_json(run_dir / "reproduction.json", optional=True)
     config = record.get("config", {})
     lines = [f"# Experiment report: {config.get('experiment', {}).get('name', '?')} ({run_dir.name})", ""]
     lines += status_section(status)
@@ -40,12 +37,6 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
     path = run_dir / "experiment_report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(row) + " |" for row in rows]
-    return out + [""]
 
 
 def status_section(status: dict[str, Any]) -> list[str]:
@@ -153,7 +144,7 @@ def embedding_rows(embedding: dict[str, Any]) -> list[list[str]]:
     if splits:
         hits, total = sum(s["cache_hits"] for s in splits), sum(s["texts"] for s in splits)
         rows.append(["embedding cache", f"{hits} of {total} vectors reused" if embedding.get("cache") else "off"])
-        if 0 < hits < total:  # see cache.py: a vector depends on its batch-mates at float-rounding level
+        if 0 < hits < total:  # see embeddings/cache.py: a vector depends on its batch-mates at float-rounding level
             rows.append(["note", "vectors partly cached by other runs: a cold-cache rerun may differ by ~1e-7"])
     fidelity = embedding.get("quantization_fidelity")
     if fidelity:

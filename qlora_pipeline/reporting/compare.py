@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.evaluation import metric_cell
-from qlora_pipeline.reproduce import flatten
-
-COMPARED = ("accuracy", "macro_f1", "roc_auc", "pr_auc", "mcc", "brier", "ece")
+from qlora_pipeline.evaluation.metrics import COMPARED, metric_cell
+from qlora_pipeline.reporting.markdown import table
+from qlora_pipeline.runs import flatten, read_json
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ def load_run(path: Path) -> RunSummary:
     for file in files.values():
         if not file.is_file():
             raise UserError(f"{path} has no {file.name}: pass finished run directories (outputs/run_XXX)")
-    record, metrics, data = (json.loads(f.read_text(encoding="utf-8")) for f in files.values())
+    record, metrics, data = (read_json(f) for f in files.values())
     return RunSummary(path.name, path, record["config"], metrics, list(data["label_names"]))
 
 
@@ -68,10 +67,6 @@ def metric_rows(runs: list[RunSummary], split: str) -> list[list[str]]:
                     [scope, f"{run.name} ({primary})", *(metric_cell(metrics, k, with_ci=True) for k in COMPARED)]
                 )
     return rows
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def plot_comparison(runs: list[RunSummary], split: str, path: Path) -> Path:
@@ -110,11 +105,11 @@ def compare(run_paths: list[str | Path], out: str | Path | None = None) -> tuple
     names = [r.name for r in runs]
     lines = [f"# Comparison: {' vs '.join(names)}", "", "## Config fields that differ", ""]
     differing = config_rows(runs)
-    lines += [*table(["field", *names], differing), ""] if differing else ["The configs are identical.", ""]
+    lines += table(["field", *names], differing) if differing else ["The configs are identical.", ""]
     splits = [s for s in ("validation", "test") if any(s in r.metrics["splits"] for r in runs)]
     for split in splits:
         lines += [f"## Metrics — {split} (primary head; bootstrap 95% CI in brackets)", ""]
-        lines += [*table(["dataset", "run", *COMPARED], metric_rows(runs, split)), ""]
+        lines += table(["dataset", "run", *COMPARED], metric_rows(runs, split))
     if splits:
         chart = plot_comparison(runs, splits[-1], target.with_suffix(".png"))
         lines += [f"![comparison chart]({chart.name})", ""]

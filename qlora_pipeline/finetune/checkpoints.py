@@ -21,8 +21,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qlora_pipeline import distributed
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.runs import RUN_PATTERN
+from qlora_pipeline.runs import RUN_PATTERN, read_json
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -63,8 +64,6 @@ def marker_callback(hash_: str, run_name: str) -> Any:
     number of processes that trained it. Under torchrun every rank saves its RNG state into the checkpoint: the
     marker is written once all of them have, so it still means complete."""
     from transformers import TrainerCallback
-
-    from qlora_pipeline import distributed
 
     class CheckpointMarker(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -124,21 +123,19 @@ def resolve_resume(resume: str | None, config: Config, output_root: Path) -> Pat
 def _check_world_size(checkpoint: Path, resume: str) -> Path:
     """A checkpoint resumes on as many processes as trained it: the batch per step, the data each rank reads
     and the per-rank RNG states all depend on that number."""
-    from qlora_pipeline.distributed import world_size
-
     trained_on = _marker(checkpoint).get("world_size", 1)  # markers written before this field: one process
-    if trained_on != world_size():
+    if trained_on != distributed.world_size():
         launch = "plain `qlora run`" if trained_on == 1 else f"torchrun --nproc_per_node {trained_on}"
         raise UserError(
             f"--resume {resume}: {checkpoint.name} was trained on {trained_on} process(es), this run has "
-            f"{world_size()}; resume it with the same number ({launch})"
+            f"{distributed.world_size()}; resume it with the same number ({launch})"
         )
     return checkpoint
 
 
 def _state(run_dir: Path) -> str | None:
     try:
-        return json.loads((run_dir / "status.json").read_text(encoding="utf-8")).get("state")
+        return read_json(run_dir / "status.json").get("state")
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -146,7 +143,7 @@ def _state(run_dir: Path) -> str | None:
 def _resumed_run(run_dir: Path) -> Path | None:
     """The run directory that `run_dir` was resumed from (config.json `resumed_from`), if any."""
     try:
-        resumed_from = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("resumed_from")
+        resumed_from = read_json(run_dir / "config.json").get("resumed_from")
     except (OSError, json.JSONDecodeError):
         return None
     return Path(resumed_from).resolve().parent.parent if resumed_from else None
@@ -154,7 +151,7 @@ def _resumed_run(run_dir: Path) -> Path | None:
 
 def _marker(checkpoint: Path) -> dict[str, Any]:
     try:
-        marker = json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
+        marker = read_json(checkpoint / MARKER)
     except (OSError, json.JSONDecodeError):
         return {}
     return marker if isinstance(marker, dict) else {}
@@ -175,7 +172,7 @@ def adopt(checkpoint: Path, checkpoints_dir: Path) -> Path:
             shutil.copytree(old, checkpoints_dir / old.name)
     for copy in checkpoints_in(checkpoints_dir):
         state_path = copy / TRAINER_STATE
-        state = json.loads(state_path.read_text(encoding="utf-8"))
+        state = read_json(state_path)
         best = state.get("best_model_checkpoint")
         if best and Path(best).resolve().parent == source_dir:
             state["best_model_checkpoint"] = str(checkpoints_dir / Path(best).name)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from qlora_pipeline.tiny_model import cache_root
+from qlora_pipeline.models.tiny import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qlora_pipeline.evaluation.calibration import confidence_bins
+
 # Metrics that get an interval. PR-AUC and ROC-AUC only when both classes are present.
 CI_METRICS = ("accuracy", "macro_f1", "f1", "precision", "recall", "mcc", "roc_auc", "pr_auc", "brier", "ece")
 # Resamples per block: bounds memory at block x n floats (8 MB per 10k rows).
@@ -48,9 +50,8 @@ def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 def calibration_error(weights: np.ndarray, correct: np.ndarray, confidence: np.ndarray, bins: int) -> np.ndarray:
-    """Top-label ECE per resample, binned as evaluation.expected_calibration_error bins it."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    """Top-label ECE per resample, binned as `calibration.expected_calibration_error` bins it."""
+    index = confidence_bins(confidence, bins)
     onehot = np.zeros((len(index), bins))
     onehot[np.arange(len(index)), index] = 1.0
     gap = np.abs(weights @ (onehot * correct[:, None]) - weights @ (onehot * confidence[:, None]))

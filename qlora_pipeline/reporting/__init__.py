@@ -1,0 +1,1 @@
+"""What a run shows: per-split summaries, figures, the dashboard, the report, run comparison, trackers."""

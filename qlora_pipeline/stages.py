@@ -1,0 +1,84 @@
+"""Stages and run records that every path shares: seeding, the data stage, config.json updates, the model
+record, figures + dashboard + summaries. Each path's `run.py` calls these in its own order."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qlora_pipeline.runs import Run, environment_info, now_iso, read_json, write_json
+
+if TYPE_CHECKING:
+    from qlora_pipeline.config import Config
+    from qlora_pipeline.data.prepare import PreparedData
+    from qlora_pipeline.models.loading import LoadedModel
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def data_stage(config: Config, run: Run) -> PreparedData:
+    """Seed everything, then load, clean and split; data_summary.json and the fingerprint in config.json."""
+    from qlora_pipeline.data.prepare import prepare_data
+
+    seed_everything(config.experiment.seed)
+    with run.stage("data"):
+        prepared = prepare_data(config.data, config.experiment.seed)
+        write_json(run.dir / "data_summary.json", prepared.summary)
+        update_record(
+            run, data={"fingerprint": prepared.summary["fingerprint"], "sources": prepared.summary["sources"]}
+        )
+    return prepared
+
+
+def visualize_run(run_dir: Path, figures: bool) -> None:
+    """Figures and dashboard (when enabled), then each split's evaluation_summary.md linking them."""
+    from qlora_pipeline.reporting.summary import write_summaries
+
+    if figures:
+        from qlora_pipeline.reporting.dashboard import write_dashboard
+        from qlora_pipeline.reporting.figures import plot_run
+
+        plot_run(run_dir)
+        write_dashboard(run_dir)
+    write_summaries(run_dir)
+
+
+def archive_record(config: Config, run: Run, reproduce_of: Path | None) -> dict[str, Any]:
+    """config.json as a run starts: the resolved config, seed and environment; stages fill in the rest."""
+    return {
+        "run": run.name,
+        "created_at": now_iso(),
+        "seed": config.experiment.seed,
+        "reproduce_of": str(reproduce_of) if reproduce_of else None,
+        "config": config.to_dict(),
+        "environment": environment_info(),
+        "data": None,
+        "model": None,
+    }
+
+
+def update_record(run: Run, **fields: Any) -> None:
+    """Set top-level fields of the run's config.json (written atomically)."""
+    record = read_json(run.dir / "config.json")
+    record.update(fields)
+    write_json(run.dir / "config.json", record)
+
+
+def model_record(loaded: LoadedModel) -> dict[str, Any]:
+    """What was actually loaded, for config.json and the report."""
+    return {
+        "source": loaded.source,
+        "revision": loaded.revision,
+        "quantization": loaded.quantization,
+        "compute_dtype": loaded.compute_dtype,
+        "device": loaded.device,
+        "notes": list(loaded.notes),
+    }

@@ -1,0 +1,213 @@
+"""What several test modules share: the fast QLoRA settings, plain transformers + peft scripts that score a saved
+adapter without this package, prediction round trips, a small text-pair run, and the tiny model's loader config.
+Test modules import these from here, never from one another."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from qlora_pipeline.cli import main
+from qlora_pipeline.models.loading import LoadedModel
+
+# ---- QLoRA runs ---------------------------------------------------------------------------------------------
+
+# Smaller than configs/qlora_tiny.yaml (which `quick-test --mode qlora` runs) so the modules stay fast.
+FAST = [
+    "data.max_samples=160",
+    "training.max_steps=6",
+    "training.eval_steps=3",
+    "training.gradient_accumulation_steps=1",
+    "evaluation.bootstrap=0",
+    "evaluation.figures=false",
+]
+
+
+def fast_args(root: Path, *extra: str, config: str | None = None) -> list[str]:
+    """`qlora run --config CONFIG` with the FAST settings and `extra`; without a config the QLoRA quick test
+    (configs/qlora_tiny.yaml)."""
+    command = ["run", "--config", config] if config else ["quick-test", "--mode", "qlora"]
+    args = [*command, "--output-dir", str(root)]
+    for item in [*FAST, *extra]:
+        args += ["--set", item]
+    return args
+
+
+# ---- plain transformers + peft, as a user's own script would score a saved adapter ------------------------
+
+
+def plain_nf4_base(auto_class: Any, base_path: str, skip: list[str] | None = None, **kwargs: Any) -> Any:
+    """The run's base in NF4 (double quant, float32 compute) as a plain script builds it: `skip` are the modules
+    labels.json says to keep in full precision (`unquantized_modules`). bitsandbytes' lossy AVX512-BF16 CPU repack
+    is switched off, as `models.loading.load_model` does."""
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=skip,
+    )
+    base = auto_class.from_pretrained(
+        base_path, quantization_config=quant, dtype=torch.float32, device_map={"": "cpu"}, **kwargs
+    )
+    for module in base.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return base
+
+
+def adapter_files(run_dir: Path) -> tuple[Path, dict[str, Any], str]:
+    """The run's adapter folder, its labels.json and the base model path its adapter_config.json names."""
+    adapter = run_dir / "models" / "all" / "lora_adapter"
+    labels = json.loads((adapter / "labels.json").read_text())
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return adapter, labels, base_path
+
+
+def score_plainly(
+    run_dir: Path, texts: list[str], pairs: list[str] | None = None, max_length: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """A classification-head run scored by a plain script: NF4 base, `PeftModel.from_pretrained`; probabilities
+    with and without the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter, labels, base_path = adapter_files(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    base = plain_nf4_base(
+        AutoModelForSequenceClassification,
+        base_path,
+        skip=labels["unquantized_modules"],
+        num_labels=len(labels["label_names"]),
+    )
+    base.config.pad_token_id = tokenizer.pad_token_id
+    batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        without = torch.softmax(base(**batch).logits, dim=-1).numpy()
+        model = PeftModel.from_pretrained(base, adapter).eval()
+        with_adapter = torch.softmax(model(**batch).logits, dim=-1).numpy()
+    return with_adapter, without
+
+
+def score_label_words_plainly(run_dir: Path, texts: list[str], max_length: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """An lm_label run scored by a plain script: the NF4 causal LM, `PeftModel.from_pretrained`, each prompt built
+    from the template's pieces around the truncated text, and the softmax over the label tokens' logits at the last
+    token; with and without the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter, labels, base_path = adapter_files(run_dir)
+    saved = labels["lm_label"]
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    base = plain_nf4_base(AutoModelForCausalLM, base_path)
+    before, after = (tokenizer.encode(p, add_special_tokens=False) for p in saved["prompt_template"].split("{text}"))
+    room = max_length - len(before) - len(after)  # training.max_length: the text is cut, the template kept
+    prompts = [before + tokenizer.encode(text, add_special_tokens=False)[:room] + after for text in texts]
+
+    def score(model: torch.nn.Module) -> np.ndarray:
+        rows = []
+        for ids in prompts:  # one at a time: no padding to think about
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1, saved["token_ids"]]
+            rows.append(torch.softmax(logits, dim=-1).numpy())
+        return np.array(rows)
+
+    with torch.no_grad():
+        without = score(base)
+        with_adapter = score(PeftModel.from_pretrained(base, adapter).eval())
+    return with_adapter, without
+
+
+# ---- prediction round trips ---------------------------------------------------------------------------------
+
+TOLERANCE = 1e-6  # probabilities of `qlora predict` vs the run's predictions.csv
+
+
+def predict_own_test_split(run_dir: Path, tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the run's test predictions.csv, `qlora predict --file` on that very file)."""
+    source = run_dir / "snownlp_sentiment" / "test" / "predictions.csv"
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--run", str(run_dir), "--file", str(source), "--out", str(out)]) == 0
+    return pd.read_csv(source), pd.read_csv(out)
+
+
+def assert_same_predictions(original: pd.DataFrame, predicted: pd.DataFrame) -> None:
+    assert predicted["id"].tolist() == original["id"].tolist()
+    assert predicted["prediction_name"].tolist() == original["prediction_name"].tolist()
+    columns = [c for c in original.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(predicted[columns].to_numpy(), original[columns].to_numpy(), rtol=0, atol=TOLERANCE)
+
+
+def make_pair_run(folder: Path, mode: str, training: str = "") -> Path:
+    """A three-class text-pair run on a small local file (multi-class: argmax, no threshold); `training` adds
+    settings to the training section (", key: value" in YAML flow style)."""
+    words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
+    rows = [
+        {"q": f"{words[i % 12]}{words[(i * 5) % 12]}{i}", "a": f"{words[(i * 7) % 12]}{i % 9}", "y": "abc"[i % 3]}
+        for i in range(150)
+    ]
+    pd.DataFrame(rows).to_csv(folder / "pairs.csv", index=False)
+    config = folder / "pairs.yaml"
+    config.write_text(
+        "data:\n  sources:\n    - name: pairs\n      type: local\n"
+        f"      path: {folder / 'pairs.csv'}\n      text_column: q\n      text_pair_column: a\n"
+        "      label_column: y\n      label_names: [a, b, c]\n"
+        "model: {name_or_path: 'builtin:tiny-qwen3', quantization: 4bit, compute_dtype: float32, device: cpu}\n"
+        "embedding: {max_length: 32, batch_size: 16}\n"
+        "classifier: {baseline: false}\n"
+        "evaluation: {splits: [test], figures: false, bootstrap: 0}\n"
+        f"experiment: {{mode: {mode}}}\n"
+        f"training: {{max_steps: 3, batch_size: 8, max_length: 32, eval_steps: 3{training}}}\n",
+        encoding="utf-8",
+    )
+    assert main(["run", "--config", str(config), "--output-dir", str(folder / "outputs")]) == 0
+    return folder / "outputs" / "run_001"
+
+
+def predict_pairs_again(run: Path, original: pd.DataFrame, tmp_path: Path) -> pd.DataFrame:
+    """`qlora predict --file` on a pair run's own predictions.csv rows (texts and second texts as a JSON-lines file)."""
+    source = tmp_path / "in.jsonl"
+    table = pd.DataFrame({"id": original["id"], "text": original["text"], "second": original["text_pair"]})
+    table.to_json(source, orient="records", lines=True, force_ascii=False)
+    out = tmp_path / "preds.csv"
+    args = ["predict", "--run", str(run), "--file", str(source), "--text-pair-column", "second", "--out", str(out)]
+    assert main(args) == 0
+    return pd.read_csv(out)
+
+
+# ---- the tiny model through the loader ----------------------------------------------------------------------
+
+TEXTS = ["这本书很好看，物流也很快！", "质量太差了", "Great book"]
+
+
+@dataclass
+class ModelCfg:  # the fields of qlora_pipeline.config.ModelConfig, without its validation
+    name_or_path: str = "builtin:tiny-qwen3"
+    revision: str | None = None
+    quantization: str = "4bit"
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+def cfg(**overrides: Any) -> Any:  # typed Any: load_model is annotated with the real ModelConfig
+    return ModelCfg(**overrides)
+
+
+def forward(loaded: LoadedModel, texts: list[str] = TEXTS) -> torch.Tensor:
+    batch = loaded.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return loaded.model(**batch).last_hidden_state
+
+
+def quantized_bytes(model: torch.nn.Module) -> bytes:
+    return b"".join(t.cpu().numpy().tobytes() for _, t in sorted(model.state_dict().items()) if t.dtype == torch.uint8)
