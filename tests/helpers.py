@@ -211,3 +211,53 @@ def forward(loaded: LoadedModel, texts: list[str] = TEXTS) -> torch.Tensor:
 
 def quantized_bytes(model: torch.nn.Module) -> bytes:
     return b"".join(t.cpu().numpy().tobytes() for _, t in sorted(model.state_dict().items()) if t.dtype == torch.uint8)
+
+
+# ---- a few optimizer steps of the recipe on small frames ------------------------------------------------------
+
+ACCUMULATION_ROWS = 24  # 3 optimizer steps of 8 examples: one epoch, and as many examples for every process count
+
+
+def accumulation_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, scored): 24 short reviews, three negative for each positive (balanced class weights 0.67 / 2.0), and
+    8 texts whose probabilities are compared after training."""
+    words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
+    texts = [f"{words[i % 12]}{words[(i * 5) % 12]}{words[(i * 7) % 12] * (1 + i % 4)}" for i in range(32)]
+    frame = pd.DataFrame({"text": texts, "label": [1 if i % 4 == 0 else 0 for i in range(32)]})
+    return frame.head(ACCUMULATION_ROWS), frame.tail(8)
+
+
+def accumulation_config(head: str, class_weights: str, batch: int, accumulation: int) -> Any:
+    """The tiny QLoRA config with `batch` x `accumulation` per process: dropout 0 and batches in sampler order (no
+    length grouping), so only the arithmetic of the loss can tell the batch shapes apart."""
+    from qlora_pipeline.config import load_config
+
+    return load_config(
+        "qlora_tiny_lm_label" if head == "lm_label" else "qlora_tiny",
+        [
+            f"training.batch_size={batch}",
+            f"training.gradient_accumulation_steps={accumulation}",
+            f"training.class_weights={class_weights}",
+            "training.max_steps=3",
+            "training.warmup_ratio=0",
+            "training.lora_dropout=0",
+            "training.group_by_length=false",
+            "training.eval_steps=100",  # neither evaluates nor checkpoints within the 3 steps
+            "training.max_length=32",
+        ],
+    )
+
+
+def train_briefly(config: Any, work_dir: Path) -> tuple[list[float], np.ndarray]:
+    """Three optimizer steps of `recipe.train` on `accumulation_frames()`: the loss logged at each step, and the
+    class probabilities of the scored texts afterwards."""
+    from qlora_pipeline.finetune import checkpoints, recipe
+    from qlora_pipeline.finetune.scoring import predict_proba
+
+    train, scored = accumulation_frames()
+    tuned = recipe.setup(config, 2, config.experiment.seed, ["negative", "positive"])
+    marker = checkpoints.marker_callback("test", "run_000")
+    recipe.train(tuned, config, train, scored, config.experiment.seed, work_dir, marker=marker)
+    losses = [row["loss"] for row in tuned.log_history if "loss" in row]
+    proba = predict_proba(tuned.loaded, tuned.label_words, scored["text"].tolist(), 32, 8)
+    return losses, proba

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline import distributed
+from qlora_pipeline.config import ARCHIVE_DEFAULTS
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.runs import RUN_PATTERN, read_json
 
@@ -38,9 +39,12 @@ _STEP = re.compile(r"^checkpoint-(\d+)$")
 
 def config_hash(config: Config) -> str:
     """Hash of the settings that decide training; evaluation, output, names and the CPU thread count (which moves
-    no number) may differ on resume."""
+    no number) may differ on resume. A setting at its `ARCHIVE_DEFAULTS` value is left out, as 0.1.0 had none."""
     record = config.to_dict()
     record["model"].pop("cpu_threads")
+    for (section, key), value in ARCHIVE_DEFAULTS.items():  # so a 0.1.0 checkpoint, hashed without them, resumes
+        if record[section][key] == value:
+            record[section].pop(key)
     decisive = {"seed": record["experiment"]["seed"], **{k: record[k] for k in ("data", "model", "training")}}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -313,6 +313,7 @@ def make_trainer(
         callbacks=training_callbacks(train_cfg, marker),
         loss_fn=loss_fn,
         logits_fn=class_logits_fn(tuned.label_words),
+        per_micro_batch=train_cfg.loss_normalization == "micro_batch",
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
     return trainer
