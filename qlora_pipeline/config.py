@@ -194,8 +194,7 @@ PAIR_ENCODINGS = ("auto", "tokenizer")  # model.pair_template values that are no
 DEFAULT_PAIR_TEMPLATE = "{text}\n---\n{text_pair}"
 # transformers' `OptimizerNames` (5.19-5.25), kept here so that a config is checked without importing transformers;
 # tests/test_config_checks.py compares it with the installed release.
-TRAINER_OPTIMIZERS = tuple(
-    """
+_OPTIMIZER_NAMES = """
     adafactor adagrad adalomo adamw_8bit adamw_anyprecision adamw_bnb_8bit adamw_torch adamw_torch_4bit
     adamw_torch_8bit adamw_torch_fused adamw_torch_npu_fused adamw_torch_xla ademamix ademamix_8bit apollo_adamw
     apollo_adamw_layerwise galore_adafactor galore_adafactor_layerwise galore_adamw galore_adamw_8bit
@@ -203,8 +202,8 @@ TRAINER_OPTIMIZERS = tuple(
     paged_adamw_8bit paged_ademamix_32bit paged_ademamix_8bit paged_lion_32bit paged_lion_8bit rmsprop
     rmsprop_bnb rmsprop_bnb_32bit rmsprop_bnb_8bit schedule_free_adamw schedule_free_radam schedule_free_sgd sgd
     stable_adamw
-    """.split()
-)
+"""
+TRAINER_OPTIMIZERS = tuple(_OPTIMIZER_NAMES.split())
 
 
 @dataclass

@@ -89,12 +89,40 @@ def score_plainly(
         num_labels=len(labels["label_names"]),
     )
     base.config.pad_token_id = tokenizer.pad_token_id
-    batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    joined = labels.get("pair_encoding") or {}  # how the run joined its pairs; null for single texts
+    if pairs is not None and joined.get("by") == "template":  # README: a tokenizer without a pair template (Qwen)
+        template = joined["template"]
+        ids = [join_pair_plainly(tokenizer, template, a, b, max_length) for a, b in zip(texts, pairs, strict=True)]
+        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    else:  # BERT: the tokenizer's own pair encoding ([SEP], segment ids)
+        batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         without = torch.softmax(base(**batch).logits, dim=-1).numpy()
         model = PeftModel.from_pretrained(base, adapter).eval()
         with_adapter = torch.softmax(model(**batch).logits, dim=-1).numpy()
     return with_adapter, without
+
+
+def join_pair_plainly(tokenizer: Any, template: str, text: str, pair: str, max_length: int) -> list[int]:
+    """README's recipe for a pair on a tokenizer without a pair template (Qwen's adds no special tokens): the
+    template's pieces and the two texts tokenized apart and concatenated; when too long, the texts are cut, the
+    shorter keeping up to half the room (the first text on a tie)."""
+    import string
+
+    pieces = list(string.Formatter().parse(template))  # (literal, field) pairs: {text} and {text_pair} once each
+    texts = {"text": tokenizer.encode(text, add_special_tokens=False)}
+    texts["text_pair"] = tokenizer.encode(pair, add_special_tokens=False)
+    literals = [tokenizer.encode(literal, add_special_tokens=False) for literal, *_ in pieces]
+    room = max_length - sum(len(ids) for ids in literals)
+    short, long = ("text", "text_pair") if len(texts["text"]) <= len(texts["text_pair"]) else ("text_pair", "text")
+    if len(texts[short]) + len(texts[long]) > room:
+        keep = min(len(texts[short]), room // 2)
+        texts[short], texts[long] = texts[short][:keep], texts[long][: room - keep]
+    return [
+        i
+        for (_, name, *_), literal in zip(pieces, literals, strict=True)
+        for i in literal + (texts[name] if name else [])
+    ]
 
 
 def score_label_words_plainly(run_dir: Path, texts: list[str], max_length: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -197,6 +225,7 @@ class ModelCfg:  # the fields of qlora_pipeline.config.ModelConfig, without its 
     compute_dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    pair_template: str = "auto"
 
 
 def cfg(**overrides: Any) -> Any:  # typed Any: load_model is annotated with the real ModelConfig

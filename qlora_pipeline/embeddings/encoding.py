@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from qlora_pipeline.embeddings.cache import EmbeddingCache, text_key, weights_fingerprint
-from qlora_pipeline.models.loading import check_max_length, load_model
+from qlora_pipeline.models.device import release_memory
+from qlora_pipeline.models.loading import check_max_length, load_model, would_not_fit
+from qlora_pipeline.models.pairs import encode as model_inputs
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import EmbeddingConfig
@@ -40,12 +42,19 @@ class Encoded:
     padded_tokens: int  # ... and all positions including padding
 
 
-def apply_prompt(texts: Sequence[str], cfg: EmbeddingConfig) -> list[str]:
-    """Wrap texts in the instruction template (Qwen3-Embedding style) when an instruction is set."""
+def instruction_around(cfg: EmbeddingConfig) -> tuple[str, str]:
+    """What the instruction template (Qwen3-Embedding style) puts before and after a text, or a joined pair (one
+    query); nothing without an instruction."""
     if not cfg.instruction:
-        return list(texts)
+        return "", ""
     # str.replace, not str.format: review texts may contain braces.
     head, tail = cfg.prompt_template.replace("{instruction}", cfg.instruction).split("{text}", 1)
+    return head, tail
+
+
+def apply_prompt(texts: Sequence[str], cfg: EmbeddingConfig) -> list[str]:
+    """Wrap texts in the instruction template when an instruction is set."""
+    head, tail = instruction_around(cfg)
     return [f"{head}{text}{tail}" for text in texts]
 
 
@@ -77,6 +86,7 @@ def cache_settings(loaded: LoadedModel, cfg: EmbeddingConfig) -> dict[str, Any]:
         "compute_dtype": loaded.compute_dtype,
         "device": loaded.device,
         "prompt": apply_prompt(["{text}"], cfg)[0],
+        "pairs": loaded.pair_encoding.record(),  # vectors of pairs joined another way are never served
         "pooling": cfg.pooling,
         "max_length": cfg.max_length,
         "normalize": cfg.normalize,
@@ -101,7 +111,7 @@ def encode(
     found = cache.lookup(keys) if cache is not None else {}
     todo = list(dict.fromkeys(k for k in keys if k not in found))  # distinct misses, first occurrence order
     first_index = {k: i for i, k in reversed(list(enumerate(keys)))}
-    prompts = apply_prompt([texts[first_index[k]] for k in todo], cfg)
+    prompts = [texts[first_index[k]] for k in todo]  # the instruction goes around them as they are tokenized
     second = [pairs[first_index[k]] for k in todo] if pairs is not None else None
     computed, real, padded = _run_batches(prompts, second, loaded, cfg, todo, cache)
     fresh = dict(zip(todo, computed, strict=True))
@@ -138,7 +148,11 @@ def _run_batches(
     model, tokenizer = loaded.model, loaded.tokenizer
     if not prompts:
         return np.zeros((0, 0), dtype=np.float32), 0, 0
-    tokens = tokenizer(prompts, pairs, truncation=True, max_length=cfg.max_length)
+    # Texts, or pairs joined as model.pair_template says, inside the instruction: as fine-tuning and predict read them.
+    around, setting = instruction_around(cfg), "embedding.max_length"
+    tokens = model_inputs(
+        tokenizer, prompts, pairs, cfg.max_length, loaded.pair_encoding, setting=setting, around=around
+    )
     order = sorted(range(len(prompts)), key=lambda i: len(tokens["input_ids"][i]))
     device = next(model.parameters()).device
     result = np.zeros((len(prompts), 0), dtype=np.float32)
@@ -223,6 +237,8 @@ def embed_splits(
     cache = EmbeddingCache(cache_settings(loaded, cfg)) if cfg.cache else None
     vectors: dict[str, np.ndarray] = {}
     record: dict[str, Any] = {"cache": str(cache.folder) if cache else None, "splits": {}}
+    if any("text_pair" in frame for frame in frames.values()):
+        record["pair_encoding"] = loaded.pair_encoding.record()
     for name, frame in frames.items():
         pairs = frame["text_pair"].tolist() if "text_pair" in frame else None
         result = encode(frame["text"].tolist(), loaded, cfg, pairs=pairs, cache=cache)
@@ -242,21 +258,29 @@ def quantization_fidelity(
 ) -> dict[str, Any]:
     """Mean cosine between `quantized` (the run's vectors of `frame`'s texts) and the same model's unquantized
     vectors of those texts at the same `compute_dtype`: what quantization alone costs on this model and data.
-    Loads the model again, unquantized."""
+    Loads the model again, unquantized, once the quantized one is gone (the caller drops it); skipped, with the
+    reason in the record, when the unquantized model would not fit in the memory free now."""
     import dataclasses
 
     reference_cfg = dataclasses.replace(model_cfg, quantization="none", compute_dtype=compute_dtype)
+    too_big = would_not_fit(reference_cfg, compute_dtype)  # frees what the quantized model left behind first
+    if too_big is not None:
+        log.warning("quantization fidelity skipped: %s", too_big)
+        return {"texts": len(frame), "skipped": too_big}
     full = load_model(reference_cfg, task="encoder", seed=seed)
     cache = EmbeddingCache(cache_settings(full, cfg)) if cfg.cache else None
     pairs = frame["text_pair"].tolist() if "text_pair" in frame else None
     reference = encode(frame["text"].tolist(), full, cfg, pairs=pairs, cache=cache).vectors
+    device = full.device
+    del full
+    release_memory(device)
     cosines = _cosines(quantized, reference)
     log.info("quantization fidelity: mean cosine %.4f to full precision on %d texts", cosines.mean(), len(frame))
     return {
         "texts": len(frame),
         "mean_cosine": round(float(cosines.mean()), 6),
         "min_cosine": round(float(cosines.min()), 6),
-        "reference": f"{full.quantization}, {full.compute_dtype}",
+        "reference": f"none, {compute_dtype}",
     }
 
 

@@ -58,6 +58,7 @@ class FineTuned:
     trainable_parameters: int
     total_parameters: int
     label_words: lm_label.LabelWords | None = None  # head lm_label: the prompt and the class tokens
+    pairs: bool = False  # trained on text pairs (joined as loaded.pair_encoding says)
     log_history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # timings, throughput, memory, notes: config.json
     notes: list[str] = field(default_factory=list)
@@ -86,7 +87,8 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
         in_full = [head, *([POOLER] if _has_module(loaded.model, POOLER) else [])]
     check_max_length(loaded, train.max_length, "training.max_length")
     targets = check_target_modules(loaded.model, train.target_modules, head)
-    model = add_lora(prepare_for_training(loaded, train), train, targets, in_full, seed)
+    model = add_lora(prepare_for_training(loaded, train, in_full), train, targets, in_full, seed)
+    check_trainable_float32(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "LoRA r=%d on %s, %s trained in full; trainable %d of %d parameters (%.2f%%)",
@@ -100,7 +102,7 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
     loaded = dataclasses.replace(loaded, model=model)
     tuned = FineTuned(loaded, head, in_full, trainable, total, label_words=words)  # model notes: config.json
     if POOLER in in_full:
-        tuned.notes.append(f"the encoder's {POOLER} is trained in full with the {head}, in full precision")
+        tuned.notes.append(f"the encoder's {POOLER} is trained in full with the {head}, in float32")
     if words is not None:
         tuned.notes.append(
             "lm_label head: class scores are the LM logits of "
@@ -133,22 +135,53 @@ def load_base(config: Config, num_labels: int, seed: int) -> LoadedModel:
         ) from exc
 
 
-def prepare_for_training(loaded: LoadedModel, train: TrainingConfig) -> Any:
-    """A quantized base through peft's `prepare_model_for_kbit_training` (layer norms in float32, input gradients
-    for checkpointing); gradient checkpointing when asked for."""
+def prepare_for_training(loaded: LoadedModel, train: TrainingConfig, in_full: list[str]) -> Any:
+    """The base at the precision it trains and scores in (`use_training_precision`); gradient checkpointing when
+    asked for (a quantized base through peft's `prepare_model_for_kbit_training`, which also sets up input gradients
+    for checkpointing)."""
+    model = use_training_precision(loaded, in_full, gradient_checkpointing=train.gradient_checkpointing)
+    if loaded.quantization == "none" and train.gradient_checkpointing:
+        with quiet_library_warnings():
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def use_training_precision(loaded: LoadedModel, in_full: list[str], *, gradient_checkpointing: bool = False) -> Any:
+    """Everything that trains is float32, whatever the base's dtype; training and `qlora predict` both call this,
+    so prediction computes as the run did.
+
+    A quantized base goes through peft's `prepare_model_for_kbit_training`: every parameter that is not 4-bit (layer
+    norms, embeddings, the head) in float32. An unquantized base keeps its dtype (bfloat16 on most GPUs: half the
+    memory), and only the modules trained in full (`in_full`: the head, BERT's pooler) become float32, each casting
+    its input to float32; the LoRA matrices peft adds are float32 already (`autocast_adapter_dtype`). On a GPU the
+    Trainer's bf16/fp16 autocast then runs their matmuls in half precision, with float32 weights and updates."""
     from peft import prepare_model_for_kbit_training
 
     model = loaded.model
-    with quiet_library_warnings():
-        if loaded.quantization != "none":
+    if loaded.quantization != "none":
+        with quiet_library_warnings():
             return prepare_model_for_kbit_training(
                 model,
-                use_gradient_checkpointing=train.gradient_checkpointing,
+                use_gradient_checkpointing=gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant variant is deprecated
             )
-        if train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for path, module in model.named_modules():
+        if path.rsplit(".", 1)[-1] in in_full and any(p.dtype != torch.float32 for p in module.parameters()):
+            module.float()
+            module.register_forward_pre_hook(_float32_inputs)
     return model
+
+
+def _float32_inputs(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def check_trainable_float32(model: Any) -> None:
+    """Every trainable parameter is float32 (see `use_training_precision`): a bare bfloat16 weight would lose
+    updates smaller than its 8-bit mantissa can hold."""
+    half = sorted(name for name, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32)
+    if half:
+        raise RuntimeError(f"trainable parameters not in float32: {half[:5]}")
 
 
 def add_lora(model: Any, train: TrainingConfig, targets: str | list[str], in_full: list[str], seed: int) -> Any:
@@ -257,8 +290,13 @@ def train(
     timings, throughput and memory in `summary`."""
     train_cfg, tokenizer = config.training, tuned.loaded.tokenizer
     loss_fn = make_loss(tuned, train_cfg, train_split["label"].to_numpy(), data_weights)
-    train_set = Examples(tokenizer, train_split, train_cfg.max_length, tuned.label_words)
-    eval_set = Examples(tokenizer, validation, train_cfg.max_length, tuned.label_words)
+    pair_encoding = tuned.loaded.pair_encoding
+    tuned.pairs = "text_pair" in train_split
+    if tuned.pairs and pair_encoding.describe() not in tuned.notes:
+        tuned.notes.append(pair_encoding.describe())
+        log.info(tuned.notes[-1])
+    train_set = Examples(tokenizer, train_split, train_cfg.max_length, tuned.label_words, pair_encoding)
+    eval_set = Examples(tokenizer, validation, train_cfg.max_length, tuned.label_words, pair_encoding)
     # The Trainer switches deterministic algorithms on for the whole process (full_determinism, set up when it is
     # built): switched back afterwards, so a notebook that trains and then predicts is not left on slower kernels.
     deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -412,6 +450,8 @@ def save(tuned: FineTuned, out_dir: Path, label_names: list[str], threshold: dic
         "unquantized_modules": UNQUANTIZED_MODULES if quantized and tuned.trained_in_full else None,
         "threshold": cut,
         "lm_label": None if tuned.label_words is None else tuned.label_words.to_dict(),
+        # How a pair became one input (model.pair_template): a plain script joins its pairs the same way.
+        "pair_encoding": tuned.loaded.pair_encoding.record() if tuned.pairs else None,
     }
     text = json.dumps(labels, indent=2, ensure_ascii=False) + "\n"
     (target / "labels.json").write_text(text, encoding="utf-8")

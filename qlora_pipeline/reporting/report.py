@@ -80,6 +80,7 @@ def what_ran_section(
             ["model files", f"`{model['source']}`"],
         ]
         rows += [["note", note] for note in model.get("notes", [])]
+        rows += load_report_rows(model.get("load_report") or {})
     if exp.get("mode") == "qlora":
         return ["## What ran", "", *table(["setting", "value"], rows + training_rows(config, training))]
     rows += [
@@ -93,6 +94,22 @@ def what_ran_section(
         ["threshold tuning", clf.get("threshold_metric", "none")],
     ]
     return ["## What ran", "", *table(["setting", "value"], rows)]
+
+
+def load_report_rows(report: dict[str, list[str]]) -> list[list[str]]:
+    """from_pretrained's missing, unexpected and mismatched keys (config.json has them all)."""
+    names = {
+        "missing": "weights not in the checkpoint (drawn fresh)",
+        "mismatched": "weights of another shape in the checkpoint (drawn fresh)",
+        "unexpected": "checkpoint weights left unused",
+    }
+    rows = []
+    for key, what in names.items():
+        found = report.get(key) or []
+        if found:
+            shown = ", ".join(f"`{k}`" for k in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            rows.append([what, f"{len(found)}: {shown}"])
+    return rows
 
 
 def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> list[list[str]]:
@@ -147,7 +164,9 @@ def embedding_rows(embedding: dict[str, Any]) -> list[list[str]]:
         if 0 < hits < total:  # see embeddings/cache.py: a vector depends on its batch-mates at float-rounding level
             rows.append(["note", "vectors partly cached by other runs: a cold-cache rerun may differ by ~1e-7"])
     fidelity = embedding.get("quantization_fidelity")
-    if fidelity:
+    if fidelity and fidelity.get("skipped"):
+        rows.append(["quantization fidelity", f"skipped: {fidelity['skipped']}"])
+    elif fidelity:
         rows.append(
             [
                 "quantization fidelity",
