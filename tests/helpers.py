@@ -247,16 +247,22 @@ def quantized_bytes(model: torch.nn.Module) -> bytes:
 ACCUMULATION_ROWS = 24  # 3 optimizer steps of 8 examples: one epoch, and as many examples for every process count
 
 
+# In the Trainer's seed-42 order of 24 rows, these positives put 2|0, 3|0 and 2|0 of them into the two micro-batches of
+# 4 of each optimizer step: a mean per micro-batch then differs from the step's mean (test_accumulation checks that).
+ACCUMULATION_POSITIVES = {4, 6, 12, 14, 15, 17, 23}
+
+
 def accumulation_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, scored): 24 short reviews, three negative for each positive (balanced class weights 0.67 / 2.0), and
-    8 texts whose probabilities are compared after training."""
+    """(train, scored): 24 short reviews, 7 positive (balanced class weights 0.71 / 1.71), and 8 texts whose
+    probabilities are compared after training."""
     words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
     texts = [f"{words[i % 12]}{words[(i * 5) % 12]}{words[(i * 7) % 12] * (1 + i % 4)}" for i in range(32)]
-    frame = pd.DataFrame({"text": texts, "label": [1 if i % 4 == 0 else 0 for i in range(32)]})
+    labels = [int(i in ACCUMULATION_POSITIVES or (i >= ACCUMULATION_ROWS and i % 2 == 0)) for i in range(32)]
+    frame = pd.DataFrame({"text": texts, "label": labels})
     return frame.head(ACCUMULATION_ROWS), frame.tail(8)
 
 
-def accumulation_config(head: str, class_weights: str, batch: int, accumulation: int) -> Any:
+def accumulation_config(head: str, class_weights: str, batch: int, accumulation: int, *extra: str) -> Any:
     """The tiny QLoRA config with `batch` x `accumulation` per process: dropout 0 and batches in sampler order (no
     length grouping), so only the arithmetic of the loss can tell the batch shapes apart."""
     from qlora_pipeline.config import load_config
@@ -264,6 +270,7 @@ def accumulation_config(head: str, class_weights: str, batch: int, accumulation:
     return load_config(
         "qlora_tiny_lm_label" if head == "lm_label" else "qlora_tiny",
         [
+            *extra,
             f"training.batch_size={batch}",
             f"training.gradient_accumulation_steps={accumulation}",
             f"training.class_weights={class_weights}",

@@ -56,6 +56,17 @@ def test_four_by_two_trains_as_eight_by_one_with_class_weights(
     assert_same_training(one_batch_of_8[case], accumulated)
 
 
+def test_the_data_tells_a_mean_per_micro_batch_apart(one_batch_of_8: References, tmp_path: Path) -> None:
+    """The power of the tests above: averaging each micro-batch's own weighted mean (0.1.0's loss, still there as
+    training.loss_normalization micro_batch for its archived runs) trains 4 x 2 measurably differently here."""
+    case = WEIGHTED[0]
+    legacy = accumulation_config(*case, 4, 2, "training.loss_normalization=micro_batch")
+    losses, proba = train_briefly(legacy, tmp_path)
+    reference_losses, reference_proba = one_batch_of_8[case]
+    assert np.abs(np.array(losses) - reference_losses).max() > 1e-3
+    assert np.abs(proba - reference_proba).max() > 1e-3
+
+
 @pytest.mark.slow  # two more pairs of trainings
 @pytest.mark.parametrize("case", UNWEIGHTED, ids=lambda case: "-".join(case))
 def test_four_by_two_trains_as_eight_by_one_without_class_weights(

@@ -40,7 +40,8 @@ def make_trainer_class() -> type:
         (`get_batch_samples`), where Σ w_i is taken from the labels (and summed across processes), and each
         micro-batch then contributes Σ_its w_i l_i / Σ w_i. So 8 x 1, 4 x 2 and 2 processes x 4 give one loss and
         one gradient, as transformers does for token losses with `num_items_in_batch`. transformers >= 5.19
-        reads `loss_is_scaled_for_ga` (pyproject pins it): True, the loss is not divided again.
+        reads `loss_is_scaled_for_ga` (pyproject pins it): True, the loss is not divided again. (Under DDP the
+        sampler still repeats a few examples to fill the last uneven batch, as DDP does for any loss.)
 
         `training.loss_normalization: micro_batch` keeps 0.1.0's loss instead, each micro-batch's own weighted
         mean divided by the accumulation steps, so that its archived runs reproduce."""

@@ -299,7 +299,7 @@ def load_model(
     new_weights = tuple(sorted([*report["missing"], *(m.split(":")[0] for m in report["mismatched"])]))
     if new_weights:
         shown = ", ".join(new_weights[:4]) + (f" and {len(new_weights) - 4} more" if len(new_weights) > 4 else "")
-        notes.append(f"not in the checkpoint, initialised under seed {seed}: {shown}")
+        notes.append(f"not in the checkpoint (or of another shape), initialised under seed {seed}: {shown}")
     _warn_about_surprises(report, task, source)
     if model.config.pad_token_id is None:  # sequence classification pools at the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
