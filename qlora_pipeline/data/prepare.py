@@ -111,6 +111,7 @@ def source_record(source: SourceData) -> dict[str, Any]:
         "sha256": source.sha256,
         "rows_read": source.rows_read,
         "rows_label_dropped": source.label_dropped,
+        "rows_label_defaulted": source.label_defaulted,  # labels.unmatched: <class name>
         "classes_read": source.classes_read,
     }
 
