@@ -136,6 +136,22 @@ def test_compare_shows_the_per_dataset_models_beside_the_primary(embeddings_run:
     assert f"{embeddings_run.name} (logreg_per_dataset)" in markdown
 
 
+def test_a_per_dataset_run_reproduces(embeddings_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", str(embeddings_run)]) == 0
+    assert "MATCH" in capsys.readouterr().out
+
+
+def test_per_dataset_adapters_are_refused_under_a_launcher_and_for_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qlora_pipeline.errors import UserError
+    from qlora_pipeline.finetune import run as finetune_run
+
+    with pytest.raises(UserError, match="--resume does not apply to experiment.per_dataset runs"):
+        finetune_run.check_per_dataset_launch("auto")
+    monkeypatch.setattr(finetune_run.distributed, "world_size", lambda: 2)
+    with pytest.raises(UserError, match="experiment.per_dataset trains in one process"):
+        finetune_run.check_per_dataset_launch(None)
+
+
 def test_qlora_per_dataset_only_predicts_with_each_datasets_adapter(
     files: dict[str, dict[str, str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -159,6 +175,10 @@ def test_qlora_per_dataset_only_predicts_with_each_datasets_adapter(
     capsys.readouterr()
     assert main(["predict", "--run", str(run_dir), "--text", "很好"]) == 2
     assert "choose one with --dataset: books, goods" in capsys.readouterr().err
+    from qlora_pipeline.reporting.compare import compare
+
+    markdown, _ = compare([run_dir, run_dir], tmp_path / "c.md")
+    assert f"{run_dir.name} (zero_shot)" in markdown
     lift = metrics["zero_shot_lift"]["test"]["overall"]["accuracy"]
     heads = metrics["splits"]["test"]
     expected = heads["qlora_per_dataset"]["overall"]["accuracy"] - heads["zero_shot"]["overall"]["accuracy"]
