@@ -187,6 +187,7 @@ def test_memory_above_the_visible_gpu_is_a_problem_with_what_to_lower(
     assert check(capsys, "qlora_tiny", *args)[0] == 0
 
 
+@pytest.mark.slow  # a profiled training step; scripts/check_memory_estimate.py measures every variant
 def test_the_estimate_stays_within_a_band_of_torchs_measured_peak_on_cpu() -> None:
     """The same workload measured with torch's profiler (scripts/check_memory_estimate.py prints every variant):
     the estimate errs high, never by more than half."""

@@ -265,7 +265,7 @@ def train_per_dataset(config: Config, run: Run, prepared: PreparedData, zero_sho
     for dataset in (source.name for source in config.data.sources):
         own = splits.of_dataset(dataset)
         check_dataset(own, dataset, tune)
-        with run.stage(f"per_dataset:{dataset}"):
+        with run.stage(f"per_dataset_{dataset}"):
             tuned = recipe.setup(config, len(label_names), seed, label_names)
             weights = class_weights(own.train["label"], len(label_names)) if prepared.class_weights else None
             marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name)
