@@ -112,6 +112,7 @@ def source_record(source: SourceData) -> dict[str, Any]:
         "rows_read": source.rows_read,
         "rows_label_dropped": source.label_dropped,
         "classes_read": source.classes_read,
+        **(source.encoding or {}),  # text files: encoding, encoding_from (default, config or detected)
     }
 
 

@@ -29,6 +29,7 @@ class SourceData:
     label_dropped: int = 0  # rows no label rule covered (labels.unmatched: drop)
     rows_read: int = 0  # rows in the source before anything was dropped
     classes_read: dict[str, int] | None = None  # class counts as read, before cleaning
+    encoding: dict[str, str] | None = None  # text files: the codec read with, and whether named or detected
 
 
 def from_table(

@@ -22,6 +22,7 @@ from qlora_pipeline.evaluation.results import evaluate_split
 from qlora_pipeline.evaluation.trained_head import tune_threshold
 from qlora_pipeline.finetune import checkpoints, recipe
 from qlora_pipeline.finetune.scoring import pair_column, predict_proba
+from qlora_pipeline.finetune.trainer import check_early_stopping_metric
 from qlora_pipeline.runs import write_json
 from qlora_pipeline.stages import data_stage, model_record, seed_everything, update_record, visualize_run
 
@@ -51,6 +52,7 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
     prepared = data_stage(config, run)
     splits = prepared.splits
     label_names = list(splits.label_names)
+    check_early_stopping_metric(config.training, len(label_names), splits.get("validation")["label"].to_numpy())
 
     with run.stage("model"):
         tuned = recipe.setup(config, len(label_names), seed, label_names)

@@ -13,6 +13,7 @@ from typing import Any
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.evaluation.metrics import COMPARED, metric_cell
+from qlora_pipeline.reporting.fonts import with_figure_fonts
 from qlora_pipeline.reporting.markdown import table
 from qlora_pipeline.runs import flatten, read_json
 
@@ -69,6 +70,7 @@ def metric_rows(runs: list[RunSummary], split: str) -> list[list[str]]:
     return rows
 
 
+@with_figure_fonts
 def plot_comparison(runs: list[RunSummary], split: str, path: Path) -> Path:
     import numpy as np
     from matplotlib.figure import Figure

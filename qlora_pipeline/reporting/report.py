@@ -7,6 +7,7 @@ from typing import Any
 
 from qlora_pipeline.evaluation.baseline import BASELINE
 from qlora_pipeline.evaluation.metrics import HEADLINE, format_metric, metric_cell
+from qlora_pipeline.evaluation.results import RESULTS_FILE
 from qlora_pipeline.models.tiny import BUILTIN_PREFIX
 from qlora_pipeline.reporting.markdown import table
 from qlora_pipeline.runs import read_json
@@ -95,6 +96,14 @@ def what_ran_section(
     return ["## What ran", "", *table(["setting", "value"], rows)]
 
 
+def schedule_text(training: dict[str, Any]) -> str:
+    """`cosine, warmup 0.03` (a fraction of the steps) or `linear, warmup 100 steps`; runs before lr_scheduler
+    existed trained with cosine."""
+    steps = training.get("warmup_steps")
+    warmup = f"warmup {steps} steps" if steps is not None else f"warmup {training.get('warmup_ratio')}"
+    return f"{training.get('lr_scheduler', 'cosine')}, {warmup}"
+
+
 def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> list[list[str]]:
     """The QLoRA recipe as configured, and what training measured (parameters, throughput, memory)."""
     t = config.get("training", {})
@@ -106,7 +115,7 @@ def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> li
         ],
         [
             "optimizer / learning rate",
-            f"{t.get('optimizer')} / {t.get('learning_rate')} (cosine, warmup {t.get('warmup_ratio')})",
+            f"{t.get('optimizer')} / {t.get('learning_rate')} ({schedule_text(t)})",
         ],
         ["batch", batch_text(t, training)],
         ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
@@ -239,7 +248,9 @@ def figures_section(run_dir: Path) -> list[str]:
         lines += ["Interactive: [dashboard.html](dashboard.html) (self-contained, opens offline).", ""]
     for summary in sorted(run_dir.glob("*/*/evaluation_summary.md")):
         folder = summary.parent.relative_to(run_dir).as_posix()
-        lines.append(f"### {folder}")
+        results = read_json(summary.parent / RESULTS_FILE, optional=True) or {}
+        shown = f"{results['dataset']}/{results['split']}" if "dataset" in results and "split" in results else folder
+        lines.append(f"### {shown}")
         lines += ["", f"Summary, per-class metrics, errors: [{folder}/{summary.name}]({folder}/{summary.name})", ""]
         lines += [f"![{p.stem}]({folder}/{p.name})" for p in sorted(summary.parent.glob("*.png"))] + [""]
     overview = sorted((run_dir / "figures").glob("*.png"))
