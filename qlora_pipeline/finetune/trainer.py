@@ -72,6 +72,8 @@ def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path
     if cuda:
         notes.append("GPU training is seeded but not bit-for-bit deterministic (full_determinism is CPU-only)")
     early_stopping = bool(train.early_stopping_patience)
+    # An int counts optimizer steps; a float below 1 is a fraction of the total steps (warmup_ratio).
+    warmup: float = train.warmup_steps if train.warmup_steps is not None else (train.warmup_ratio or 0.0)
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=train.batch_size,
@@ -82,8 +84,7 @@ def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path
         num_train_epochs=train.epochs,
         max_steps=train.max_steps if train.max_steps is not None else -1,
         lr_scheduler_type=train.lr_scheduler,
-        # An int counts optimizer steps; a float below 1 is a fraction of the total steps (warmup_ratio).
-        warmup_steps=train.warmup_steps if train.warmup_steps is not None else train.warmup_ratio,
+        warmup_steps=warmup,
         optim=train.optimizer,
         bf16=bf16,
         fp16=fp16,
@@ -169,7 +170,7 @@ def progress_callback(effective_batch: int) -> Any:
 
     from qlora_pipeline.progress import Progress
 
-    class TrainingProgress(TrainerCallback):  # type: ignore[misc]
+    class TrainingProgress(TrainerCallback):
         progress: Progress | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
