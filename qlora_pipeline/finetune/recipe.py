@@ -313,17 +313,15 @@ def make_trainer(
     from transformers import DataCollatorWithPadding, PrinterCallback
 
     tokenizer = tuned.loaded.tokenizer
-    args = training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes)
-    effective_batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * int(args.world_size)
     trainer = make_trainer_class()(
         model=tuned.loaded.model,
-        args=args,
+        args=training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes),
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=eval_metrics,
-        callbacks=training_callbacks(train_cfg, marker, effective_batch),
+        callbacks=training_callbacks(train_cfg, marker),
         loss_fn=loss_fn,
         logits_fn=class_logits_fn(tuned.label_words),
     )

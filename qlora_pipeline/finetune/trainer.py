@@ -116,12 +116,12 @@ def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path
     )
 
 
-def training_callbacks(train_cfg: TrainingConfig, marker: Any, effective_batch: int) -> list[Any]:
+def training_callbacks(train_cfg: TrainingConfig, marker: Any) -> list[Any]:
     """The checkpoint marker, progress (a bar or a line every 30 s, and each evaluation's metrics), and early
     stopping when a patience is set."""
     from transformers import EarlyStoppingCallback
 
-    callbacks = [marker, progress_callback(effective_batch)]
+    callbacks = [marker, progress_callback()]
     if train_cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train_cfg.early_stopping_patience))
     return callbacks
@@ -156,13 +156,14 @@ def eval_metrics(prediction: Any) -> dict[str, float]:
     if logits.shape[-1] == 2 and len(np.unique(labels)) == 2:
         from sklearn.metrics import average_precision_score, roc_auc_score
 
-        positive = 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))  # softmax of two logits, second class
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))  # a softmax that cannot overflow
+        positive = shifted[:, 1] / shifted.sum(axis=-1)
         metrics["roc_auc"] = float(roc_auc_score(labels, positive))
         metrics["pr_auc"] = float(average_precision_score(labels, positive))
     return metrics
 
 
-def progress_callback(effective_batch: int) -> Any:
+def progress_callback() -> Any:
     """A TrainerCallback showing step / total, loss, learning rate, samples/s and ETA (`progress.Progress`: a tqdm bar
     on a terminal, else an INFO line at most every 30 s), and an INFO line with each evaluation's metrics. Only the
     main process shows it (under torchrun the other ranks train in step)."""
@@ -172,10 +173,13 @@ def progress_callback(effective_batch: int) -> Any:
 
     class TrainingProgress(TrainerCallback):
         progress: Progress | None = None
+        samples_per_step = 0  # all processes together
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
                 self.progress = Progress(state.max_steps, "training", "step", logger=log, initial=state.global_step)
+                batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+                self.samples_per_step = batch * args.world_size
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
             if self.progress is None or not logs or "loss" not in logs:
@@ -186,7 +190,7 @@ def progress_callback(effective_batch: int) -> Any:
                 state.global_step,
                 loss=float(logs["loss"]),
                 lr=float(logs.get("learning_rate", 0.0)),
-                **{"samples/s": round(done * effective_batch / max(elapsed, 1e-9), 1)},
+                **{"samples/s": round(done * self.samples_per_step / max(elapsed, 1e-9), 1)},
             )
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

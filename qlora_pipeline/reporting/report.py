@@ -12,6 +12,7 @@ from qlora_pipeline.models.tiny import BUILTIN_PREFIX
 from qlora_pipeline.reporting.markdown import table
 from qlora_pipeline.runs import read_json
 
+ENCODED = ("config", "detected")  # a source read in an encoding other than the default UTF-8 says which
 ON_WHAT = {"qlora": "(the fine-tuned NF4 model with its LoRA adapter)"}  # the primary head, in the verdict
 WHAT = {"qlora": "fine-tuned adapter's scores"}
 
@@ -176,7 +177,8 @@ def data_section(data: dict[str, Any]) -> list[str]:
     sources = [
         [
             s["name"],
-            f"`{s['origin']}`",
+            f"`{s['origin']}`"
+            + (f" ({s['encoding']}, {s['encoding_from']})" if s.get("encoding_from") in ENCODED else ""),
             str(s["rows_read"]),
             str(s.get("rows_label_dropped", 0)),
             ", ".join(f"{k} {v}" for k, v in (s.get("classes_read") or {}).items()),
