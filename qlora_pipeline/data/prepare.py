@@ -114,6 +114,7 @@ def source_record(source: SourceData) -> dict[str, Any]:
         "rows_label_dropped": source.label_dropped,
         "rows_label_defaulted": source.label_defaulted,  # labels.unmatched: <class name>
         "classes_read": source.classes_read,
+        **(source.encoding or {}),  # text files: encoding, encoding_from (default, config or detected)
     }
 
 

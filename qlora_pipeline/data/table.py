@@ -30,6 +30,7 @@ class SourceData:
     rows_read: int = 0  # rows in the source before anything was dropped
     classes_read: dict[str, int] | None = None  # class counts as read, before cleaning
     label_defaulted: int = 0  # rows no label rule covered, given labels.unmatched's class
+    encoding: dict[str, str] | None = None  # text files: the codec read with, and whether named or detected
 
 
 def from_table(

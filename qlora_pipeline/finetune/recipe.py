@@ -4,8 +4,9 @@ A 4-bit NF4 base (`models.loading.load_model`, sequence-classification head), `p
 LoRA adapters on the configured linear layers, and the freshly initialised classification head trained in full and
 saved with the adapter (`modules_to_save`). With `training.head: lm_label` the base is the causal LM and the class
 logits are its logits of one label word per class after a prompt (`lm_label.py`); nothing new is initialised.
-HF `Trainer` runs the loop (`trainer.py`: optimizer by name, warmup + cosine, gradient accumulation, length-grouped
-batches, mixed precision on GPUs); only the loss and the class logits are ours (`losses.py`, `scoring.py`).
+HF `Trainer` runs the loop (`trainer.py`: optimizer by name, warmup + `training.lr_scheduler`, gradient accumulation,
+length-grouped batches, mixed precision on GPUs); only the loss and the class logits are ours (`losses.py`,
+`scoring.py`).
 Every decision that differs from what the config literally says is logged and returned in `notes`.
 """
 
@@ -28,7 +29,13 @@ from qlora_pipeline.finetune import lm_label
 from qlora_pipeline.finetune.checkpoints import checkpoint_step
 from qlora_pipeline.finetune.losses import LossFn, classification_loss, loss_weights
 from qlora_pipeline.finetune.scoring import Examples, class_logits_fn
-from qlora_pipeline.finetune.trainer import eval_metrics, make_trainer_class, training_arguments, training_callbacks
+from qlora_pipeline.finetune.trainer import (
+    close_progress,
+    eval_metrics,
+    make_trainer_class,
+    training_arguments,
+    training_callbacks,
+)
 from qlora_pipeline.models.loading import (
     HEAD_NAMES,
     POOLER,
@@ -37,6 +44,7 @@ from qlora_pipeline.models.loading import (
     Task,
     check_max_length,
     load_model,
+    quiet_library_logs,
     quiet_library_warnings,
 )
 
@@ -262,14 +270,17 @@ def train(
     # The Trainer switches deterministic algorithms on for the whole process (full_determinism, set up when it is
     # built): switched back afterwards, so a notebook that trains and then predicts is not left on slower kernels.
     deterministic_before = torch.are_deterministic_algorithms_enabled()
+    trainer = None
     try:
         trainer = make_trainer(tuned, train_cfg, work_dir, seed, train_set, eval_set, loss_fn, marker)
         start = time.perf_counter()
-        with quiet_library_warnings():
+        with quiet_library_warnings(), quiet_library_logs():
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        if trainer is not None:  # an interrupted run: the progress bar ends, and the console is itself again
+            close_progress(trainer)
     tuned.log_history = reproducible_log(trainer.state.log_history)
     tuned.summary = training_summary(tuned, trainer, train_cfg, train_set, seconds, resume_from)
     return tuned

@@ -33,6 +33,7 @@ from qlora_pipeline.evaluation.results import evaluate_split
 from qlora_pipeline.evaluation.trained_head import tune_threshold
 from qlora_pipeline.finetune import checkpoints, recipe
 from qlora_pipeline.finetune.scoring import pair_column, predict_proba
+from qlora_pipeline.finetune.trainer import check_early_stopping_metric
 from qlora_pipeline.runs import write_json
 from qlora_pipeline.stages import data_stage, model_record, seed_everything, update_record, visualize_run
 
@@ -65,6 +66,7 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
     prepared = data_stage(config, run)
     splits = prepared.splits
     label_names = list(splits.label_names)
+    check_early_stopping_metric(config.training, len(label_names), splits.get("validation")["label"].to_numpy())
     if not config.experiment.pooled:  # experiment.per_dataset alone: no pooled model
         return execute_per_dataset_only(config, run, prepared)
 

@@ -15,6 +15,7 @@ from qlora_pipeline.errors import UserError
 from qlora_pipeline.evaluation.metrics import COMPARED, metric_cell
 from qlora_pipeline.evaluation.per_dataset import ZERO_SHOT
 from qlora_pipeline.evaluation.per_dataset import head_name as per_dataset_head
+from qlora_pipeline.reporting.fonts import with_figure_fonts
 from qlora_pipeline.reporting.markdown import table
 from qlora_pipeline.runs import flatten, read_json
 
@@ -78,6 +79,7 @@ def shown_heads(metrics: dict[str, Any]) -> list[str]:
     return [primary, *(name for name in (per_dataset_head(primary), ZERO_SHOT) if name != primary)]
 
 
+@with_figure_fonts
 def plot_comparison(runs: list[RunSummary], split: str, path: Path) -> Path:
     import numpy as np
     from matplotlib.figure import Figure

@@ -9,10 +9,12 @@ from qlora_pipeline.evaluation.baseline import BASELINE
 from qlora_pipeline.evaluation.metrics import HEADLINE, format_metric, metric_cell
 from qlora_pipeline.evaluation.per_dataset import ZERO_SHOT
 from qlora_pipeline.evaluation.per_dataset import head_name as per_dataset_head
+from qlora_pipeline.evaluation.results import RESULTS_FILE
 from qlora_pipeline.models.tiny import BUILTIN_PREFIX
 from qlora_pipeline.reporting.markdown import table
 from qlora_pipeline.runs import read_json
 
+ENCODED = ("config", "detected")  # a source read in an encoding other than the default UTF-8 says which
 ON_WHAT = {  # the primary head, in the verdict
     "qlora": "(the fine-tuned NF4 model with its LoRA adapter)",
     "qlora_per_dataset": "(one fine-tuned LoRA adapter per dataset on the NF4 model)",
@@ -125,6 +127,14 @@ def models_text(exp: dict[str, Any]) -> str:
     return f"pooled (models/all/) and {own}" if exp.get("pooled", True) else f"{own} only, no pooled model"
 
 
+def schedule_text(training: dict[str, Any]) -> str:
+    """`cosine, warmup 0.03` (a fraction of the steps) or `linear, warmup 100 steps`; runs before lr_scheduler
+    existed trained with cosine."""
+    steps = training.get("warmup_steps")
+    warmup = f"warmup {steps} steps" if steps is not None else f"warmup {training.get('warmup_ratio')}"
+    return f"{training.get('lr_scheduler', 'cosine')}, {warmup}"
+
+
 def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> list[list[str]]:
     """The QLoRA recipe as configured, and what training measured (parameters, throughput, memory)."""
     t = config.get("training", {})
@@ -136,7 +146,7 @@ def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> li
         ],
         [
             "optimizer / learning rate",
-            f"{t.get('optimizer')} / {t.get('learning_rate')} (cosine, warmup {t.get('warmup_ratio')})",
+            f"{t.get('optimizer')} / {t.get('learning_rate')} ({schedule_text(t)})",
         ],
         ["batch", batch_text(t, training)],
         ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
@@ -197,7 +207,8 @@ def data_section(data: dict[str, Any]) -> list[str]:
     sources = [
         [
             s["name"],
-            f"`{s['origin']}`",
+            f"`{s['origin']}`"
+            + (f" ({s['encoding']}, {s['encoding_from']})" if s.get("encoding_from") in ENCODED else ""),
             str(s["rows_read"]),
             str(s.get("rows_label_dropped", 0)),
             str(s.get("rows_label_defaulted", 0)),
@@ -306,7 +317,9 @@ def figures_section(run_dir: Path) -> list[str]:
         lines += ["Interactive: [dashboard.html](dashboard.html) (self-contained, opens offline).", ""]
     for summary in sorted(run_dir.glob("*/*/evaluation_summary.md")):
         folder = summary.parent.relative_to(run_dir).as_posix()
-        lines.append(f"### {folder}")
+        results = read_json(summary.parent / RESULTS_FILE, optional=True) or {}
+        shown = f"{results['dataset']}/{results['split']}" if "dataset" in results and "split" in results else folder
+        lines.append(f"### {shown}")
         lines += ["", f"Summary, per-class metrics, errors: [{folder}/{summary.name}]({folder}/{summary.name})", ""]
         lines += [f"![{p.stem}]({folder}/{p.name})" for p in sorted(summary.parent.glob("*.png"))] + [""]
     overview = sorted((run_dir / "figures").glob("*.png"))
