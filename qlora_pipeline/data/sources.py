@@ -76,18 +76,40 @@ def read_table(path: Path) -> pd.DataFrame:
         if kind == "tsv":
             return pd.read_csv(path, sep="\t", dtype=object, keep_default_na=False, na_values=[""])
         if kind == "jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
+            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")  # a BOM is no JSON
         return pd.read_parquet(path)
     except UnicodeDecodeError as exc:
         # The parser's offset is relative to its buffer; decode the file itself to find the real one.
+        raw = path.read_bytes()
         try:
-            path.read_bytes().decode("utf-8")
+            raw.decode("utf-8")
             offset = exc.start
         except UnicodeDecodeError as whole:
             offset = whole.start
-        raise DataError(f"{path}: not valid UTF-8 at byte offset {offset}; re-save the file as UTF-8") from exc
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DataError(
+            f"{path}: not valid UTF-8 at byte offset {offset} (line {line}); re-save the file as UTF-8"
+        ) from exc
     except (ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"{path}: cannot be read as {kind}: {str(exc).splitlines()[0]}") from exc
+        where = _bad_json_line(path) if kind == "jsonl" else None
+        raise DataError(f"{path}: cannot be read as {kind}: {where or str(exc).splitlines()[0]}") from exc
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """The first line of a JSON-lines file that is not a JSON object, and why (pandas names no line)."""
+    import json
+
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                return f"line {number} is not valid JSON ({exc.msg}, column {exc.colno})"
+            if not isinstance(value, dict):
+                return f"line {number} is not a JSON object"
+    return None
 
 
 def load_local(source: SourceConfig) -> SourceData:

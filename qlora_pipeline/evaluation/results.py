@@ -12,7 +12,7 @@ import pandas as pd
 
 from qlora_pipeline.evaluation.analysis import by_length, confident_errors, curves
 from qlora_pipeline.evaluation.metrics import evaluate
-from qlora_pipeline.runs import write_json
+from qlora_pipeline.runs import inside, write_json
 
 RESULTS_FILE = "evaluation_results.json"
 
@@ -42,7 +42,7 @@ def evaluate_split(
     }
     primary = next(iter(predictions))
     for dataset, frame in predictions[primary].groupby("dataset", sort=True):
-        folder = run_dir / str(dataset) / split
+        folder = inside(run_dir, str(dataset), split)  # a dataset's name never writes outside the run
         folder.mkdir(parents=True, exist_ok=True)
         if options.save_predictions:
             frame.to_csv(folder / "predictions.csv", index=False)

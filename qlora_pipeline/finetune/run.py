@@ -51,6 +51,8 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
     prepared = data_stage(config, run)
     splits = prepared.splits
     label_names = list(splits.label_names)
+    if resume_from is not None:  # before the model loads: a checkpoint continues only on the data it trained on
+        checkpoints.check_data(resume_from, prepared.summary["fingerprint"])
 
     with run.stage("model"):
         tuned = recipe.setup(config, len(label_names), seed, label_names)
@@ -64,7 +66,8 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
             resume_from = checkpoints.adopt(resume_from, work_dir)
         # Under torchrun: the other ranks wait here until the checkpoints to resume from are copied.
         distributed.agree(prepared.summary["fingerprint"], "data fingerprint")
-        marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name)
+        fingerprint = prepared.summary["fingerprint"]
+        marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name, fingerprint)
         validation = splits.get("validation")
         recipe.train(
             tuned,
@@ -140,7 +143,9 @@ def train_replica(config: Config, run_dir: Path, resume: str | None) -> None:
         prepared.splits.get("validation"),
         seed,
         work_dir,
-        marker=checkpoints.marker_callback(checkpoints.config_hash(config), run_dir.name),
+        marker=checkpoints.marker_callback(
+            checkpoints.config_hash(config), run_dir.name, prepared.summary["fingerprint"]
+        ),
         resume_from=work_dir / resume if resume else None,
         data_weights=prepared.class_weights,
     )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline.evaluation.metrics import COMPARED
 from qlora_pipeline.evaluation.results import collect_results
+from qlora_pipeline.runs import inside
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -183,7 +184,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     paths = []
     for split, per_dataset in collect_results(run_dir).items():
         for dataset, results in per_dataset.items():
-            paths += plot_evaluation(results, run_dir / dataset / split)
+            paths += plot_evaluation(results, inside(run_dir, dataset, split))
         paths.append(plot_dataset_comparison(per_dataset, run_dir / "figures", split))
     for name in TRAINING_LOGS:
         if (run_dir / name).is_file():
