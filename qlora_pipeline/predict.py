@@ -35,7 +35,7 @@ import pandas as pd
 
 from qlora_pipeline.errors import DataError, UserError
 from qlora_pipeline.evaluation.baseline import BASELINE, baseline_texts
-from qlora_pipeline.integrity import verify_checksums, verify_manifest
+from qlora_pipeline.integrity import CHECKSUMS, verify_checksums, verify_manifest
 from qlora_pipeline.reproduce import load_archived_config
 from qlora_pipeline.runs import read_json, run_state
 
@@ -211,6 +211,8 @@ def _check_model_files(predictor: Predictor, folder: Path) -> None:
         loaded = sorted(p for p in (folder / "lora_adapter").rglob("*") if p.is_file())
     else:
         loaded = [p for p in (needed[0], needed[0].with_suffix(".ubj")) if p.is_file()]
+    # The folder's checksums.json as the run left it (manifest.json), then each file as it was saved (checksums.json).
+    verify_manifest(predictor.run_dir, [(folder / CHECKSUMS).relative_to(predictor.run_dir).as_posix()])
     verify_checksums(folder, [p.relative_to(folder).as_posix() for p in loaded])
     predictor._verified.add(folder)
 
