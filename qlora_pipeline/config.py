@@ -275,8 +275,8 @@ class SourceConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         name_ok = re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", self.name) is not None
-        rule = "letters, digits, '_', '.' or '-', not starting with '.' (it names output folders)"
-        _check("name", self.name, name_ok, rule)
+        allowed = "letters, digits, '_', '.' or '-', not starting with '.' (it names output folders)"
+        _check("name", self.name, name_ok, allowed)
         _check("corpus", self.corpus, bool(self.corpus), "a non-empty string")
         if self.type == "local" and not self.path:
             raise _FieldError(

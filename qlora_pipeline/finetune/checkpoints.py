@@ -105,14 +105,40 @@ def damage(checkpoint: Path) -> str | None:
 
 
 def intact(candidates: list[Path]) -> Path | None:
-    """The newest of `candidates` (oldest first, as `checkpoints_in` lists them) that is intact; each damaged one
-    skipped on the way is named in a warning."""
+    """The newest of `candidates` (oldest first, as `checkpoints_in` lists them) that is intact and from which
+    training goes on; each damaged one skipped on the way is named in a warning. A checkpoint saved as training
+    stopped (early stopping) is passed over for an earlier one: the Trainer, resumed there, would train on past the
+    stop, and the resumed run would differ from the uninterrupted one. Only when no other is intact is it taken."""
+    last_one = None
     for checkpoint in reversed(candidates):
         problem = damage(checkpoint)
-        if problem is None:
+        if problem is not None:
+            log.warning("skipping %s: %s (damaged or cut short; never resumed)", checkpoint, problem)
+        elif not ended_training(checkpoint):
+            if last_one is not None:
+                log.info(
+                    "%s was saved as training stopped: resuming from %s, which ends the same",
+                    last_one.name,
+                    checkpoint.name,
+                )
             return checkpoint
-        log.warning("skipping %s: %s (damaged or cut short; never resumed)", checkpoint, problem)
-    return None
+        elif last_one is None:
+            last_one = checkpoint
+    if last_one is not None:
+        log.warning(
+            "%s was saved as training stopped and no earlier checkpoint is intact: training goes on from it", last_one
+        )
+    return last_one
+
+
+def ended_training(checkpoint: Path) -> bool:
+    """Whether training stopped at this checkpoint (its saved TrainerControl says should_training_stop)."""
+    try:
+        callbacks = read_json(checkpoint / TRAINER_STATE).get("stateful_callbacks") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    control = callbacks.get("TrainerControl") if isinstance(callbacks, dict) else None
+    return bool(isinstance(control, dict) and (control.get("args") or {}).get("should_training_stop"))
 
 
 def check_data(checkpoint: Path, fingerprint: str) -> None:

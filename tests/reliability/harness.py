@@ -9,6 +9,7 @@ $RELEASE_FILE is set, until that file exists (the run then goes on). The package
 are test code, installed from outside, so no test hook sits in the package's own paths.
 
 POINT is `name` or `name:N` (the N-th time the point is reached, default 1):
+  start           before the command begins (to start several at the same moment)
   data            inside the data stage, before cleaning
   model           embeddings: loading the encoder
   encode:N        inside the N-th forward pass of a decoder layer while encoding (mid-batch)
@@ -59,6 +60,8 @@ def wrap(owner: Any, name: str, point: str, nth: int) -> None:
 
 
 def install(point: str, nth: int) -> None:
+    if point == "start":
+        return  # `main` holds before the command
     if point == "data":
         from qlora_pipeline.data import prepare
 
@@ -152,6 +155,9 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     install(point, int(nth or 1))
     from qlora_pipeline.cli import main as qlora
+
+    if point == "start":
+        hold(point)
 
     return qlora(sys.argv[separator + 1 :])
 

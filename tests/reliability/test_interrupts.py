@@ -251,7 +251,9 @@ QLORA_POINTS = [  # (point, signal, the checkpoint a resume continues from)
     ("train_step:3", "SIGKILL", "checkpoint-2"),  # between two checkpoints
     ("checkpoint:4", "SIGKILL", "checkpoint-2"),  # checkpoint-4 half written (adapter only, no marker): skipped
     ("rotation", "SIGKILL", "checkpoint-2"),  # checkpoint-4 half deleted, marker intact: its checksums fail
-    ("adapter_save", "SIGINT", "checkpoint-6"),  # training over, the adapter not saved yet
+    # Training over, the adapter not saved yet. checkpoint-6 was saved as early stopping ended training: resumed
+    # there, the Trainer trained 2 steps more (a longer log, 8 steps); the resume starts from checkpoint-2 instead.
+    ("adapter_save", "SIGINT", "checkpoint-2"),
 ]
 
 
