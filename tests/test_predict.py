@@ -84,6 +84,7 @@ def test_qlora_predictor_applies_the_saved_threshold(qlora_run: Path, tmp_path: 
         labels["threshold"]["value"] = cut
         labels_file.write_text(json.dumps(labels))
         record_checksums(copy / "models" / "all", ["lora_adapter/labels.json"])  # as if the run had saved this cut
+        write_manifest(copy)
         assert set(load_predictor(copy).predict(texts)["prediction"]) == {expected}
 
 

@@ -89,7 +89,7 @@ def test_processes_filling_one_cache_at_once_leave_every_entry_whole(
     assert all(np.array_equal(vector, expected_vector(keys[key])) for key, vector in found.items())
 
 
-@pytest.mark.parametrize("point", ["cache_put:1", "encode:3"])
+@pytest.mark.parametrize("point", ["cache_put:1", pytest.param("encode:3", marks=pytest.mark.slow)])
 def test_cache_clear_while_a_run_encodes_does_not_break_the_run(
     point: str, tmp_path: Path, fresh_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
