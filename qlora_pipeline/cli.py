@@ -208,17 +208,40 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from qlora_pipeline.runs import RunInterrupted, disk_full, sigterm_interrupts
+
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    where = f" (rank {distributed.rank()})" if distributed.is_replica() else ""
     try:
-        return dispatch(args)
+        with sigterm_interrupts():  # SIGTERM ends any command as Ctrl-C does: recorded, one line, no traceback
+            return dispatch(args)
     except UserError as exc:
-        where = f" (rank {distributed.rank()})" if distributed.is_replica() else ""
-        print(f"qlora: error{where}: {exc}", file=sys.stderr)
+        print(f"qlora: error{where}: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qlora: interrupted", file=sys.stderr)
+        print(f"qlora: interrupted{where} (SIGINT)", file=sys.stderr)
         return 130
+    except RunInterrupted as exc:
+        print(
+            f"qlora: interrupted{where} ({exc.args[0].removeprefix('received ') if exc.args else 'SIGTERM'})",
+            file=sys.stderr,
+        )
+        return 143
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        at = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"qlora: error{where}: {exc.strerror}{at}: free some space or write elsewhere (--output-dir, --out)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def one_line(message: str) -> str:
+    """A message as the one line the console shows (a data value or a library's text may hold line breaks)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -285,9 +308,10 @@ def run_command(
 
 
 def reproduce_command(run_path: str, output_dir: str | None) -> int:
-    from qlora_pipeline.reproduce import check_processes, load_archived_config, locate_archive
+    from qlora_pipeline.reproduce import check_original, check_processes, load_archived_config, locate_archive
 
     run_dir, config_json = locate_archive(run_path)
+    check_original(run_dir)
     config = load_archived_config(config_json)
     check_processes(run_dir, config_json)
     return run_command(config, output_dir or str(run_dir.parent), reproduce_of=run_dir)

@@ -45,6 +45,14 @@ class _FieldError(ConfigError):
         return _FieldError(joined, self.problem, self.template)
 
 
+def _name(key: Any, limit: int = 60) -> str:
+    """A key (or text) as an error message shows it: as written when printable, escaped when it holds line breaks
+    or other control characters (a message is one line), shortened past `limit` characters."""
+    text = str(key)
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -123,7 +131,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         # Keys are matched against data values read as text, so YAML's `0:` and `"0":` mean the same.
         if not isinstance(value, Mapping) or not all(isinstance(k, (str, int, float, bool)) for k in value):
             raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
-        return {_key_text(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return {_key_text(k): _coerce(args[1], v, f"{where}.{_name(k)}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         if isinstance(value, hint):
             return value
@@ -157,7 +165,7 @@ def _build(cls: type, data: Mapping[str, Any]) -> Any:
     hints = _hints(cls)
     for key in data:
         if key not in hints:
-            raise _unknown_key(str(key), str(key), list(hints))
+            raise _unknown_key(_name(key), str(key), list(hints))
     kwargs = {key: _coerce(hints[key], value, key) for key, value in data.items()}
     return cls(**kwargs)
 
@@ -496,12 +504,9 @@ class EmbeddingConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        try:
-            self.prompt_template.format(instruction="", text="")
-        except (KeyError, IndexError, ValueError) as err:
-            raise _FieldError(
-                "prompt_template", "may only use {instruction} and {text} (write other braces as {{ }})"
-            ) from err
+        fields = prompt_fields(self.prompt_template)
+        if fields is None or not fields <= {"instruction", "text"}:
+            raise _FieldError("prompt_template", "may only use {instruction} and {text} (write other braces as {{ }})")
         _check("prompt_template", self.prompt_template, "{text}" in self.prompt_template, "a string with {text}")
         if self.instruction is not None and "{instruction}" not in self.prompt_template:
             raise _FieldError("prompt_template", "must contain {instruction} when instruction is set")
@@ -746,6 +751,7 @@ class Config:
     def from_dict(cls, data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a config must be a mapping of sections ({', '.join(_hints(cls))}), got {_got(data)}")
+        _check_size(data, "the config")
         return _build(cls, apply_overrides(data, overrides))
 
 
@@ -753,7 +759,24 @@ class Config:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 insists on `1.0e-4`; people write 1e-4)."""
+    """SafeLoader (no Python objects, ever) that also reads `1e-4` as a float (YAML 1.1 insists on `1.0e-4`; people
+    write 1e-4) and refuses a key given twice in one mapping, where YAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_name(key)!r} (first at line {first.line + 1})", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -763,33 +786,71 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_VALUES = 20_000  # a real config holds a few hundred; YAML aliases can make a few lines expand to billions
+MAX_DEPTH = 50
+
+
+def _check_size(value: Any, what: str) -> None:
+    """Refuse a config that expands (through YAML aliases, or refers to itself) past MAX_VALUES values or MAX_DEPTH
+    levels: walking it, and writing it to config.json, would never end. Stops counting at the limit."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES or depth > MAX_DEPTH:
+            limit = f"{MAX_VALUES} values" if count > MAX_VALUES else f"{MAX_DEPTH} levels"
+            raise ConfigError(
+                f"{what} expands to more than {limit} (YAML aliases or a structure that contains itself); "
+                "write the values out"
+            )
+        if isinstance(item, Mapping):
+            stack.extend((child, depth + 1) for pair in item.items() for child in pair)
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend((child, depth + 1) for child in item)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line saying what is wrong with a YAML text, and where when known."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return _name(err.problem or err.context or "invalid YAML", 200) + where
+    return _name(str(err).splitlines()[0] if str(err) else type(err).__name__, 200)
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of `data` with `section.field=value` overrides applied (values parsed as YAML)."""
     result = copy.deepcopy(dict(data))
     for item in overrides:
         dotted, sep, text = item.partition("=")
         if not sep or not dotted.strip():
-            raise ConfigError(f"override '{item}' must look like section.field=value, e.g. training.lora_r=8")
+            raise ConfigError(f"override '{_name(item)}' must look like section.field=value, e.g. training.lora_r=8")
         keys = dotted.strip().split(".")
         hint: Any = Config
         for depth, key in enumerate(keys):
             if not (dataclasses.is_dataclass(hint) and isinstance(hint, type)):
                 parent = ".".join(keys[:depth])
-                raise ConfigError(f"override '{item}': {parent} is a value, not a section; use {parent}=...")
+                raise ConfigError(f"override '{_name(item)}': {parent} is a value, not a section; use {parent}=...")
             if key not in _hints(hint):
-                unknown = _unknown_key(".".join(keys[: depth + 1]), key, list(_hints(hint)))
-                raise ConfigError(f"override '{item}': {unknown}")
+                unknown = _unknown_key(_name(".".join(keys[: depth + 1])), key, list(_hints(hint)))
+                raise ConfigError(f"override '{_name(item)}': {unknown}")
             hint = _hints(hint)[key]
         try:
             value = yaml.load(text, Loader=_Loader)
         except yaml.YAMLError as err:
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({err})") from err
+            raise ConfigError(f"override '{_name(item)}': the value is not valid YAML ({_yaml_problem(err)})") from err
+        except RecursionError as err:
+            raise ConfigError(f"override '{_name(item)}': the value is nested too deeply") from err
+        _check_size(value, f"override '{_name(item)}'")
         node = result
         for depth, key in enumerate(keys[:-1]):
             if node.get(key) is None:
                 node[key] = {}
             if not isinstance(node[key], dict):
-                raise ConfigError(f"override '{item}': {'.'.join(keys[: depth + 1])} is not a mapping in the config")
+                raise ConfigError(
+                    f"override '{_name(item)}': {'.'.join(keys[: depth + 1])} is not a mapping in the config"
+                )
             node = node[key]
         node[keys[-1]] = value
     return result
@@ -886,22 +947,35 @@ def _parse_yaml(text: str, path: str | Path) -> Any:
         return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
+        problem = _name(err.problem or err.context or "cannot be parsed", 200)
         if mark is None:
-            raise ConfigError(f"{path}: invalid YAML: {err.problem}") from err
-        raise ConfigError(
-            f"{path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
-        ) from err
+            raise ConfigError(f"{path}: invalid YAML: {problem}") from err
+        raise ConfigError(f"{path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from err
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(err)}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path}: the YAML is nested too deeply to be a config") from err
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ConfigError(f"key {_name(repeated[0])!r} is given twice in one object; keep one")
+    return dict(pairs)
 
 
 def _parse_json(text: str, path: str | Path) -> Any:
     if not text.strip():
         return None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path}: the JSON is nested too deeply to be a config") from err
 
 
 def save_config(config: Config, path: str | Path) -> None:

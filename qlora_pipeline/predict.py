@@ -18,7 +18,9 @@ test split bit for bit.
 
 Security: classifier heads are joblib pickles, and unpickling runs code. Heads are therefore read only from a
 run directory that records a successful run (status.json `succeeded`, config.json), from its own models/
-folder; never point `qlora predict` at a run directory from someone you do not trust.
+folder, and only when they match the checksums recorded when the run saved them (`integrity.py`: a damaged or
+swapped file is refused, as are a changed config.json or data_summary.json); never point `qlora predict` at a run
+directory from someone you do not trust.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import pandas as pd
 
 from qlora_pipeline.errors import DataError, UserError
 from qlora_pipeline.evaluation.baseline import BASELINE, baseline_texts
+from qlora_pipeline.integrity import CHECKSUMS, verify_checksums, verify_manifest
 from qlora_pipeline.reproduce import load_archived_config
-from qlora_pipeline.runs import dataset_folder, read_json
+from qlora_pipeline.runs import dataset_folder, read_json, run_state
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -66,6 +69,7 @@ class Predictor:
     use_cache: bool = False
     _scorers: dict[Path, Scorer] = field(default_factory=dict, repr=False)
     _encoder: Any = field(default=None, repr=False)
+    _verified: set[Path] = field(default_factory=set, repr=False)  # model folders checked against their checksums
 
     def model_dir(self, dataset: str | None = None) -> Path:
         """models/<dataset>/ when the run trained one for `dataset` (experiment.per_dataset), else models/all/ (the
@@ -153,15 +157,18 @@ def load_predictor(
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist; pass a run directory such as outputs/run_007")
-    for name in ("status.json", "config.json", "data_summary.json"):
-        if not (run / name).is_file():
-            raise UserError(f"{run} has no {name}: not a finished qlora run directory")
-    status = read_json(run / "status.json")
+    if not (run / "status.json").is_file():
+        raise UserError(f"{run} has no status.json: not a finished qlora run directory")
+    status = run_state(run)  # a `running` run whose process died reads as interrupted
     state = status.get("state")
     if state != "succeeded":
         why = f" ({status['error']})" if status.get("error") else ""
         still = "; wait for it to finish" if state == "running" else "; predict from a run that succeeded"
         raise UserError(f"run {run} is {state}{why}{still}")
+    for name in ("config.json", "data_summary.json"):
+        if not (run / name).is_file():
+            raise UserError(f"{run} has no {name}: not a finished qlora run directory")
+    verify_manifest(run, ["config.json", "data_summary.json"])  # what decides how texts are scored
     config = load_archived_config(run / "config.json")
     mode = config.experiment.mode
     primary = "qlora" if mode == "qlora" else config.classifier.heads[0]
@@ -212,6 +219,7 @@ def _check_device(run: Path, device: str, explicit: bool) -> None:
 
 
 def _check_model_files(predictor: Predictor, folder: Path) -> None:
+    """The model files are there, and match the checksums the run recorded when it saved them."""
     if predictor.mode == "qlora" and predictor.head != BASELINE:
         needed = [folder / "lora_adapter" / name for name in ADAPTER_FILES]
     else:
@@ -223,6 +231,16 @@ def _check_model_files(predictor: Predictor, folder: Path) -> None:
         raise UserError(
             f"run {predictor.run_dir} is missing {', '.join(missing)}{hint}; its model files are incomplete"
         )
+    if folder in predictor._verified:
+        return
+    if predictor.mode == "qlora" and predictor.head != BASELINE:  # every file PeftModel.from_pretrained may read
+        loaded = sorted(p for p in (folder / "lora_adapter").rglob("*") if p.is_file())
+    else:
+        loaded = [p for p in (needed[0], needed[0].with_suffix(".ubj")) if p.is_file()]
+    # The folder's checksums.json as the run left it (manifest.json), then each file as it was saved (checksums.json).
+    verify_manifest(predictor.run_dir, [(folder / CHECKSUMS).relative_to(predictor.run_dir).as_posix()])
+    verify_checksums(folder, [p.relative_to(folder).as_posix() for p in loaded])
+    predictor._verified.add(folder)
 
 
 def _read_head(run_dir: Path, folder: Path, name: str) -> Any:

@@ -1,4 +1,7 @@
-"""Rerun an archived config.json and check that every metric and every prediction matches the original."""
+"""Rerun an archived config.json and check that every metric and every prediction matches the original.
+
+Only a run that succeeded, with its files as its manifest.json recorded them, is reproduced: a damaged or edited
+original would turn a faithful rerun into a MISMATCH (or an edited config into a false MATCH)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.runs import flatten, read_json
+from qlora_pipeline.integrity import verify_manifest
+from qlora_pipeline.runs import flatten, read_json, run_state
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -34,6 +38,19 @@ def load_archived_config(config_json: Path) -> Config:
     if not isinstance(record, dict) or "config" not in record:
         raise UserError(f"{config_json} is not a qlora run archive (no 'config' key)")
     return Config.from_dict(record["config"])
+
+
+def check_original(run_dir: Path) -> None:
+    """The run to reproduce succeeded (a dead `running` one reads as interrupted) and its files are as it left them."""
+    status = run_state(run_dir)
+    state = status.get("state")
+    if state != "succeeded":
+        why = f" ({status['error']})" if status.get("error") else ""
+        raise UserError(
+            f"{run_dir} is {state or 'without a status.json'}{why}: only a run that succeeded has the metrics and "
+            "predictions a reproduction is checked against (qlora resume continues an interrupted qlora run)"
+        )
+    verify_manifest(run_dir)
 
 
 def check_processes(run_dir: Path, config_json: Path) -> None:

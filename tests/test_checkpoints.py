@@ -74,8 +74,7 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "training_callbacks",
             lambda cfg, marker: [*original(cfg, marker), Interrupt()],
         )
-        with pytest.raises(RunInterrupted):
-            main(args(root, CONFIG))
+        assert main(args(root, CONFIG)) == 143  # as SIGTERM ends it: one line, exit 128 + 15
     return root / "run_001"
 
 

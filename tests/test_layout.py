@@ -13,7 +13,18 @@ ROOT = "qlora_pipeline"
 PATHS = ("embeddings", "finetune")  # one package per path of `experiment.mode`
 # Below the paths: what every path may use, and what may never reach back up to a path, the shared stages, the
 # orchestrator or the commands.
-SHARED = ("config", "errors", "runs", "distributed", "progress", "data", "models", "evaluation", "reporting")
+SHARED = (
+    "config",
+    "errors",
+    "runs",
+    "integrity",
+    "distributed",
+    "progress",
+    "data",
+    "models",
+    "evaluation",
+    "reporting",
+)
 ABOVE_THE_SHARED = (*PATHS, "stages", "pipeline", "predict", "predict_cli", "evaluate", "reproduce", "plan", "cli")
 
 

@@ -30,6 +30,7 @@ from helpers import (
 from qlora_pipeline import load_predictor
 from qlora_pipeline.cli import main
 from qlora_pipeline.evaluation.trained_head import load_head
+from qlora_pipeline.integrity import record_checksums, write_manifest
 
 FAST_EMBEDDINGS = ["evaluation.figures=false", "evaluation.bootstrap=0", "data.max_samples=200"]
 
@@ -82,6 +83,8 @@ def test_qlora_predictor_applies_the_saved_threshold(qlora_run: Path, tmp_path: 
     for cut, expected in ((0.0, 1), (1.01, 0)):  # every text above, then below, the cut
         labels["threshold"]["value"] = cut
         labels_file.write_text(json.dumps(labels))
+        record_checksums(copy / "models" / "all", ["lora_adapter/labels.json"])  # as if the run had saved this cut
+        write_manifest(copy)
         assert set(load_predictor(copy).predict(texts)["prediction"]) == {expected}
 
 
@@ -305,6 +308,7 @@ def _recorded_on_cuda(run_dir: Path, tmp_path: Path) -> Path:
     record["config"]["model"]["device"] = "cuda"
     record["model"]["device"] = "cuda"
     (copy / "config.json").write_text(json.dumps(record))
+    write_manifest(copy)  # as that run recorded its files (an edit alone is refused: see tests/reliability)
     return copy
 
 

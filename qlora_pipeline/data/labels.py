@@ -115,8 +115,9 @@ def _finish(
         return Labelled(filled, pd.Series(True, index=matched.index), names, defaulted)
     if not matched.all() and source.labels.unmatched == "error":
         shown_values = as_text(values[~matched].map(lambda v: v if not _is_listlike(v) else list(v)))
-        unknown = shown_values.fillna("<missing>").value_counts().head(5)
-        shown = ", ".join(f"'{v}' ({n} rows)" for v, n in unknown.items())
+        shown_values = shown_values.fillna("<missing>").map(_one_line)
+        unknown = shown_values.value_counts().head(5)
+        shown = ", ".join(f"'{v}' ({n} rows) at {_rows_at(shown_values, v)}" for v, n in unknown.items())
         raise DataError(
             f"data source '{source.name}': {int((~matched).sum())} label values in column '{source.label_column}' "
             f"are not {wanted}: {shown}; cover them in the config, or set labels.unmatched: drop "
@@ -125,6 +126,20 @@ def _finish(
     if len(names) < 2:
         raise DataError(f"data source '{source.name}': only one class ({names[0]!r}); need at least two")
     return Labelled(codes[matched].astype(int), matched, names)
+
+
+def _rows_at(values: pd.Series, value: str, shown: int = 3) -> str:
+    """Where `value` occurs: its first data rows, numbered from 1 after any header (`values` keeps the source's row
+    index), so row N of a CSV file is its line N+1."""
+    rows = [int(i) + 1 for i in values.index[values == value][:shown]]
+    more = " …" if int((values == value).sum()) > shown else ""
+    return ("data row " if len(rows) == 1 else "data rows ") + ", ".join(map(str, rows)) + more
+
+
+def _one_line(text: str) -> str:
+    """A label value as one line of an error message (line breaks and control characters escaped), shortened."""
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _is_listlike(value: object) -> bool:

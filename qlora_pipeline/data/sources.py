@@ -105,20 +105,40 @@ def read_local_file(
             handle = io.BufferedReader(_Counted(io.BytesIO(raw), progress))
             text_options: dict[str, Any] = {"encoding": chosen.name}
             if kind == "jsonl":
+                if chosen.name in ("utf-8", "utf8"):  # a BOM is no JSON: read past one
+                    text_options["encoding"] = "utf-8-sig"
                 return pd.read_json(handle, lines=True, dtype=False, **text_options), chosen
             sep = "\t" if kind == "tsv" else ","
             table = pd.read_csv(handle, sep=sep, dtype=object, keep_default_na=False, na_values=[""], **text_options)
             return table, chosen
     except UnicodeError as exc:
         offset = _bad_offset(raw, chosen.name, exc)
-        where = f" at byte offset {offset}" if offset is not None else ""
+        line = raw.count(b"\n", 0, offset) + 1 if offset is not None else None
+        where = f" at byte offset {offset} (line {line})" if offset is not None else ""
         label = "UTF-8" if chosen.how == "default" else chosen.name
         raise DataError(
             f"{path}: not valid {label}{where}; set {option} to the file's encoding (e.g. gbk, gb18030, utf-16, "
             "big5) or to auto, or re-save the file as UTF-8"
         ) from exc
     except (ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"{path}: cannot be read as {kind}: {str(exc).splitlines()[0]}") from exc
+        bad_line = _bad_json_line(raw.decode(chosen.name, errors="replace")) if kind == "jsonl" else None
+        raise DataError(f"{path}: cannot be read as {kind}: {bad_line or str(exc).splitlines()[0]}") from exc
+
+
+def _bad_json_line(text: str) -> str | None:
+    """The first line of a JSON-lines text that is not a JSON object, and why (pandas names no line)."""
+    import json
+
+    for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line.rstrip("\r"))
+        except json.JSONDecodeError as exc:
+            return f"line {number} is not valid JSON ({exc.msg}, column {exc.colno})"
+        if not isinstance(value, dict):
+            return f"line {number} is not a JSON object"
+    return None
 
 
 class _Counted(io.RawIOBase):

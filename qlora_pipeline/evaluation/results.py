@@ -13,7 +13,7 @@ import pandas as pd
 
 from qlora_pipeline.evaluation.analysis import by_length, confident_errors, curves
 from qlora_pipeline.evaluation.metrics import evaluate
-from qlora_pipeline.runs import dataset_folder, write_json
+from qlora_pipeline.runs import dataset_folder, inside, write_json
 
 RESULTS_FILE = "evaluation_results.json"
 
@@ -43,7 +43,8 @@ def evaluate_split(
     }
     primary = next(iter(predictions))
     for dataset, frame in predictions[primary].groupby("dataset", sort=True):
-        folder = run_dir / dataset_folder(str(dataset)) / split
+        # A dataset's name never writes outside the run: a safe folder name, checked to stay inside.
+        folder = inside(run_dir, dataset_folder(str(dataset)), split)
         folder.mkdir(parents=True, exist_ok=True)
         if options.save_predictions:
             frame.to_csv(folder / "predictions.csv", index=False)

@@ -36,6 +36,7 @@ from qlora_pipeline.finetune.trainer import (
     training_arguments,
     training_callbacks,
 )
+from qlora_pipeline.integrity import record_checksums
 from qlora_pipeline.models.loading import (
     HEAD_NAMES,
     POOLER,
@@ -425,5 +426,7 @@ def save(tuned: FineTuned, out_dir: Path, label_names: list[str], threshold: dic
     }
     text = json.dumps(labels, indent=2, ensure_ascii=False) + "\n"
     (target / "labels.json").write_text(text, encoding="utf-8")
+    # Checked by `qlora predict` before it loads the adapter (integrity.py).
+    record_checksums(out_dir, sorted(p.relative_to(out_dir).as_posix() for p in target.rglob("*") if p.is_file()))
     log.info("adapter saved to %s", target)
     return target

@@ -66,6 +66,8 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
     prepared = data_stage(config, run)
     splits = prepared.splits
     label_names = list(splits.label_names)
+    if resume_from is not None:  # before the model loads: a checkpoint continues only on the data it trained on
+        checkpoints.check_data(resume_from, prepared.summary["fingerprint"])
     check_early_stopping_metric(config.training, len(label_names), splits.get("validation")["label"].to_numpy())
     if not config.experiment.pooled:  # experiment.per_dataset alone: no pooled model
         return execute_per_dataset_only(config, run, prepared)
@@ -82,7 +84,8 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
             resume_from = checkpoints.adopt(resume_from, work_dir)
         # Under torchrun: the other ranks wait here until the checkpoints to resume from are copied.
         distributed.agree(prepared.summary["fingerprint"], "data fingerprint")
-        marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name)
+        fingerprint = prepared.summary["fingerprint"]
+        marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name, fingerprint)
         validation = splits.get("validation")
         recipe.train(
             tuned,
@@ -171,7 +174,9 @@ def train_replica(config: Config, run_dir: Path, resume: str | None) -> None:
         prepared.splits.get("validation"),
         seed,
         work_dir,
-        marker=checkpoints.marker_callback(checkpoints.config_hash(config), run_dir.name),
+        marker=checkpoints.marker_callback(
+            checkpoints.config_hash(config), run_dir.name, prepared.summary["fingerprint"]
+        ),
         resume_from=work_dir / resume if resume else None,
         data_weights=prepared.class_weights,
     )

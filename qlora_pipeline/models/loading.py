@@ -271,6 +271,9 @@ def load_model(
 
     notes: list[str] = []
     source = resolve_model_path(cfg.name_or_path)
+    if cfg.trust_remote_code:  # off by default; when on, it is said where it is decided, and recorded
+        notes.append(f"trust_remote_code on: Python code shipped with {source} may run in this process")
+        log.warning("model.trust_remote_code is on: Python code shipped with %s may run in this process", source)
     device = resolve_device(cfg)
     if cfg.device == "auto":
         notes.append(f"device auto → {device}")

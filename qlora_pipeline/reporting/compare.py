@@ -15,9 +15,10 @@ from qlora_pipeline.errors import UserError
 from qlora_pipeline.evaluation.metrics import COMPARED, metric_cell
 from qlora_pipeline.evaluation.per_dataset import ZERO_SHOT
 from qlora_pipeline.evaluation.per_dataset import head_name as per_dataset_head
+from qlora_pipeline.integrity import verify_manifest
 from qlora_pipeline.reporting.fonts import with_figure_fonts
 from qlora_pipeline.reporting.markdown import table
-from qlora_pipeline.runs import flatten, read_json
+from qlora_pipeline.runs import flatten, read_json, run_state
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,18 @@ class RunSummary:
 
 
 def load_run(path: Path) -> RunSummary:
+    """A finished run's config, metrics and labels: refused while it runs, when it did not succeed (a dead `running`
+    one reads as interrupted), or when those files differ from what its manifest.json recorded."""
+    status = run_state(path)
+    if status and status.get("state") != "succeeded":
+        why = f" ({status['error']})" if status.get("error") else ""
+        raise UserError(f"{path} is {status.get('state')}{why}: compare runs that succeeded")
     files = {name: path / f"{name}.json" for name in ("config", "metrics", "data_summary")}
     for file in files.values():
         if not file.is_file():
             raise UserError(f"{path} has no {file.name}: pass finished run directories (outputs/run_XXX)")
+    if status:  # a run directory the pipeline wrote (hand-made ones have no status.json)
+        verify_manifest(path, [f.name for f in files.values()])
     record, metrics, data = (read_json(f) for f in files.values())
     return RunSummary(path.name, path, record["config"], metrics, list(data["label_names"]))
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from qlora_pipeline.evaluation.metrics import COMPARED
 from qlora_pipeline.evaluation.results import collect_results
 from qlora_pipeline.reporting.fonts import with_figure_fonts
-from qlora_pipeline.runs import dataset_folder
+from qlora_pipeline.runs import dataset_folder, inside
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -192,7 +192,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     paths = []
     for split, per_dataset in collect_results(run_dir).items():
         for dataset, results in per_dataset.items():
-            paths += plot_evaluation(results, run_dir / dataset_folder(dataset) / split)
+            paths += plot_evaluation(results, inside(run_dir, dataset_folder(dataset), split))
         paths.append(plot_dataset_comparison(per_dataset, run_dir / "figures", split))
     for name in TRAINING_LOGS:
         if (run_dir / name).is_file():

@@ -12,7 +12,7 @@ from qlora_pipeline.evaluation.per_dataset import head_name as per_dataset_head
 from qlora_pipeline.evaluation.results import RESULTS_FILE
 from qlora_pipeline.models.tiny import BUILTIN_PREFIX
 from qlora_pipeline.reporting.markdown import table
-from qlora_pipeline.runs import read_json
+from qlora_pipeline.runs import read_json, write_text_atomic
 
 ENCODED = ("config", "detected")  # a source read in an encoding other than the default UTF-8 says which
 ON_WHAT = {  # the primary head, in the verdict
@@ -44,7 +44,7 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
     lines += environment_section(record.get("environment") or {})
     lines += artifacts_section(run_dir, record.get("tracking"))
     path = run_dir / "experiment_report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")  # a run killed while writing it keeps the previous one whole
     return path
 
 
@@ -98,6 +98,8 @@ def what_ran_section(
         ["model", cfg_model.get("name_or_path", "")],
         ["quantization requested", cfg_model.get("quantization", "")],
     ]
+    if cfg_model.get("trust_remote_code"):
+        rows.append(["trust_remote_code", "**on**: Python code shipped with the model was allowed to run"])
     if model:
         rows += [
             ["quantization used", model["quantization"]],
