@@ -10,11 +10,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qlora_pipeline"
 ROOT = "qlora_pipeline"
-PATHS = ("embeddings", "finetune")  # one package per path of `experiment.mode`
+PATHS = ("embeddings", "finetune", "sft")  # one package per path of `experiment.mode`
 # Below the paths: what every path may use, and what may never reach back up to a path, the shared stages, the
 # orchestrator or the commands.
 SHARED = ("config", "errors", "runs", "distributed", "data", "models", "training", "evaluation", "reporting")
-ABOVE_THE_SHARED = (*PATHS, "stages", "pipeline", "predict", "predict_cli", "reproduce", "cli")
+ABOVE_THE_SHARED = (*PATHS, "stages", "pipeline", "predict", "predict_cli", "generate_cli", "reproduce", "cli")
 
 
 def module_name(path: Path) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 from qlora_pipeline.evaluation.baseline import BASELINE
 from qlora_pipeline.evaluation.metrics import HEADLINE, format_metric, metric_cell
 from qlora_pipeline.models.tiny import BUILTIN_PREFIX
+from qlora_pipeline.reporting import generations
 from qlora_pipeline.reporting.markdown import table
 from qlora_pipeline.runs import read_json
 
@@ -24,10 +25,13 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
     lines = [f"# Experiment report: {config.get('experiment', {}).get('name', '?')} ({run_dir.name})", ""]
     lines += status_section(status)
     lines += what_ran_section(config, record.get("model"), record.get("training"), record.get("embedding"))
+    instructions = config.get("experiment", {}).get("mode") == "sft"  # the instruction path reports its own way
     if data:
-        lines += data_section(data)
+        lines += generations.data_lines(data) if instructions else data_section(data)
     if metrics:
-        lines += results_section(metrics, config)
+        lines += (
+            generations.results_lines(run_dir, metrics, config) if instructions else results_section(metrics, config)
+        )
     lines += figures_section(run_dir)
     if reproduction:
         lines += reproduction_section(reproduction)
@@ -82,6 +86,9 @@ def what_ran_section(
         rows += [["note", note] for note in model.get("notes", [])]
     if exp.get("mode") == "qlora":
         return ["## What ran", "", *table(["setting", "value"], rows + training_rows(config, training))]
+    if exp.get("mode") == "sft":
+        rows += training_rows(config, training) + generations.what_ran_rows(config, training)
+        return ["## What ran", "", *table(["setting", "value"], rows)]
     rows += [
         ["pooling / max length", f"{emb.get('pooling')} / {emb.get('max_length')} tokens"],
         ["instruction", repr(emb.get("instruction"))],
@@ -109,9 +116,12 @@ def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> li
             f"{t.get('optimizer')} / {t.get('learning_rate')} (cosine, warmup {t.get('warmup_ratio')})",
         ],
         ["batch", batch_text(t, training)],
-        ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
-        ["head", str(t.get("head", "classification"))],
     ]
+    if config.get("experiment", {}).get("mode") != "sft":  # the instruction path: the LM's own loss, no head
+        rows += [
+            ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
+            ["head", str(t.get("head", "classification"))],
+        ]
     if training:
         share = 100 * training["trainable_parameters"] / training["total_parameters"]
         rows += [
