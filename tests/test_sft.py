@@ -137,6 +137,21 @@ def test_qlora_generate_answers_a_file_and_prompts(
     assert [line["prompt"] for line in lines] == ["你好", "判断情感"] and all("answer" in line for line in lines)
 
 
+def test_qlora_generate_interactive_answers_line_by_line_and_keeps_a_conversation(
+    sft_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("判断情感\n\n你好\n"))
+    assert main(["generate", "--run", str(sft_run), "--interactive", "--history", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["判断情感", "你好"]  # the blank line is skipped
+    from qlora_pipeline import load_generator
+
+    first = load_generator(sft_run).generate(["判断情感"])[0]
+    assert lines[0]["answer"] == first
+
+
 def test_export_writes_a_merged_model_that_plain_transformers_loads_and_answers_alike(
     sft_run: Path, test_generations: list[dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -368,3 +368,16 @@ def test_a_messages_cell_that_is_not_a_conversation_is_a_data_error(tmp_path: Pa
     config = config_for(path)
     with pytest.raises(DataError, match=r"1 of 2 records have no list of \{role, content\} messages.*\(line 3\)"):
         prepare_instructions(config.data, config.sft, 0)
+
+
+def test_import_help_and_load_generator_do_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qlora_pipeline\n"
+        "from qlora_pipeline.cli import build_parser\n"
+        "build_parser().format_help(); qlora_pipeline.load_generator; qlora_pipeline.Generator\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

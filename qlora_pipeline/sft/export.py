@@ -27,8 +27,7 @@ from typing import Literal
 import torch
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.sft.generation import run_config
-from qlora_pipeline.sft.recipe import ADAPTER_DIR, SFT_FILE
+from qlora_pipeline.sft.generation import ADAPTER_DIR, SFT_FILE, run_config
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 from qlora_pipeline.data.instructions import ROLES
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.runs import read_json
 from qlora_pipeline.sft.prompts import Prompter, PromptFormat
-from qlora_pipeline.sft.recipe import ADAPTER_DIR, SFT_FILE
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config, GenerationConfig
@@ -37,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Prompt = str | dict[str, Any] | list[dict[str, Any]]
+ADAPTER_DIR = "lora_adapter"  # in models/all/ of a run
+SFT_FILE = "sft.json"  # beside the adapter: the prompt format, so generation renders prompts as training did
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", SFT_FILE)
 _EMPTY_THINKING = re.compile(r"^\s*<think>\s*</think>\s*")  # Qwen3 answers open with one when not thinking
 
@@ -98,7 +97,6 @@ class Generator:
         """The answer to each prompt, in order (see `answers` for the options)."""
         return [answer.text for answer in self.answers(prompts, **options)]
 
-    @torch.no_grad()
     def answers(
         self,
         prompts: Sequence[Prompt],
@@ -113,6 +111,7 @@ class Generator:
         batch_size: int | None = None,
     ) -> list[Answer]:
         """Answers with the run's generation settings, each overridable here; `adapter=False`: the base alone."""
+        import torch
         from transformers import GenerationConfig as Decoding
 
         settings = self.settings
@@ -141,7 +140,7 @@ class Generator:
         size = batch_size or settings.batch_size
         devices = [device.index or 0] if device.type == "cuda" else []
         switched = contextlib.nullcontext() if adapter else model.disable_adapter()  # off: the base alone
-        with torch.random.fork_rng(devices=devices), switched:
+        with torch.random.fork_rng(devices=devices), switched, torch.no_grad():
             torch.manual_seed(self.seed if seed is None else seed)  # used by sampling only
             for start in range(0, len(order), size):
                 batch = order[start : start + size]

@@ -25,6 +25,7 @@ import torch
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.models.loading import LoadedModel, check_max_length, load_model, quiet_library_warnings
+from qlora_pipeline.sft.generation import ADAPTER_DIR, SFT_FILE
 from qlora_pipeline.sft.prompts import IGNORE, Prompter, PromptFormat, encode_split, resolve_format
 from qlora_pipeline.training.checkpoints import checkpoint_step
 from qlora_pipeline.training.log import peak_rss_mb, reproducible_log
@@ -37,9 +38,6 @@ if TYPE_CHECKING:
     from qlora_pipeline.config import Config, TrainingConfig
 
 log = logging.getLogger(__name__)
-
-ADAPTER_DIR = "lora_adapter"
-SFT_FILE = "sft.json"  # beside the adapter: the prompt format and what generation needs to render prompts alike
 
 
 @dataclass
