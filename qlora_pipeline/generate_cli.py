@@ -28,11 +28,15 @@ def add_generate_parsers(commands: Any) -> None:
     )
     generate.add_argument("--run", required=True, help="an sft run directory that succeeded (outputs/run_XXX)")
     source = generate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", action="append", help="a prompt, one user turn (repeatable)")
+    source.add_argument(
+        "--prompt",
+        action="append",
+        help="a prompt, one user turn (repeatable); for a run trained on a fixed sft.instruction, its input",
+    )
     source.add_argument(
         "--file",
         help="records to answer (.jsonl, .csv, .parquet): a messages column, the run's alpaca columns "
-        "(instruction[, input]) or a prompt column",
+        "(instruction[, input]; input alone for a fixed sft.instruction) or a prompt column",
     )
     source.add_argument("--interactive", action="store_true", help="read one prompt per line until EOF")
     generate.add_argument("--out", help="--file: write JSON lines here (default: print them)")
@@ -153,6 +157,8 @@ def read_prompts(path: Path, generator: Generator) -> tuple[list[dict[str, Any]]
                 turns = turns[:-1]  # a conversation that ends with its answer: answer it afresh
             prompts.append(turns)
         return records, prompts
+    if sft.instruction is not None and sft.input_column in table.columns:  # trained on one fixed instruction
+        return records, [{"instruction": sft.instruction, "input": r[sft.input_column] or ""} for r in records]
     if sft.instruction_column in table.columns:
         prompts = [
             {

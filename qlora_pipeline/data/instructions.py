@@ -91,8 +91,19 @@ class _Source:
 # ---- the whole data stage -------------------------------------------------------------------------------------
 
 
+# Settings of the classification data layer that instruction records do not use (texts are kept as written).
+NOT_READ = ("min_length", "max_length", "normalize_unicode", "drop_conflicting", "mask_urls", "mask_mentions",
+            "lowercase", "balance")  # fmt: skip
+
+
 def prepare_instructions(cfg: DataConfig, sft: SftConfig, seed: int) -> InstructionData:
     """Load every source, check its records, clean, sample `max_samples` per dataset and split by prompt."""
+    from qlora_pipeline.config import DataConfig
+
+    default = DataConfig()
+    ignored = [f"data.{name}" for name in NOT_READ if getattr(cfg, name) != getattr(default, name)]
+    if ignored:
+        log.warning("mode sft keeps texts as written: %s not applied to instruction records", ", ".join(ignored))
     sources = [load_instruction_source(source, sft) for source in cfg.sources]
     raw = pd.concat([s.frame for s in sources], ignore_index=True)
     rows_read = sum(s.rows_read for s in sources)
@@ -125,6 +136,7 @@ def prepare_instructions(cfg: DataConfig, sft: SftConfig, seed: int) -> Instruct
         "answer_length": length_stats(answers),
         "answers_per_record": {"max": int(turns.max()), "multi_turn_records": int((turns > 1).sum())},
         "cross_split_overlap": overlap,
+        "settings_not_applied": ignored,
         "fingerprint": splits.fingerprint(),
     }
     log.info(

@@ -107,6 +107,16 @@ def data_lines(data: dict[str, Any]) -> list[str]:
         f"{turns.get('multi_turn_records', 0)}. Splits are drawn by prompt; prompts in more than one split: "
         f"{data['cross_split_overlap']}.",
         "",
+        *(
+            [
+                "Not applied to instruction records (texts are kept as written): "
+                + ", ".join(data["settings_not_applied"])
+                + ".",
+                "",
+            ]
+            if data.get("settings_not_applied")
+            else []
+        ),
         f"Data fingerprint: `{data['fingerprint']}`",
         "",
     ]

@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Files a tracker receives, relative to the run directory. Predictions and model weights stay in the run directory.
-ARTIFACTS = ("*.md", "*.json", "*.csv", "*.html", "*.log", "figures/*.png", "*/*/evaluation_*", "*/*/*.png")
+ARTIFACTS = (
+    *("*.md", "*.json", "*.csv", "*.html", "*.log", "figures/*.png", "*/*/evaluation_*", "*/*/*.png"),
+    *("*/*/generation_results.json", "*/*/generations.jsonl"),  # an sft run's answers and their scores
+)
 MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 

@@ -40,7 +40,6 @@ def export_merged(
     """Merge the run's adapter into its (dequantized) base and save the model directory `out_dir`."""
     from dataclasses import replace
 
-    from peft import PeftModel
     from transformers import GenerationConfig
 
     from qlora_pipeline.models.loading import load_model, quiet_library_warnings
@@ -54,6 +53,8 @@ def export_merged(
     # Dequantizing runs where the weights are; a run trained on a GPU exports on this machine's device (auto).
     model_cfg = replace(config.model, device="auto")
     loaded = load_model(model_cfg, task="causal_lm", seed=config.experiment.seed)
+    from peft import PeftModel  # after load_model: its bitsandbytes import stays quiet
+
     base = loaded.model
     if loaded.quantization != "none":
         base = base.dequantize(dtype=torch.float32)  # the NF4 weights the adapter was trained against

@@ -47,10 +47,13 @@ class Answer:
     stopped: bool  # ended with the stop token (False: cut at max_new_tokens)
 
 
-def as_conversation(prompt: Prompt) -> list[dict[str, Any]]:
-    """A prompt as the messages before the answer: a plain string is one user turn; a dict is an alpaca record
-    (`instruction`, optional `input` and `system`) or holds `messages`; a list is the messages themselves."""
+def as_conversation(prompt: Prompt, instruction: str | None = None) -> list[dict[str, Any]]:
+    """A prompt as the messages before the answer: a plain string is one user turn (the input to `instruction`,
+    when the run was trained on one fixed `sft.instruction`); a dict is an alpaca record (`instruction`, optional
+    `input` and `system`) or holds `messages`; a list is the messages themselves."""
     if isinstance(prompt, str):
+        if instruction is not None:
+            return [{"role": "user", "content": instruction, "input": prompt}]
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, dict) and "messages" in prompt:
         return as_conversation(prompt["messages"])
@@ -131,7 +134,8 @@ class Generator:
             pad_token_id=self.loaded.tokenizer.pad_token_id,
             eos_token_id=self.stop_ids(),
         )
-        ids = [self.prompter.prompt_ids(as_conversation(p)) for p in prompts]
+        fixed = self.config.sft.instruction
+        ids = [self.prompter.prompt_ids(as_conversation(p, fixed)) for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         model = self.loaded.model
         model.eval()
@@ -206,7 +210,6 @@ def load_generator(
 ) -> Generator:
     """A finished sft run's model (the NF4 base as the run loaded it, with its adapter) and prompt format.
     `device`: where it runs (default: the run's model.device); `batch_size`: prompts per forward pass."""
-    from peft import PeftModel
 
     from qlora_pipeline.models.loading import load_model, quiet_library_warnings
 
@@ -214,6 +217,8 @@ def load_generator(
     if device is not None:
         config = replace(config, model=replace(config.model, device=device))
     loaded = load_model(config.model, task="causal_lm", seed=config.experiment.seed)
+    from peft import PeftModel  # after load_model: its bitsandbytes import stays quiet
+
     prompt = PromptFormat.from_dict(record["prompt_format"])
     tokens = loaded.tokenizer.convert_ids_to_tokens(prompt.stop_token_ids)
     if tokens != [prompt.stop_token]:

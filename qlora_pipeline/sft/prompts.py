@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # the label of a token that is not learned (prompt, padding)
-PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+PROBE_ANSWER = "7f3a probe answer"  # text no template writes itself, to find where an answer ends
+PROBE = [{"role": "user", "content": "probe question"}, {"role": "assistant", "content": PROBE_ANSWER}]
 
 
 @dataclass(frozen=True)
@@ -120,18 +121,19 @@ def _template_stop_token(tokenizer: Any, source: str) -> int:
     fix = "use sft.prompt_format: template"
     whole = _render(tokenizer, PROBE, False)
     prompt = _render(tokenizer, PROBE[:1], True)
-    answer_at = whole.find("A", len(prompt)) if whole.startswith(prompt) else -1
+    answer_at = whole.find(PROBE_ANSWER, len(prompt)) if whole.startswith(prompt) else -1
     if answer_at < 0:
         raise UserError(
             f"the chat template of {source!r} does not continue its generation prompt with the answer; {fix}"
         )
-    after = tokenizer(whole[answer_at + 1 :], add_special_tokens=False)["input_ids"]
+    tail = whole[answer_at + len(PROBE_ANSWER) :]
+    after = tokenizer(tail, add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | {
         i for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False)
     }
     if not after or after[0] not in special:
         raise UserError(
-            f"the chat template of {source!r} ends an assistant turn with {whole[answer_at + 1 :]!r}, no "
+            f"the chat template of {source!r} ends an assistant turn with {tail!r}, no "
             f"end-of-turn token that generation could stop at; {fix}"
         )
     return int(after[0])
