@@ -25,7 +25,7 @@ SFT_QUICK_TEST_CONFIG = "instruction_sft_tiny.yaml"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora",
-        description="Config-driven text-classification experiments with 4-bit (NF4) Qwen models.",
+        description="Config-driven experiments with 4-bit (NF4) Qwen models: text classifiers and instruction tuning.",
     )
     parser.add_argument("--version", action="version", version=f"qlora-pipeline {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     resume = commands.add_parser(
-        "resume", help="continue an interrupted qlora run from its latest checkpoint, with its archived config"
+        "resume", help="continue an interrupted qlora or sft run from its latest checkpoint, with its archived config"
     )
     resume.add_argument("run_path", help="the interrupted run directory (outputs/run_XXX)")
     resume.add_argument("--output-dir", help="root for the new run directory (default: beside the original)")

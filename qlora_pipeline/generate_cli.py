@@ -58,7 +58,7 @@ def add_generate_parsers(commands: Any) -> None:
         "export", help="merge an sft run's adapter into its base: a model directory plain transformers loads"
     )
     export.add_argument("--run", required=True, help="an sft run directory that succeeded (outputs/run_XXX)")
-    export.add_argument("--merge", required=True, metavar="OUT", help="the new model directory (must not exist)")
+    export.add_argument("--merge", required=True, metavar="OUT", help="the new model directory (absent or empty)")
     export.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="saved weights (default float32)"
     )
