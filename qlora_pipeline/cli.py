@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run an experiment from a config file into outputs/run_XXX")
     run.add_argument("--config", required=True, help="YAML/JSON config: a path, or the name of a shipped config")
     add_run_options(run)
+    add_check_options(run)
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, data and model files and print the plan (rows, steps, tokens, parameters, "
+        "estimated GPU memory) without training or creating a run directory; exit 2 with one line per problem",
+    )
     run.add_argument(
         "--resume",
         default="none",
@@ -60,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"sft: {SFT_QUICK_TEST_CONFIG} (instruction fine-tuning, generations, ~1 min)",
     )
     add_run_options(quick)
+
+    check = commands.add_parser(
+        "check", help="the dry run of `qlora run --dry-run`: is this config ready to run, and what will it cost?"
+    )
+    check.add_argument("config", help="YAML/JSON config: a path, or the name of a shipped config")
+    add_run_options(check)
+    add_check_options(check)
 
     reproduce = commands.add_parser(
         "reproduce", help="rerun an archived run and check that every metric and prediction matches"
@@ -109,6 +123,15 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)",
     )
     parser.add_argument("--output-dir", help="root for run directories (default: the config's output.root)")
+
+
+def add_check_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a quick run of any config: at most 300 examples per dataset, one short epoch, a small evaluation "
+        "(recorded in config.json and the report; --set still wins)",
+    )
 
 
 class _ConsoleHandler(logging.StreamHandler):
@@ -172,8 +195,21 @@ def dispatch(args: argparse.Namespace) -> int:
         config_path = quick.get(args.mode, QUICK_TEST_CONFIG)
     else:
         config_path = args.config
-    config = load_config(config_path, args.overrides)
+    config = load_config(config_path, args.overrides, quick=getattr(args, "quick", False))
+    if args.command == "check" or getattr(args, "dry_run", False):
+        return check_command(config, args.output_dir)
     return run_command(config, args.output_dir, resume=getattr(args, "resume", None))
+
+
+def check_command(config: Any, output_dir: str | None) -> int:
+    """`qlora check` / `qlora run --dry-run`: the plan, or one line per problem and exit 2. Nothing is written."""
+    from qlora_pipeline.plan import make_plan
+
+    plan = make_plan(config, output_dir)
+    print(plan.text())
+    for problem in plan.problems:
+        print(f"qlora: problem: {problem}", file=sys.stderr)
+    return 2 if plan.problems else 0
 
 
 def run_command(
@@ -227,7 +263,7 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
                 )
                 continue
             print(
-                f"  {split:<10} {head:<14} accuracy {format_metric(overall['accuracy'])}  "
+                f"  {split:<10} {head:<20} accuracy {format_metric(overall['accuracy'])}  "
                 f"macro-F1 {format_metric(overall['macro_f1'])}  ROC-AUC {format_metric(overall['roc_auc'])}"
             )
     print(f"report: {run_dir / 'experiment_report.md'}")

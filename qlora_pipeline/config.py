@@ -181,14 +181,36 @@ class ExperimentConfig:
         "sft: instruction fine-tuning, a LoRA adapter on the causal LM that learns to write the answers (sft.*).",
     )
     seed: int = param(42, "Seed for sampling, splits, heads and training, so a rerun gives the same result.")
+    per_dataset: bool = param(
+        False,
+        "Also train one model per dataset (heads, or a LoRA adapter) into models/<dataset>/, scored on that "
+        "dataset's rows beside the pooled one (head <primary>_per_dataset); needs 2 or more data.sources.",
+    )
+    pooled: bool = param(
+        True,
+        "Train the pooled model on every dataset (models/all/); false with per_dataset trains the per-dataset "
+        "models only (they are then the primary head, and `qlora predict` needs --dataset).",
+    )
+    quick: bool = param(
+        False,
+        "Set by `qlora run --quick`, which also applies the quick settings (a few hundred examples, one short "
+        "epoch, a small evaluation): marks config.json and the report as a quick run. Changes nothing by itself.",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check("name", self.name, bool(self.name.strip()), "a non-empty string")
+        if not self.pooled and not self.per_dataset:
+            raise _FieldError("pooled", "can be false only with per_dataset: true (otherwise nothing is trained)")
         _check("seed", self.seed, 0 <= self.seed < 2**32, ">= 0 and < 2**32 (numpy's seed range)")
 
 
 SPLIT_NAMES = ("train", "validation", "test")  # the one list of split names
+BINARY_DEFAULT_NAMES = (
+    "negative",
+    "positive",
+)  # class names of a binary rule (threshold, positive) without label_names
+UNMATCHED_ACTIONS = ("error", "drop")  # labels.unmatched besides a class name
 
 
 @dataclass
@@ -205,12 +227,15 @@ class LabelConfig:
     negative: list[str] | None = param(
         None, "With positive: values making a row the first class; null makes every non-positive row the first."
     )
-    unmatched: Literal["error", "drop"] = param(
-        "error", "Rows no rule covers (unmapped value, missing score): error stops with examples; drop counts them."
+    unmatched: str = param(
+        "error",
+        "Rows no rule covers (unmapped value, missing score): error stops with examples; drop removes and counts "
+        "them; a class name (one of label_names) gives them that class and counts them (data_summary.json).",
     )
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check("unmatched", self.unmatched, bool(self.unmatched), "error, drop or a class name")
         rules = [name for name in ("map", "threshold", "positive") if getattr(self, name) is not None]
         if len(rules) > 1:
             raise _FieldError(rules[1], f"cannot be combined with {rules[0]}; use one labelling rule per source")
@@ -228,6 +253,11 @@ class LabelConfig:
     @property
     def binary_rule(self) -> str | None:
         return "threshold" if self.threshold is not None else "positive" if self.positive is not None else None
+
+    @property
+    def default_class(self) -> str | None:
+        """The class unmatched rows get (`unmatched` is a class name), else None (error or drop)."""
+        return None if self.unmatched in UNMATCHED_ACTIONS else self.unmatched
 
 
 @dataclass
@@ -257,6 +287,11 @@ class SourceConfig:
         "a missing validation or test is carved from train by the ratios.",
     )
     split_column: str | None = param(None, "Type local: column naming each row's split (read through splits).")
+    files: dict[str, str] | None = param(
+        None,
+        "Type local, instead of path: one file per split of this dataset, {train: ..., validation: ..., test: ...}; "
+        "train is required, a missing validation or test is carved from train by the ratios.",
+    )
     text_column: str = param("text", "Column holding the text.")
     text_pair_column: str | None = param(None, "Column holding the second text of a pair (AFQMC-style); null: none.")
     label_column: str = param("label", "Column holding the label (a value, a score, or a list of values).")
@@ -271,12 +306,17 @@ class SourceConfig:
         name_ok = re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None
         _check("name", self.name, name_ok, "letters, digits, '_', '.' or '-' (it names output folders)")
         _check("corpus", self.corpus, bool(self.corpus), "a non-empty string")
-        if self.type == "local" and not self.path:
+        if self.type == "local" and not self.path and self.files is None:
             raise _FieldError(
-                "path", "is required when type is 'local'; set it to a .csv/.tsv/.jsonl/.parquet file or folder"
+                "path",
+                "is required when type is 'local'; set it to a .csv/.tsv/.jsonl/.parquet file or folder "
+                "(or set files: {train: ..., test: ...} for one file per split)",
             )
-        if self.type != "local" and self.path is not None:
-            raise _FieldError("path", f"is only read when type is 'local' (type is '{self.type}'); remove it")
+        for local_field in ("path", "files"):
+            if self.type != "local" and getattr(self, local_field) is not None:
+                raise _FieldError(local_field, f"is only read when type is 'local' (type is '{self.type}'); remove it")
+        if self.files is not None:
+            self._check_files()
         if self.type == "hub" and not self.dataset:
             raise _FieldError("dataset", "is required when type is 'hub'; set a hub id like google/civil_comments")
         for hub_field in ("dataset", "subset", "revision"):
@@ -303,6 +343,35 @@ class SourceConfig:
             stray = sorted(set(self.labels.map.values()) - set(self.label_names))
             if stray:
                 raise _FieldError("labels.map", f"maps to {stray}, which label_names {self.label_names} lacks")
+        default = self.labels.default_class
+        if default is not None:
+            known = self.class_names()
+            if known is None:
+                raise _FieldError(
+                    "labels.unmatched",
+                    f"is the class name {default!r}; set label_names (or labels.map) so it is one of known classes",
+                )
+            ok = default in known
+            _check("labels.unmatched", default, ok, f"'error', 'drop' or one of the classes {known}")
+
+    def _check_files(self) -> None:
+        assert self.files is not None
+        for clash in ("path", "split_column", "splits"):
+            if getattr(self, clash) is not None:
+                raise _FieldError(clash, "cannot be combined with files (files already names each split's file)")
+        unknown = sorted(set(self.files) - set(SPLIT_NAMES))
+        _check("files", self.files, not unknown, f"keyed by {', '.join(SPLIT_NAMES)} (unknown: {unknown})")
+        _check("files", self.files, "train" in self.files, "a mapping that names the train file")
+        _check("files", self.files, all(self.files.values()), "a mapping of splits to non-empty file paths")
+
+    def class_names(self) -> list[str] | None:
+        """The class names the config fixes (label_names, labels.map's values, a binary rule's defaults), or None
+        when they come from the data."""
+        if self.label_names is not None:
+            return list(self.label_names)
+        if self.labels.map is not None:
+            return list(dict.fromkeys(self.labels.map.values()))
+        return list(BINARY_DEFAULT_NAMES) if self.labels.binary_rule else None
 
 
 @dataclass
@@ -700,6 +769,16 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.experiment.per_dataset and len(self.data.sources) < 2:
+            raise _FieldError(
+                "experiment.per_dataset",
+                "needs 2 or more data.sources (with one, the per-dataset model is the pooled one); set it to false",
+            )
+        if self.experiment.mode == "sft" and self.experiment.per_dataset:
+            raise _FieldError(
+                "experiment.per_dataset",
+                "is not available in mode sft: one adapter learns every source (a config per source trains one each)",
+            )
         train = self.training
         if self.experiment.mode == "sft" and train.early_stopping_patience and train.early_stopping_metric != "loss":
             raise ConfigError(
@@ -774,13 +853,24 @@ def shipped_config_names() -> list[str]:
     return sorted(p.stem for p in folder.iterdir() if p.suffix in CONFIG_SUFFIXES) if folder.is_dir() else []
 
 
+# Shipped configs that were renamed: the old name still loads the new file.
+RENAMED_CONFIGS = {"qlora_civility": "civility_qlora"}
+
+
 def resolve_config_path(path: str | Path) -> Path:
-    """An existing path wins; else a bare name (`quick_test`, `quick_test.yaml`) among the shipped configs."""
+    """An existing path wins; else a bare name (`quick_test`, `quick_test.yaml`) among the shipped configs (a
+    renamed one under its old name too)."""
     given = Path(path)
     if given.is_file():
         return given
     if given.parent in (Path("."), Path("configs")):  # `configs/x.yaml` should work from any directory too
-        for name in (given.name, *(given.name + suffix for suffix in CONFIG_SUFFIXES)):
+        stem = given.name.removesuffix(given.suffix) if given.suffix in CONFIG_SUFFIXES else given.name
+        renamed = RENAMED_CONFIGS.get(stem)
+        for name in (
+            given.name,
+            *(given.name + suffix for suffix in CONFIG_SUFFIXES),
+            *([renamed + ".yaml"] if renamed else []),
+        ):
             candidate = shipped_configs_dir() / name
             if candidate.is_file():
                 return candidate
@@ -788,8 +878,9 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {path} (pass a path, or a shipped config name: {names})")
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Load a YAML or JSON config (by suffix), apply dotted overrides, validate."""
+def load_config(path: str | Path, overrides: Sequence[str] = (), quick: bool = False) -> Config:
+    """Load a YAML or JSON config (by suffix), apply dotted overrides, validate. `quick`: the `--quick` settings
+    (`quick_overrides`) first, then `overrides`, so an explicit `--set` still wins."""
     file = resolve_config_path(path)
     if file.suffix not in CONFIG_SUFFIXES:
         raise ConfigError(f"{path}: a config must be a .yaml, .yml or .json file")
@@ -804,7 +895,41 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections (experiment, data, ...), got {_got(data)}"
         )
-    return Config.from_dict(data, overrides)
+    config = Config.from_dict(data, overrides)
+    return Config.from_dict(data, [*quick_overrides(config), *overrides]) if quick else config
+
+
+# ---- quick mode -----------------------------------------------------------------------------------------
+
+QUICK_MAX_SAMPLES = 300  # per dataset: ~210 train / 45 validation / 45 test rows at the default ratios
+QUICK_MAX_STEPS = 50  # a config that sets training.max_steps keeps at most this many
+QUICK_BOOTSTRAP = 200  # resamples (the smallest useful count is 100)
+QUICK_FIDELITY_SAMPLE = 16  # texts re-encoded unquantized
+QUICK_GENERATIONS = 40  # mode sft: prompts answered per split (twice: with and without the adapter)
+
+
+def quick_overrides(config: Config) -> list[str]:
+    """`qlora run --quick`: any config, small and fast. A few hundred examples per dataset, one short epoch
+    (at most `QUICK_MAX_STEPS` where the config counts steps), evaluation once at the end of it (no early stopping),
+    fewer bootstrap resamples, a small quantization-fidelity sample, fewer generated answers (mode sft);
+    `experiment.quick` marks the run."""
+    samples = config.data.max_samples
+    train = config.training
+    steps = None if train.max_steps is None else min(train.max_steps, QUICK_MAX_STEPS)
+    bootstrap = config.evaluation.bootstrap
+    sft, generated = config.experiment.mode == "sft", config.generation.samples
+    return [
+        "experiment.quick=true",
+        f"data.max_samples={QUICK_MAX_SAMPLES if samples is None else min(samples, QUICK_MAX_SAMPLES)}",
+        f"training.epochs={min(train.epochs, 1.0)}",
+        f"training.max_steps={'null' if steps is None else steps}",
+        "training.eval_steps=null",  # once, at the end of the epoch
+        "training.early_stopping_patience=null",
+        "training.save_steps=null",
+        f"evaluation.bootstrap={min(bootstrap, QUICK_BOOTSTRAP) if bootstrap else 0}",
+        f"embedding.fidelity_sample={min(config.embedding.fidelity_sample, QUICK_FIDELITY_SAMPLE)}",
+        *([f"generation.samples={min(generated or QUICK_GENERATIONS, QUICK_GENERATIONS)}"] if sft else []),
+    ]
 
 
 def _parse_yaml(text: str, path: str | Path) -> Any:

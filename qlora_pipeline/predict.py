@@ -62,11 +62,19 @@ class Predictor:
     _encoder: Any = field(default=None, repr=False)
 
     def model_dir(self, dataset: str | None = None) -> Path:
-        """models/<dataset>/ when the run trained one for `dataset`, else models/all/."""
+        """models/<dataset>/ when the run trained one for `dataset` (experiment.per_dataset), else models/all/ (the
+        pooled model, and always the TF-IDF baseline)."""
         if dataset is not None and dataset not in self.datasets:
             raise UserError(f"run {self.run_dir} has no dataset {dataset!r}; its datasets: {', '.join(self.datasets)}")
         specific = self.run_dir / "models" / dataset if dataset else None
-        return specific if specific is not None and specific.is_dir() else self.run_dir / "models" / "all"
+        if self.head != BASELINE and specific is not None and specific.is_dir():
+            return specific
+        if self.head != BASELINE and not self.config.experiment.pooled:
+            raise UserError(
+                f"run {self.run_dir} trained one model per dataset and no pooled one (experiment.pooled false); "
+                f"choose one with --dataset: {', '.join(self.datasets)}"
+            )
+        return self.run_dir / "models" / "all"
 
     def predict(
         self, texts: Sequence[str], pairs: Sequence[str] | None = None, dataset: str | None = None

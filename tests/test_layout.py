@@ -14,7 +14,7 @@ PATHS = ("embeddings", "finetune", "sft")  # one package per path of `experiment
 # Below the paths: what every path may use, and what may never reach back up to a path, the shared stages, the
 # orchestrator or the commands.
 SHARED = ("config", "errors", "runs", "distributed", "data", "models", "training", "evaluation", "reporting")
-ABOVE_THE_SHARED = (*PATHS, "stages", "pipeline", "predict", "predict_cli", "generate_cli", "reproduce", "cli")
+ABOVE_THE_SHARED = (*PATHS, "stages", "pipeline", "predict", "predict_cli", "generate_cli", "reproduce", "plan", "cli")
 
 
 def module_name(path: Path) -> str:

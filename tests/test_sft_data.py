@@ -412,3 +412,13 @@ def test_data_settings_instruction_records_do_not_use_are_named(tmp_path: Path) 
     config.data.lowercase, config.data.balance = True, "upsample"
     summary = prepare_instructions(config.data, config.sft, 0).summary
     assert summary["settings_not_applied"] == ["data.lowercase", "data.balance"]
+
+
+def test_qlora_check_plans_an_sft_run_and_names_what_would_fail(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "instruction_sft_tiny", "--set", "data.max_samples=60"]) == 0
+    out = capsys.readouterr().out
+    assert "prompts: template (sft.prompt_format auto); answers end with '<|im_end|>'" in out
+    assert "truncation (keep_answer)" in out and out.rstrip().endswith("no run directory was created")
+    args = ["check", "instruction_sft_tiny", "--set", "data.max_samples=60", "--set", "sft.truncation=right"]
+    assert main([*args, "--set", "training.max_length=16"]) == 2
+    assert "every train example loses its whole answer to truncation" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 
 Rules (config `data.sources[].labels`): `map` (value -> class name), `threshold` (score >= t -> second
 class), `positive` (+ optional `negative`) sets over list-valued labels, or none of them (values are the
-class names or their indices). Rows no rule covers stop the run with examples, or are dropped and counted.
-All vectorized: a million labels map in well under a second.
+class names or their indices). Rows no rule covers stop the run with examples, are dropped and counted, or
+get a default class (`unmatched: <class name>`) and are counted. All vectorized: a million labels map in well
+under a second.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from qlora_pipeline.config import BINARY_DEFAULT_NAMES
 from qlora_pipeline.errors import DataError
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import SourceConfig
 
-BINARY_DEFAULT = ("negative", "positive")
+BINARY_DEFAULT = BINARY_DEFAULT_NAMES
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Labelled:
     codes: pd.Series  # int class index per kept row, index aligned with the input
     keep: pd.Series  # bool per input row: False where no rule covered the row and unmatched is drop
     names: tuple[str, ...]
+    defaulted: int = 0  # rows no rule covered that got labels.unmatched's class
 
 
 def as_text(values: pd.Series) -> pd.Series:
@@ -98,13 +101,26 @@ def _finish(
     values: pd.Series, codes: pd.Series, matched: pd.Series, names: tuple[str, ...], source: SourceConfig, wanted: str
 ) -> Labelled:
     matched = matched.astype(bool)
+    default = source.labels.default_class
+    if default is not None:
+        if default not in names:
+            raise DataError(
+                f"data source '{source.name}': labels.unmatched names the class {default!r}, but the classes are "
+                f"{list(names)}; set it to one of them (or set label_names)"
+            )
+        if len(names) < 2:
+            raise DataError(f"data source '{source.name}': only one class ({names[0]!r}); need at least two")
+        defaulted = int((~matched).sum())
+        filled = codes.where(matched, names.index(default)).astype(int)
+        return Labelled(filled, pd.Series(True, index=matched.index), names, defaulted)
     if not matched.all() and source.labels.unmatched == "error":
         shown_values = as_text(values[~matched].map(lambda v: v if not _is_listlike(v) else list(v)))
         unknown = shown_values.fillna("<missing>").value_counts().head(5)
         shown = ", ".join(f"'{v}' ({n} rows)" for v, n in unknown.items())
         raise DataError(
             f"data source '{source.name}': {int((~matched).sum())} label values in column '{source.label_column}' "
-            f"are not {wanted}: {shown}; cover them in the config or set labels.unmatched: drop"
+            f"are not {wanted}: {shown}; cover them in the config, or set labels.unmatched: drop "
+            "(or a class name to give them that class)"
         )
     if len(names) < 2:
         raise DataError(f"data source '{source.name}': only one class ({names[0]!r}); need at least two")

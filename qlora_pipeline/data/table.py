@@ -29,6 +29,7 @@ class SourceData:
     label_dropped: int = 0  # rows no label rule covered (labels.unmatched: drop)
     rows_read: int = 0  # rows in the source before anything was dropped
     classes_read: dict[str, int] | None = None  # class counts as read, before cleaning
+    label_defaulted: int = 0  # rows no label rule covered, given labels.unmatched's class
 
 
 def from_table(
@@ -62,7 +63,8 @@ def from_table(
         columns["split"] = our_split_names(kept[source.split_column], source)
     frame = pd.DataFrame(columns).reset_index(drop=True)
     raw = {labelled.names[c]: int(n) for c, n in labelled.codes.value_counts().sort_index().items()}
-    return SourceData(source.name, frame, labelled.names, origin, digest, int((~labelled.keep).sum()), len(table), raw)
+    dropped = int((~labelled.keep).sum())
+    return SourceData(source.name, frame, labelled.names, origin, digest, dropped, len(table), raw, labelled.defaulted)
 
 
 def _texts(column: pd.Series) -> pd.Series:

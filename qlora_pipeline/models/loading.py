@@ -155,6 +155,12 @@ def _bnb_config(
     raise ValueError(f"resolve quantization {quantization!r} to 4bit/8bit/none before building a config")
 
 
+def resolve_quantization(cfg: ModelConfig, device: str, notes: list[str]) -> Literal["4bit", "8bit", "none"]:
+    """What `model.quantization` becomes on `device` (auto resolved; an explicit 4bit/8bit that bitsandbytes cannot
+    do there is a UserError); a decision beyond the config is appended to `notes`."""
+    return _resolve_quantization(cfg, device, notes)
+
+
 def _resolve_quantization(cfg: ModelConfig, device: str, notes: list[str]) -> Literal["4bit", "8bit", "none"]:
     if cfg.quantization == "none":
         return "none"

@@ -13,6 +13,8 @@ from typing import Any
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.evaluation.metrics import COMPARED, metric_cell
+from qlora_pipeline.evaluation.per_dataset import ZERO_SHOT
+from qlora_pipeline.evaluation.per_dataset import head_name as per_dataset_head
 from qlora_pipeline.evaluation.text_metrics import LOSS_METRICS, TEXT_METRICS
 from qlora_pipeline.reporting.markdown import table
 from qlora_pipeline.runs import flatten, read_json
@@ -72,14 +74,26 @@ def metric_rows(runs: list[RunSummary], split: str) -> list[list[str]]:
     rows = []
     for scope in ["overall", *datasets] if len(datasets) > 1 else ["overall"]:
         for run in runs:
-            primary = run.metrics["primary_head"]
-            head = run.metrics["splits"].get(split, {}).get(primary)
-            if head is None:
-                continue
-            metrics = head["overall"] if scope == "overall" else head["per_dataset"].get(scope)
-            if metrics is not None:
-                rows.append([scope, f"{run.name} ({primary})", *(metric_cell(metrics, k, with_ci=True) for k in names)])
+            for name in shown_heads(run.metrics):
+                head = run.metrics["splits"].get(split, {}).get(name)
+                if head is None:
+                    continue
+                metrics = head["overall"] if scope == "overall" else head["per_dataset"].get(scope)
+                if metrics is not None:
+                    rows.append(
+                        [scope, f"{run.name} ({name})", *(metric_cell(metrics, k, with_ci=True) for k in names)]
+                    )
     return rows
+
+
+def shown_heads(metrics: dict[str, Any]) -> list[str]:
+    """The primary head, and beside it the per-dataset models (experiment.per_dataset) and the zero-shot scores of
+    an lm_label run (an sft run: the base model without its adapter), so a comparison shows what per-dataset training
+    and fine-tuning each added."""
+    primary = metrics["primary_head"]
+    if metrics.get("task") == "instructions":  # an sft run: the tuned model and the base without its adapter
+        return [primary, "base"]
+    return [primary, *(name for name in (per_dataset_head(primary), ZERO_SHOT) if name != primary)]
 
 
 def plot_comparison(runs: list[RunSummary], split: str, path: Path) -> Path:
@@ -124,7 +138,7 @@ def compare(run_paths: list[str | Path], out: str | Path | None = None) -> tuple
     lines += table(["field", *names], differing) if differing else ["The configs are identical.", ""]
     splits = [s for s in ("validation", "test") if any(s in r.metrics["splits"] for r in runs)]
     for split in splits:
-        lines += [f"## Metrics — {split} (primary head; bootstrap 95% CI in brackets)", ""]
+        lines += [f"## Metrics — {split} (primary head, and per-dataset / zero-shot where run; 95% CI in brackets)", ""]
         lines += table(["dataset", "run", *compared_metrics(runs)], metric_rows(runs, split))
     if splits:
         chart = plot_comparison(runs, splits[-1], target.with_suffix(".png"))
