@@ -19,12 +19,13 @@ log = logging.getLogger("qlora_pipeline")
 
 QUICK_TEST_CONFIG = "quick_test.yaml"
 QLORA_QUICK_TEST_CONFIG = "qlora_tiny.yaml"
+SFT_QUICK_TEST_CONFIG = "instruction_sft_tiny.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora",
-        description="Config-driven text-classification experiments with 4-bit (NF4) Qwen models.",
+        description="Config-driven experiments with 4-bit (NF4) Qwen models: text classifiers and instruction tuning.",
     )
     parser.add_argument("--version", action="version", version=f"qlora-pipeline {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
@@ -44,13 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         default="none",
         metavar="auto|none|PATH",
-        help="qlora mode: continue from a checkpoint into a new run directory that records resumed_from; auto: "
-        "the newest unfinished run of this config under the output root; PATH: a run directory or its "
+        help="qlora and sft modes: continue from a checkpoint into a new run directory that records resumed_from; "
+        "auto: the newest unfinished run of this config under the output root; PATH: a run directory or its "
         "checkpoints/checkpoint-N (default: none)",
     )
 
     resume = commands.add_parser(
-        "resume", help="continue an interrupted qlora run from its latest checkpoint, with its archived config"
+        "resume", help="continue an interrupted qlora or sft run from its latest checkpoint, with its archived config"
     )
     resume.add_argument("run_path", help="the interrupted run directory (outputs/run_XXX)")
     resume.add_argument("--output-dir", help="root for the new run directory (default: beside the original)")
@@ -60,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quick.add_argument(
         "--mode",
-        choices=["embeddings", "qlora"],
+        choices=["embeddings", "qlora", "sft"],
         default="embeddings",
-        help=f"embeddings: {QUICK_TEST_CONFIG}; qlora: {QLORA_QUICK_TEST_CONFIG} (trains a LoRA adapter, ~1 min)",
+        help=f"embeddings: {QUICK_TEST_CONFIG}; qlora: {QLORA_QUICK_TEST_CONFIG} (trains a LoRA adapter, ~1 min); "
+        f"sft: {SFT_QUICK_TEST_CONFIG} (instruction fine-tuning, generations, ~1 min)",
     )
     add_run_options(quick)
 
@@ -97,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--format", choices=["yaml", "json"], default="yaml")
     config_commands.add_parser("reference", help="print the reference of every config field (markdown)")
 
+    from qlora_pipeline.generate_cli import add_generate_parsers
     from qlora_pipeline.predict_cli import add_predict_parser
 
     add_predict_parser(commands)
     add_evaluate_parser(commands)
+    add_generate_parsers(commands)
 
     cache = commands.add_parser("cache", help="inspect or clear the embedding cache shared by all runs")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
@@ -255,6 +259,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return predict_command(args)
     if args.command == "evaluate":
         return evaluate_command(args)
+    if args.command in ("generate", "export"):
+        from qlora_pipeline.generate_cli import export_command, generate_command
+
+        return generate_command(args) if args.command == "generate" else export_command(args)
     if args.command == "reproduce":
         return reproduce_command(args.run_path, args.output_dir)
     if args.command == "resume":
@@ -269,7 +277,8 @@ def dispatch(args: argparse.Namespace) -> int:
     from qlora_pipeline.config import load_config
 
     if args.command == "quick-test":
-        config_path = QLORA_QUICK_TEST_CONFIG if args.mode == "qlora" else QUICK_TEST_CONFIG
+        quick = {"qlora": QLORA_QUICK_TEST_CONFIG, "sft": SFT_QUICK_TEST_CONFIG}
+        config_path = quick.get(args.mode, QUICK_TEST_CONFIG)
     else:
         config_path = args.config
     config = load_config(config_path, args.overrides, quick=getattr(args, "quick", False))
@@ -332,6 +341,14 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
     for split, per_head in metrics.items():
         for head, result in per_head.items():
             overall = result["overall"]
+            if "perplexity" in overall:  # an instruction (sft) run: the tuned model and the base without adapter
+                print(
+                    f"  {split:<10} {head:<6} loss {format_metric(overall['loss'])}  perplexity "
+                    f"{format_metric(overall['perplexity'])}  chrF {format_metric(overall['chrf'])}  BLEU "
+                    f"{format_metric(overall['bleu'])}  ROUGE-L {format_metric(overall['rouge_l'])}  exact match "
+                    f"{format_metric(overall['exact_match'])}"
+                )
+                continue
             print(
                 f"  {split:<10} {head:<20} accuracy {format_metric(overall['accuracy'])}  "
                 f"macro-F1 {format_metric(overall['macro_f1'])}  ROC-AUC {format_metric(overall['roc_auc'])}"

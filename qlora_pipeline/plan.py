@@ -69,6 +69,11 @@ def make_plan(config: Config, output_dir: str | None = None) -> Plan:
     exp = config.experiment
     plan = Plan(exp.name)
     plan.add(f"plan for {exp.name} (experiment.mode {exp.mode}{', quick run' if exp.quick else ''})")
+    if exp.mode == "sft":
+        with hub_access(plan):
+            sft_part(config, plan)
+        plan.facts["output_root"] = str(output_dir or config.output.root)
+        return plan
     _preflight(config, plan)
     with hub_access(plan):
         prepared = data_part(config, plan)
@@ -365,8 +370,9 @@ def _lora_plan(
     Returns the wrapped model, the adapted layers' names and the resolved label words (lm_label, when valid)."""
     import torch
 
-    from qlora_pipeline.finetune import lm_label, recipe
+    from qlora_pipeline.finetune import lm_label
     from qlora_pipeline.models.loading import POOLER
+    from qlora_pipeline.training.lora import add_lora, check_target_modules
 
     train = config.training
     resolved = None
@@ -381,13 +387,13 @@ def _lora_plan(
             plan.add(f"  label words: {shown} (one token each)")
     assert head is not None
     try:
-        targets = recipe.check_target_modules(model, train.target_modules, head)
+        targets = check_target_modules(model, train.target_modules, head)
     except UserError as exc:
         plan.problem(exc)
         return model, [], resolved
     in_full = [] if train.head == "lm_label" else [head, *([POOLER] if _has_module(model, POOLER) else [])]
     with torch.device("meta"):
-        wrapped = recipe.add_lora(model, train, targets, in_full, config.experiment.seed)
+        wrapped = add_lora(model, train, targets, in_full, config.experiment.seed, causal_lm=train.head == "lm_label")
     trainable, total = wrapped.get_nb_trainable_parameters()
     plan.facts["trainable_parameters"], plan.facts["total_parameters"] = trainable, total
     names = targets if isinstance(targets, str) else ", ".join(targets)
@@ -401,6 +407,73 @@ def _lora_plan(
 
 def _has_module(model: Any, name: str) -> bool:
     return any(path.rsplit(".", 1)[-1] == name for path, _ in model.named_modules())
+
+
+def sft_part(config: Config, plan: Plan) -> None:
+    """Mode sft: the instruction records read, cleaned and split, the model files and the prompt format resolved
+    against the tokenizer, tokens per example and what truncation will cut, the steps. The memory estimate
+    (`models/memory.py`) models the classification paths and is not made here."""
+    from qlora_pipeline.data.instructions import prepare_instructions
+    from qlora_pipeline.errors import DataError
+    from qlora_pipeline.sft.prompts import Prompter, encode_split, resolve_format
+
+    try:
+        _check_optimizer(config.training.optimizer)
+    except UserError as exc:
+        plan.problem(exc)
+    try:
+        data = prepare_instructions(config.data, config.sft, config.experiment.seed)
+    except DataError as exc:
+        plan.problem(exc)
+        data = None
+    if data is not None:
+        summary = data.summary
+        removed = ", ".join(f"{k} {v:,}" for k, v in summary["removed"].items() if v) or "nothing"
+        plan.add(
+            "",
+            f"data: {summary['rows_read']:,} records read, {summary['rows_after_cleaning']:,} after cleaning "
+            f"(removed: {removed}), {summary['rows_after_sampling']:,} used",
+        )
+        plan.facts["rows"] = {split: counts["per_dataset"] for split, counts in summary["splits"].items()}
+        for split, counts in summary["splits"].items():
+            plan.add(f"  {split:<10} {counts['rows']:>9,} records (splits drawn by prompt)")
+    found = _model_files(config, plan)
+    if found is None:
+        return
+    plan.add("", f"model: {config.model.name_or_path} ({found.where})")
+    train = config.training
+    limit = getattr(found.hf_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and train.max_length > limit:
+        plan.problem(f"training.max_length is {train.max_length} but the model has {limit} positions")
+    try:
+        prompt = resolve_format(found.tokenizer, config.sft, found.source)
+    except UserError as exc:
+        plan.problem(exc)
+        return
+    plan.add(f"  prompts: {prompt.kind} (sft.prompt_format {config.sft.prompt_format}); answers end with "
+             f"{prompt.stop_token!r}")  # fmt: skip
+    if data is None:
+        return
+    prompter = Prompter(found.tokenizer, prompt)
+    frame = data.splits.train
+    if len(frame) > TOKEN_SAMPLE:
+        frame = frame.sample(TOKEN_SAMPLE, random_state=config.experiment.seed)
+    lengths = [len(example.input_ids) for messages in frame["messages"] for example in prompter.encode(messages)]
+    _tokens_plan(plan, lengths, train.max_length, "training.max_length")
+    rows = encode_split(prompter, frame, train.max_length, config.sft.truncation)
+    counts = prompter.counts
+    plan.add(
+        f"  truncation ({config.sft.truncation}): {counts.truncated:,} examples cut, {counts.answers_cut:,} of them "
+        f"into the answer, {counts.dropped:,} left without one"
+    )
+    if not rows:
+        plan.problem(
+            f"every train example loses its whole answer to truncation: raise training.max_length "
+            f"({train.max_length}) or use sft.truncation: keep_answer"
+        )
+        return
+    _steps_plan(config, plan, len(data.splits.train))
+    plan.add("memory: not estimated for mode sft (the estimate models the classification paths)")
 
 
 # ---- tokens and steps ----------------------------------------------------------------------------------------

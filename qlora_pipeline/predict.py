@@ -171,6 +171,11 @@ def load_predictor(
     verify_manifest(run, ["config.json", "data_summary.json"])  # what decides how texts are scored
     config = load_archived_config(run / "config.json")
     mode = config.experiment.mode
+    if mode == "sft":
+        raise UserError(
+            f"run {run} is an instruction (sft) run: it writes answers instead of scoring classes; use `qlora "
+            f"generate --run {run}` or qlora_pipeline.load_generator"
+        )
     primary = "qlora" if mode == "qlora" else config.classifier.heads[0]
     if mode == "qlora" and head not in (None, primary, BASELINE):
         raise UserError(f"run {run} is a QLoRA run: its heads are {primary} and {BASELINE}, not {head!r}")

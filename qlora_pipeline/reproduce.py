@@ -69,14 +69,29 @@ def check_processes(run_dir: Path, config_json: Path) -> None:
 
 
 def compare_runs(original: Path, new: Path) -> dict[str, Any]:
-    """Compare data fingerprint, every metric and every predictions.csv byte for byte."""
+    """Compare data fingerprint, every metric and every predictions.csv (an sft run: generations.jsonl) byte for
+    byte."""
     checks = [compare_fingerprint(original, new), compare_metrics(original, new)]
     originals = sorted(p.relative_to(original) for p in original.glob("*/*/predictions.csv"))
     for relative in originals:
         checks.append(compare_predictions(original / relative, new / relative, relative.as_posix()))
-    if not originals:
+    generations = sorted(p.relative_to(original) for p in original.glob("*/*/generations.jsonl"))
+    for relative in generations:
+        checks.append(compare_generations(original / relative, new / relative, relative.as_posix()))
+    if not originals and not generations:
         checks.append({"what": "predictions", "match": False, "detail": "the original run has no predictions.csv"})
     return {"original": str(original), "matches": all(c["match"] for c in checks), "checks": checks}
+
+
+def compare_generations(before: Path, after: Path, name: str) -> dict[str, Any]:
+    """An sft run's answers, line by line."""
+    if not after.is_file():
+        return {"what": name, "match": False, "detail": "missing in the reproduced run"}
+    old, new = (path.read_text(encoding="utf-8").splitlines() for path in (before, after))
+    if old == new:
+        return {"what": name, "match": True, "detail": f"{len(old)} answers, byte-identical"}
+    differing = sum(a != b for a, b in zip(old, new, strict=False)) + abs(len(old) - len(new))
+    return {"what": name, "match": False, "detail": f"{differing} of {len(old)} lines differ"}
 
 
 def compare_fingerprint(original: Path, new: Path) -> dict[str, Any]:

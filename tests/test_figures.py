@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import open_in_chromium
 
 from qlora_pipeline.config import EvaluationConfig
 from qlora_pipeline.evaluation.metrics import proba_columns
@@ -22,7 +21,6 @@ from qlora_pipeline.stages import visualize_run
 
 NAMES = ["negative", "positive"]
 OPTIONS = EvaluationConfig(ece_bins=10, bootstrap=100, error_examples=5, length_buckets=3)
-CHROMIUM = Path("/usr/bin/chromium")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -107,24 +105,6 @@ def test_training_curves_from_a_synthetic_log(tmp_path: Path, suffix: str) -> No
         log = tmp_path / "training_log.json"
         log.write_text(json.dumps({"log_history": [{k: v for k, v in r.items() if v == v} for r in rows]}))
     assert plot_training_curves(log, tmp_path / "figures").read_bytes().startswith(PNG)
-
-
-def open_in_chromium(page: Path) -> dict[str, str]:
-    """Load the page in headless Chromium; return the attributes of the rendered <body>."""
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium), as .ci/run does")
-    with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run(
-            [
-                str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                "--virtual-time-budget=15000", "--dump-dom", page.as_uri(),
-            ],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    body = re.search(r"<body([^>]*)>", result.stdout)
-    assert body, f"no <body> in Chromium's DOM dump; stderr: {result.stderr[-2000:]}"
-    return dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
 
 
 def test_dashboard_renders_every_plot_in_chromium_without_javascript_errors(run_dir: Path) -> None:

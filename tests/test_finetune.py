@@ -140,7 +140,7 @@ def test_the_schedule_and_warmup_reach_the_trainer(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from qlora_pipeline.config import TrainingConfig
-    from qlora_pipeline.finetune.trainer import training_arguments
+    from qlora_pipeline.training.trainer import training_arguments
 
     loaded = SimpleNamespace(device="cpu", compute_dtype="float32")
     steps = training_arguments(
@@ -156,7 +156,7 @@ def test_validation_metrics_of_a_binary_task_include_roc_auc_and_pr_auc() -> Non
 
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from qlora_pipeline.finetune.trainer import eval_metrics
+    from qlora_pipeline.training.trainer import eval_metrics
 
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(size=(50, 2)), rng.integers(0, 2, 50)
@@ -171,7 +171,7 @@ def test_validation_metrics_of_a_binary_task_include_roc_auc_and_pr_auc() -> Non
 def test_auc_early_stopping_is_refused_for_more_than_two_classes() -> None:
     from qlora_pipeline.config import TrainingConfig
     from qlora_pipeline.errors import UserError
-    from qlora_pipeline.finetune.trainer import check_early_stopping_metric
+    from qlora_pipeline.training.trainer import check_early_stopping_metric
 
     train = TrainingConfig(early_stopping_metric="pr_auc")
     with pytest.raises(UserError, match="early_stopping_metric pr_auc needs a binary task, but this data has 3"):

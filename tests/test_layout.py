@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qlora_pipeline"
 ROOT = "qlora_pipeline"
-PATHS = ("embeddings", "finetune")  # one package per path of `experiment.mode`
+PATHS = ("embeddings", "finetune", "sft")  # one package per path of `experiment.mode`
 # Below the paths: what every path may use, and what may never reach back up to a path, the shared stages, the
 # orchestrator or the commands.
 SHARED = (
@@ -22,10 +22,22 @@ SHARED = (
     "progress",
     "data",
     "models",
+    "training",
     "evaluation",
     "reporting",
 )
-ABOVE_THE_SHARED = (*PATHS, "stages", "pipeline", "predict", "predict_cli", "evaluate", "reproduce", "plan", "cli")
+ABOVE_THE_SHARED = (
+    *PATHS,
+    "stages",
+    "pipeline",
+    "predict",
+    "predict_cli",
+    "evaluate",
+    "generate_cli",
+    "reproduce",
+    "plan",
+    "cli",
+)
 
 
 def module_name(path: Path) -> str:

@@ -7,7 +7,6 @@ fine-tuned model as the primary head and the TF-IDF baseline beside it, so repor
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,11 +30,13 @@ from qlora_pipeline.evaluation.per_dataset import (
 )
 from qlora_pipeline.evaluation.results import evaluate_split
 from qlora_pipeline.evaluation.trained_head import tune_threshold
-from qlora_pipeline.finetune import checkpoints, recipe
+from qlora_pipeline.finetune import recipe
 from qlora_pipeline.finetune.scoring import pair_column, predict_proba
-from qlora_pipeline.finetune.trainer import check_early_stopping_metric
 from qlora_pipeline.runs import write_json
 from qlora_pipeline.stages import data_stage, model_record, seed_everything, update_record, visualize_run
+from qlora_pipeline.training import checkpoints
+from qlora_pipeline.training.log import TRAINING_LOG, TRAINING_SUMMARY, write_training_log
+from qlora_pipeline.training.trainer import check_early_stopping_metric
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEAD_NAME = "qlora"
-TRAINING_LOG = "training_log.csv"
-TRAINING_SUMMARY = "training_summary.json"
 DATA_PARALLEL = True  # under torchrun / accelerate launch: rank 0 runs `execute`, the other ranks `train_replica`
 
 
@@ -180,19 +179,6 @@ def train_replica(config: Config, run_dir: Path, resume: str | None) -> None:
         resume_from=work_dir / resume if resume else None,
         data_weights=prepared.class_weights,
     )
-
-
-def write_training_log(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One row per logged step: step, epoch, loss, learning_rate, grad_norm, eval_* (blank where not logged)."""
-    numeric = {key for row in rows for key, value in row.items() if isinstance(value, (int, float))}
-    # A fixed order: rows restored from a checkpoint (resume) come back with their keys sorted.
-    first = [key for key in ("step", "epoch", "loss", "grad_norm", "learning_rate") if key in numeric or key == "step"]
-    columns = first + sorted(numeric - set(first))
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def calibrate(tuned: Any, config: Config, scored: dict[str, tuple[pd.DataFrame, np.ndarray]]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from qlora_pipeline.evaluation.per_dataset import ZERO_SHOT
 from qlora_pipeline.evaluation.per_dataset import head_name as per_dataset_head
 from qlora_pipeline.evaluation.results import RESULTS_FILE
 from qlora_pipeline.models.tiny import BUILTIN_PREFIX
+from qlora_pipeline.reporting import generations
 from qlora_pipeline.reporting.markdown import table
 from qlora_pipeline.runs import read_json, write_text_atomic
 
@@ -33,10 +34,13 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
     lines += status_section(status)
     lines += quick_lines(config)
     lines += what_ran_section(config, record.get("model"), record.get("training"), record.get("embedding"))
+    instructions = config.get("experiment", {}).get("mode") == "sft"  # the instruction path reports its own way
     if data:
-        lines += data_section(data)
+        lines += generations.data_lines(data) if instructions else data_section(data)
     if metrics:
-        lines += results_section(metrics, config)
+        lines += (
+            generations.results_lines(run_dir, metrics, config) if instructions else results_section(metrics, config)
+        )
     lines += figures_section(run_dir)
     if reproduction:
         lines += reproduction_section(reproduction)
@@ -110,6 +114,9 @@ def what_ran_section(
         rows += [["note", note] for note in model.get("notes", [])]
     if exp.get("mode") == "qlora":
         return ["## What ran", "", *table(["setting", "value"], rows + training_rows(config, training))]
+    if exp.get("mode") == "sft":
+        rows += training_rows(config, training) + generations.what_ran_rows(config, training)
+        return ["## What ran", "", *table(["setting", "value"], rows)]
     rows += [
         ["pooling / max length", f"{emb.get('pooling')} / {emb.get('max_length')} tokens"],
         ["instruction", repr(emb.get("instruction"))],
@@ -151,9 +158,12 @@ def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> li
             f"{t.get('optimizer')} / {t.get('learning_rate')} ({schedule_text(t)})",
         ],
         ["batch", batch_text(t, training)],
-        ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
-        ["head", str(t.get("head", "classification"))],
     ]
+    if config.get("experiment", {}).get("mode") != "sft":  # the instruction path: the LM's own loss, no head
+        rows += [
+            ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
+            ["head", str(t.get("head", "classification"))],
+        ]
     if training:
         share = 100 * training["trainable_parameters"] / training["total_parameters"]
         rows += [

@@ -22,9 +22,9 @@ from qlora_pipeline.config import load_config
 from qlora_pipeline.embeddings.cache import EmbeddingCache, embeddings_root
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.finetune import recipe
-from qlora_pipeline.finetune.checkpoints import MARKER, resolve_resume
 from qlora_pipeline.integrity import CHECKSUMS, MANIFEST
 from qlora_pipeline.runs import RunInterrupted
+from qlora_pipeline.training.checkpoints import MARKER, resolve_resume
 
 # ---- the embedding cache --------------------------------------------------------------------------------------
 
@@ -212,7 +212,7 @@ def test_a_run_whose_config_json_was_edited_is_not_resumed(
 
 
 def test_a_checkpoint_is_not_continued_on_other_data(interrupted: Path, tmp_path: Path) -> None:
-    from qlora_pipeline.finetune.checkpoints import check_data
+    from qlora_pipeline.training.checkpoints import check_data
 
     checkpoint = interrupted / "checkpoints" / "checkpoint-4"
     recorded = read_json(checkpoint / MARKER)["data_fingerprint"]
@@ -338,7 +338,7 @@ def test_predict_refuses_a_damaged_adapter_file(
 def test_a_checkpoint_saved_as_training_stopped_is_passed_over(interrupted: Path, tmp_path: Path) -> None:
     """Resumed from the checkpoint early stopping ended on, the Trainer trains on past the stop (the resumed run had
     8 steps where the uninterrupted one had 6); an earlier checkpoint retrains to the same end."""
-    from qlora_pipeline.finetune.checkpoints import file_checksums
+    from qlora_pipeline.training.checkpoints import file_checksums
 
     copy = Path(shutil.copytree(interrupted, tmp_path / "out" / interrupted.name))
     last = copy / "checkpoints" / "checkpoint-4"

@@ -27,8 +27,8 @@ from procs import EMBEDDINGS, EXIT_CODES, QLORA, error_lines, read_json, start
 
 from qlora_pipeline import runs
 from qlora_pipeline.cli import main
-from qlora_pipeline.finetune.checkpoints import MARKER
 from qlora_pipeline.reproduce import compare_runs
+from qlora_pipeline.training.checkpoints import MARKER
 
 STAGE_OF = {  # the stage a point lies in
     "data": "data",
@@ -168,7 +168,7 @@ def test_every_command_that_reads_a_run_recognises_a_dead_one(
     }[command]
     if command == "resume auto":  # no checkpoint to continue: a fresh start, which the test does not run
         from qlora_pipeline.config import load_config
-        from qlora_pipeline.finetune.checkpoints import resolve_resume
+        from qlora_pipeline.training.checkpoints import resolve_resume
 
         assert resolve_resume("auto", load_config("qlora_tiny"), tmp_path) is None
     else:

@@ -47,6 +47,8 @@ def config_hash(config: Config) -> str:
     record = config.to_dict()
     record["model"].pop("cpu_threads")
     decisive = {"seed": record["experiment"]["seed"], **{k: record[k] for k in ("data", "model", "training")}}
+    if record["experiment"]["mode"] == "sft":  # prompts, truncation and packing decide what the adapter learns
+        decisive["sft"] = record["sft"]
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
