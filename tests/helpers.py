@@ -5,12 +5,16 @@ Test modules import these from here, never from one another."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from qlora_pipeline.cli import main
@@ -287,8 +291,9 @@ def accumulation_config(head: str, class_weights: str, batch: int, accumulation:
 def train_briefly(config: Any, work_dir: Path) -> tuple[list[float], np.ndarray]:
     """Three optimizer steps of `recipe.train` on `accumulation_frames()`: the loss logged at each step, and the
     class probabilities of the scored texts afterwards."""
-    from qlora_pipeline.finetune import checkpoints, recipe
+    from qlora_pipeline.finetune import recipe
     from qlora_pipeline.finetune.scoring import predict_proba
+    from qlora_pipeline.training import checkpoints
 
     train, scored = accumulation_frames()
     tuned = recipe.setup(config, 2, config.experiment.seed, ["negative", "positive"])
@@ -297,3 +302,26 @@ def train_briefly(config: Any, work_dir: Path) -> tuple[list[float], np.ndarray]
     losses = [row["loss"] for row in tuned.log_history if "loss" in row]
     proba = predict_proba(tuned.loaded, tuned.label_words, scored["text"].tolist(), 32, 8)
     return losses, proba
+
+
+# ---- the dashboard in a real browser ------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def open_in_chromium(page: Path) -> dict[str, str]:
+    """Load the page in headless Chromium; return the attributes of the rendered <body>."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium), as .ci/run does")
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [
+                str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                "--virtual-time-budget=15000", "--dump-dom", page.as_uri(),
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    body = re.search(r"<body([^>]*)>", result.stdout)
+    assert body, f"no <body> in Chromium's DOM dump; stderr: {result.stderr[-2000:]}"
+    return dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))

@@ -10,11 +10,34 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qlora_pipeline"
 ROOT = "qlora_pipeline"
-PATHS = ("embeddings", "finetune")  # one package per path of `experiment.mode`
+PATHS = ("embeddings", "finetune", "sft")  # one package per path of `experiment.mode`
 # Below the paths: what every path may use, and what may never reach back up to a path, the shared stages, the
 # orchestrator or the commands.
-SHARED = ("config", "errors", "runs", "distributed", "data", "models", "evaluation", "reporting")
-ABOVE_THE_SHARED = (*PATHS, "stages", "pipeline", "predict", "predict_cli", "reproduce", "cli")
+SHARED = (
+    "config",
+    "errors",
+    "runs",
+    "integrity",
+    "distributed",
+    "progress",
+    "data",
+    "models",
+    "training",
+    "evaluation",
+    "reporting",
+)
+ABOVE_THE_SHARED = (
+    *PATHS,
+    "stages",
+    "pipeline",
+    "predict",
+    "predict_cli",
+    "evaluate",
+    "generate_cli",
+    "reproduce",
+    "plan",
+    "cli",
+)
 
 
 def module_name(path: Path) -> str:
@@ -166,7 +189,8 @@ def test_importing_the_package_changes_no_warnings_or_logging_state() -> None:
         "import torch, transformers, peft, sklearn, pandas, matplotlib, bitsandbytes, datasets, yaml\n"
         "import transformers.trainer\n"
         "def state():\n"
-        "    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in sorted(logging.root.manager.loggerDict)]\n"
+        "    names = sorted(logging.root.manager.loggerDict)\n"
+        "    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in names]\n"
         "    return [repr(warnings.filters)] + [\n"
         "        (l.name, l.level, [type(f).__name__ for f in l.filters], [type(h).__name__ for h in l.handlers])\n"
         "        for l in loggers if isinstance(l, logging.Logger)\n"
