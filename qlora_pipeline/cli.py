@@ -89,8 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="inspect or clear the embedding cache shared by all runs")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
-    cache_commands.add_parser("info", help="where the cache is, its size, and the vectors held per model key")
-    clear = cache_commands.add_parser("clear", help="delete every cached embedding")
+    info = cache_commands.add_parser("info", help="where the cache is, its size, and the vectors held per model key")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    clear = cache_commands.add_parser(
+        "clear", help="delete cached embeddings: all of them, or those of one model key, or those older than a date"
+    )
+    clear.add_argument(
+        "--model", metavar="KEY", help="only this model key (a prefix will do; `qlora cache info` lists them)"
+    )
+    clear.add_argument(
+        "--older-than", metavar="DATE", help="only vectors written before this date (2026-01-31 or 2026-01-31T12:00)"
+    )
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
 
@@ -221,6 +230,11 @@ def cache_command(args: argparse.Namespace) -> int:
 
     if args.cache_command == "info":
         info = cache.cache_info()
+        if args.json:
+            import json
+
+            print(json.dumps(info, indent=2, ensure_ascii=False))
+            return 0
         print(f"embedding cache: {info['location']} ({info['bytes'] / 2**20:.1f} MiB)")
         for model in info["models"]:
             settings = f"{model.get('quantization')}, {model.get('compute_dtype')}, {model.get('pooling')}"
@@ -230,14 +244,30 @@ def cache_command(args: argparse.Namespace) -> int:
             print("  (empty)")
         return 0
     location = cache.embeddings_root()
+    what, before = f"every cached embedding under {location}", None
+    if args.model is not None:
+        keys = [key for key in cache.model_keys() if key.startswith(args.model)]
+        if not keys or not args.model:
+            raise UserError(f"no model key starts with {args.model!r} in {location}; `qlora cache info` lists them")
+        what = f"the cached embeddings of model key{'s' if len(keys) > 1 else ''} {', '.join(keys)}"
+    if args.older_than is not None:
+        from datetime import datetime
+
+        try:
+            before = datetime.fromisoformat(args.older_than)
+        except ValueError:
+            raise UserError(
+                f"--older-than must be a date like 2026-01-31 or 2026-01-31T12:00, got {args.older_than!r}"
+            ) from None
+        what += f" written before {before.isoformat(sep=' ')}"
     if not args.yes:
         if not sys.stdin.isatty():
-            raise UserError(f"qlora cache clear would delete {location}; pass --yes to confirm")
-        if input(f"delete every cached embedding under {location}? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise UserError(f"qlora cache clear would delete {what}; pass --yes to confirm")
+        if input(f"delete {what}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1
-    freed = cache.clear_cache()
-    print(f"deleted {location} ({freed / 2**20:.1f} MiB)")
+    freed = cache.clear_cache(model=args.model, before=before)
+    print(f"deleted {what} ({freed / 2**20:.1f} MiB)")
     return 0
 
 

@@ -270,22 +270,23 @@ def _computed(
                     batch = ordered[begin : begin + batch_size]
                     positions = [window[i] for i in batch]
                     batch_keys = [keys[p] for p in positions]
+                    # Another process may have finished some of these meanwhile: read them, compute the rest.
                     ready = cache.lookup(batch_keys) if cache is not None else {}
-                    if len(ready) == len(batch_keys):  # another process finished this batch meanwhile
-                        tally.rechecked += len(batch_keys)
-                        advance(len(batch))
-                        yield positions, np.stack([ready[k] for k in batch_keys])
-                        continue
-                    vectors = _forward(loaded, cfg, [tokens[i] for i in batch], micro, tally)
-                    tally.computed += len(batch)
+                    compute = [j for j, key in enumerate(batch_keys) if key not in ready]
+                    tally.rechecked += len(batch) - len(compute)
+                    fresh = iter(())
+                    if compute:
+                        vectors = _forward(loaded, cfg, [tokens[batch[j]] for j in compute], micro, tally)
+                        tally.computed += len(compute)
+                        fresh = iter(vectors)
+                        if cache is not None:
+                            pending_keys += [batch_keys[j] for j in compute]
+                            pending.append(vectors)
+                            if len(pending_keys) >= FLUSH_EVERY:
+                                cache.put(pending_keys, np.concatenate(pending))
+                                pending_keys, pending = [], []
                     advance(len(batch))
-                    if cache is not None:
-                        pending_keys += batch_keys
-                        pending.append(vectors)
-                        if len(pending_keys) >= FLUSH_EVERY:
-                            cache.put(pending_keys, np.concatenate(pending))
-                            pending_keys, pending = [], []
-                    yield positions, vectors
+                    yield positions, np.stack([ready[k] if k in ready else next(fresh) for k in batch_keys])
         finally:  # keep what finished, even on an interrupt
             if cache is not None and pending_keys:
                 cache.put(pending_keys, np.concatenate(pending))

@@ -27,6 +27,7 @@ from qlora_pipeline.embeddings.classifiers import check_heads, fit_head
 from qlora_pipeline.embeddings.encoding import (
     Encoder,
     SplitPlan,
+    Tally,
     check_max_length,
     embed_splits,
     fill_cache,
@@ -170,37 +171,38 @@ def train_replica(config: Config, run_dir: Path, resume: str | None) -> None:
 
 def encode_shares(
     frames: dict[str, pd.DataFrame], encoder: Encoder, config: Config, todo: dict[str, list[int]]
-) -> list[dict[str, int]]:
+) -> list[dict[str, Tally]]:
     """Every process: its share of each split's missing vectors (`todo`, rank 0's list), into the cache; then a
-    barrier, so that rank 0 finds them all. Returns, for every rank, the vectors it computed per split."""
+    barrier, so that rank 0 finds them all. Returns, for every rank, what it did per split."""
     assert encoder.cache is not None  # preflight refuses a launch without the cache
-    computed = {}
+    rank, processes = distributed.rank(), distributed.world_size()
+    done = {}
     for name, frame in frames.items():
         texts, pairs = split_texts(frame)
-        rank, processes = distributed.rank(), distributed.world_size()
-        tally = fill_cache(
-            texts,
-            encoder.model,
-            config.embedding,
-            encoder.cache,
-            todo[name],
-            pairs=pairs,
-            rank=rank,
-            processes=processes,
+        cfg, cache = config.embedding, encoder.cache
+        done[name] = fill_cache(
+            texts, encoder.model, cfg, cache, todo[name], pairs=pairs, rank=rank, processes=processes
         )
-        computed[name] = tally.computed
-    return distributed.gather(computed)  # also a barrier: every share is in the cache
+    return distributed.gather(done)  # also a barrier: every share is in the cache
 
 
 def record_shares(
-    record: dict[str, Any], frames: dict[str, pd.DataFrame], plan: SplitPlan, shares: list[dict[str, int]]
+    record: dict[str, Any], frames: dict[str, pd.DataFrame], plan: SplitPlan, shares: list[dict[str, Tally]]
 ) -> None:
-    """Rank 0's record of a multi-process encode: hits as its first lookup found them, vectors per process."""
+    """Rank 0's record of a multi-process encode: hits as its first lookup found them, the time of the slowest
+    process (plus reading back), tokens and vectors of all processes."""
     for name, frame in frames.items():
         hits = sum(1 for key in input_keys(*split_texts(frame)) if key in plan.found[name])
-        record["splits"][name].update(cache_hits=hits, computed=len(frame) - hits)
+        split = record["splits"][name]
+        real, padded = (sum(getattr(share[name], f) for share in shares) for f in ("real_tokens", "padded_tokens"))
+        split.update(
+            cache_hits=hits,
+            computed=len(frame) - hits,
+            seconds=round(split["seconds"] + max(share[name].seconds for share in shares), 3),
+            real_to_padded_tokens=round(real / max(padded, 1), 4),
+        )
     record["processes"] = len(shares)
-    record["computed_per_process"] = [sum(share.values()) for share in shares]
+    record["computed_per_process"] = [sum(tally.computed for tally in share.values()) for share in shares]
 
 
 def encoder_record(encoder: Encoder) -> dict[str, Any]:
