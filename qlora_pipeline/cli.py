@@ -42,6 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints/checkpoint-N (default: none)",
     )
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="many runs of one config (grid, random or bayesian search over its sweep section) into outputs/sweep_NNN",
+    )
+    sweep.add_argument("--config", help="YAML/JSON config with a sweep section (or --grid options)")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=[V1,V2]",
+        help="values to try for a config field, e.g. --grid classifier.C=[0.1,1,10] (repeatable; replaces that "
+        "field's list in sweep.grid)",
+    )
+    sweep.add_argument("--method", help="grid, random or bayesian (default: the config's sweep.method)")
+    sweep.add_argument("--trials", type=int, help="points to run (random, bayesian)")
+    sweep.add_argument("--metric", help="validation metric that ranks the points (default: sweep.metric)")
+    sweep.add_argument("--jobs", type=int, help="points run at once, each in its own process (default: sweep.jobs)")
+    sweep.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep (outputs/sweep_NNN)")
+    add_run_options(sweep)
+
     resume = commands.add_parser(
         "resume", help="continue an interrupted qlora run from its latest checkpoint, with its archived config"
     )
@@ -159,6 +179,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return reproduce_command(args.run_path, args.output_dir)
     if args.command == "resume":
         return resume_command(args.run_path, args.output_dir)
+    if args.command == "sweep":
+        return sweep_command(args)
     if args.command == "compare":
         from qlora_pipeline.reporting.compare import compare
 
@@ -192,6 +214,29 @@ def run_command(
             print(f"  {'ok ' if check['match'] else 'NO '} {check['what']}: {check['detail']}")
         return 0 if result.reproduction["matches"] else 1
     return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    from qlora_pipeline import sweep
+
+    if args.resume is not None:
+        given = [
+            f"--{n}"
+            for n in ("config", "grid", "method", "trials", "metric", "set", "output_dir")
+            if getattr(args, "overrides" if n == "set" else n) not in (None, [])
+        ]
+        if given:
+            raise UserError(f"--resume continues a sweep with its own config and options; drop {', '.join(given)}")
+        result = sweep.resume_sweep(args.resume, args.jobs)
+    else:
+        if args.config is None:
+            raise UserError("qlora sweep needs --config FILE (or --resume SWEEP_DIR to continue one)")
+        options = {name: getattr(args, name) for name in ("method", "trials", "metric", "jobs")}
+        config = sweep.sweep_config(args.config, args.overrides, args.grid, **options)
+        result = sweep.start_sweep(config, args.output_dir)
+    print(result.markdown)
+    print(f"sweep directory: {result.sweep_dir}")
+    return 0 if result.best is not None else 1
 
 
 def reproduce_command(run_path: str, output_dir: str | None) -> int:

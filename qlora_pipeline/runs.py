@@ -53,8 +53,9 @@ class RunInterrupted(Exception):
     """Raised inside a run when the process receives SIGTERM, so the run is recorded as interrupted."""
 
 
-def allocate_run_dir(root: str | Path) -> Path:
-    """Create and return the next free `root/run_XXX` (zero-padded), safe against concurrent callers."""
+def allocate_run_dir(root: str | Path, prefix: str = "run") -> Path:
+    """Create and return the next free `root/run_XXX` (zero-padded; `prefix` sweep: `sweep_XXX`), safe against
+    concurrent callers."""
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -62,10 +63,11 @@ def allocate_run_dir(root: str | Path) -> Path:
         raise UserError(f"cannot create output root {root}: {exc.strerror}; choose another with --output-dir") from exc
     if not os.access(root, os.W_OK | os.X_OK):
         raise UserError(f"output root {root} is not writable; choose another with --output-dir")
-    taken = [int(m.group(1)) for p in root.iterdir() if (m := RUN_PATTERN.match(p.name))]
+    pattern = RUN_PATTERN if prefix == "run" else re.compile(rf"^{re.escape(prefix)}_(\d+)$")
+    taken = [int(m.group(1)) for p in root.iterdir() if (m := pattern.match(p.name))]
     number = max(taken, default=0) + 1
     while True:
-        candidate = root / f"run_{number:03d}"
+        candidate = root / f"{prefix}_{number:03d}"
         try:
             candidate.mkdir()
         except FileExistsError:

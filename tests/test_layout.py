@@ -14,7 +14,8 @@ PATHS = ("embeddings", "finetune")  # one package per path of `experiment.mode`
 # Below the paths: what every path may use, and what may never reach back up to a path, the shared stages, the
 # orchestrator or the commands.
 SHARED = ("config", "errors", "runs", "distributed", "data", "models", "evaluation", "reporting")
-ABOVE_THE_SHARED = (*PATHS, "stages", "pipeline", "predict", "predict_cli", "reproduce", "cli")
+# sweep runs points as `python -m qlora_pipeline run` processes: it stays below the orchestrator, beside the CLI.
+ABOVE_THE_SHARED = (*PATHS, "stages", "pipeline", "predict", "predict_cli", "reproduce", "sweep", "cli")
 
 
 def module_name(path: Path) -> str:
@@ -166,7 +167,8 @@ def test_importing_the_package_changes_no_warnings_or_logging_state() -> None:
         "import torch, transformers, peft, sklearn, pandas, matplotlib, bitsandbytes, datasets, yaml\n"
         "import transformers.trainer\n"
         "def state():\n"
-        "    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in sorted(logging.root.manager.loggerDict)]\n"
+        "    names = sorted(logging.root.manager.loggerDict)\n"
+        "    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in names]\n"
         "    return [repr(warnings.filters)] + [\n"
         "        (l.name, l.level, [type(f).__name__ for f in l.filters], [type(h).__name__ for h in l.handlers])\n"
         "        for l in loggers if isinstance(l, logging.Logger)\n"
