@@ -47,43 +47,69 @@ def assert_right(found: dict[bytes, np.ndarray]) -> None:
         np.testing.assert_array_equal(vector, vector_of(key))
 
 
-def test_a_lookup_opens_only_the_chunks_holding_the_keys_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lookup_reads_the_records_asked_for_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = EmbeddingCache(SETTINGS, root=tmp_path)
-    keys = fill(cache, range(500))  # 10 chunks of 50
+    keys = fill(cache, range(500))
     cache.lookup(keys[:1])  # opens the index
-    opened: list[str] = []
-    real_open = Path.open
+    read: list[int] = []
+    real_pread = os.pread
 
-    def recording_open(self: Path, *args: object, **kwargs: object) -> object:
-        if self.parent == cache.folder:
-            opened.append(self.name)
-        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+    def recording_pread(fd: int, size: int, offset: int) -> bytes:
+        read.append(size)
+        return real_pread(fd, size, offset)
 
-    monkeypatch.setattr(Path, "open", recording_open)
-    monkeypatch.setattr(cache_module, "read_chunk", lambda path: pytest.fail("a lookup read a whole chunk"))
-    asked = keys[120:130] + keys_of(range(1000, 1005))  # ten in the third chunk, five never cached
+    monkeypatch.setattr(os, "pread", recording_pread)
+    monkeypatch.setattr(cache_module, "read_segment", lambda *a, **k: pytest.fail("a lookup read a whole segment"))
+    assert cache.lookup(keys_of(range(1000, 1005))) == {}  # never cached: the index alone answers
+    assert read == []
+    asked = keys[120:130] + [keys[300]] + keys_of(range(1000, 1005))  # a run of ten, one more, five never cached
     found = cache.lookup(asked)
-    assert sorted(found) == sorted(keys[120:130])
+    assert sorted(found) == sorted(keys[120:130] + [keys[300]])
     assert_right(found)
-    assert len(opened) == 1 and opened[0].endswith(".emb")
+    record = cache_module.record_dtype(DIM).itemsize
+    assert read == [10 * record, record]  # one read per run of consecutive records
 
 
-def test_a_cache_written_before_the_index_existed_is_read(tmp_path: Path) -> None:
-    """Chunk files alone (the 0.1 layout: the same chunk format, no index.sqlite) are verified and registered."""
+def write_old_chunk(path: Path, keys: list[bytes]) -> None:
+    """A chunk file as caches wrote them before segments: header, SHA-256 of the body, keys, then vectors."""
+    body = b"".join(keys) + np.stack([vector_of(k) for k in keys]).astype("<f4").tobytes()
+    header = cache_module.HEADER.pack(cache_module.MAGIC, len(keys), DIM, hashlib.sha256(body).digest())
+    path.write_bytes(header + body)
+
+
+def test_a_cache_written_before_segments_is_read(tmp_path: Path) -> None:
+    """Chunk files alone (the 0.1 layout, no index): each is verified, moved into a segment and deleted; a
+    damaged one is deleted and its vectors are misses."""
+    folder = EmbeddingCache(SETTINGS, root=tmp_path).folder
+    folder.mkdir(parents=True)
+    keys = keys_of(range(150))
+    for i, start in enumerate(range(0, 150, 50)):
+        write_old_chunk(folder / f"{i:020d}-1.emb", keys[start : start + 50])
+    damaged = folder / f"{2:020d}-1.emb"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    found = EmbeddingCache(SETTINGS, root=tmp_path).lookup(keys)
+    assert sorted(found) == sorted(keys[:100])
+    assert_right(found)
+    assert not list(folder.glob("*.emb")) and len(list(folder.glob("*.seg"))) == 1
+    assert cache_info(tmp_path)["models"][0]["entries"] == 100
+
+
+def test_segments_the_index_does_not_know_are_registered(tmp_path: Path) -> None:
+    """The index deleted (or a writer killed before registering its segment): the segments are scanned."""
     cache = EmbeddingCache(SETTINGS, root=tmp_path)
     keys = fill(cache, range(120))
     cache.close()
     for path in cache.folder.glob(f"{INDEX}*"):
         path.unlink()
-    assert all(read_chunk(p) is not None for p in cache.folder.glob("*.emb"))
-    again = EmbeddingCache(SETTINGS, root=tmp_path)
-    found = again.lookup(keys)
+    (segment,) = cache.folder.glob("*.seg")
+    assert read_chunk(segment) is not None
+    found = EmbeddingCache(SETTINGS, root=tmp_path).lookup(keys)
     assert len(found) == 120
     assert_right(found)
     assert cache_info(tmp_path)["models"][0]["entries"] == 120
 
 
-def test_a_damaged_index_is_rebuilt_from_the_chunks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_index_is_rebuilt_from_the_segments(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = EmbeddingCache(SETTINGS, root=tmp_path)
     keys = fill(cache, range(100))
     cache.close()
@@ -97,23 +123,26 @@ def test_a_damaged_index_is_rebuilt_from_the_chunks(tmp_path: Path, caplog: pyte
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
-def test_a_damaged_or_missing_chunk_is_never_used(tmp_path: Path, damage: str) -> None:
+def test_a_damaged_or_missing_record_is_never_used(tmp_path: Path, damage: str) -> None:
     cache = EmbeddingCache(SETTINGS, root=tmp_path)
-    keys = fill(cache, range(100))  # two chunks
-    first = sorted(cache.folder.glob("*.emb"))[0]
-    data = bytearray(first.read_bytes())
+    keys = fill(cache, range(100))
+    (segment,) = cache.folder.glob("*.seg")
+    record = cache_module.record_dtype(DIM).itemsize
+    data = bytearray(segment.read_bytes())
     if damage == "flip":
-        data[-5] ^= 0x10
-        first.write_bytes(bytes(data))
+        data[cache_module.SEGMENT_HEADER.size + 7 * record + 40] ^= 0x10  # in the vector of record 7
+        segment.write_bytes(bytes(data))
+        expected = keys[:7] + keys[8:]
     elif damage == "truncate":
-        first.write_bytes(bytes(data[:-64]))
+        segment.write_bytes(bytes(data[: -record - 5]))  # the last record and 5 bytes of the one before
+        expected = keys[:98]
     else:
-        first.unlink()
+        segment.unlink()
+        expected = []
     found = cache.lookup(keys)
-    assert sorted(found) == sorted(keys[50:])  # nothing of the damaged chunk, not even its intact rows
+    assert sorted(found) == sorted(expected)
     assert_right(found)
-    assert not first.exists()
-    assert cache_info(tmp_path)["models"][0]["entries"] == 50
+    assert cache_info(tmp_path)["models"][0]["entries"] == len(expected)
 
 
 WORKER = """
@@ -159,7 +188,7 @@ def test_processes_filling_one_cache_at_once_while_it_is_cleared(tmp_path: Path)
     cleared_while_running = 0
     deadline = time.monotonic() + 120
     while cleared_while_running < 2 and time.monotonic() < deadline:
-        if any(root.glob("*/*.emb")):  # a worker has written: clear under all of them
+        if any(root.glob("*/*.seg")):  # a worker has written: clear under all of them
             running = sum(w.poll() is None for w in workers)
             clear_cache(root)
             cleared_while_running += running > 0
@@ -185,15 +214,17 @@ def test_cache_clear_by_model_key_and_by_date(
     two = EmbeddingCache({"model": "two"})
     fill(one, range(100))
     fill(two, range(100))
-    old = sorted(two.folder.glob("*.emb"))[0]
-    with sqlite3.connect(two.folder / INDEX) as db:  # written "a week ago"
-        db.execute("UPDATE chunks SET created = ? WHERE name = ?", (time.time() - 7 * 86400, old.name))
+    week_ago = time.time() - 7 * 86400
+    with sqlite3.connect(two.folder / INDEX) as db:  # half of two's vectors were written a week ago
+        db.execute("UPDATE vectors SET written = ? WHERE record < 50", (week_ago,))
+        db.execute("UPDATE segments SET oldest = ?", (week_ago,))
     two.close()
 
     day = (datetime.now() - timedelta(days=2)).date().isoformat()
     assert main(["cache", "clear", "--older-than", day, "--yes"]) == 0
     entries = {m["model"]: m["entries"] for m in cache_info()["models"]}
-    assert entries == {"one": 100, "two": 50} and not old.exists()
+    assert entries == {"one": 100, "two": 50}
+    assert len(EmbeddingCache({"model": "two"}).lookup(keys_of(range(100)))) == 50
 
     assert main(["cache", "clear", "--model", one.key[:8], "--yes"]) == 0
     assert [m["model"] for m in cache_info()["models"]] == ["two"]
@@ -202,6 +233,9 @@ def test_cache_clear_by_model_key_and_by_date(
     assert main(["cache", "clear", "--older-than", "last tuesday", "--yes"]) == 2
     assert "--older-than" in capsys.readouterr().err
 
+    assert main(["cache", "clear", "--older-than", datetime.now().isoformat(), "--yes"]) == 0
+    assert not list(two.folder.glob("*.seg"))  # a segment left with no vector is deleted
+    capsys.readouterr()
     assert main(["cache", "info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert [(m["key"], m["entries"], m["chunks"]) for m in info["models"]] == [(two.key, 50, 1)]
+    assert [(m["key"], m["entries"], m["segments"]) for m in info["models"]] == [(two.key, 0, 0)]

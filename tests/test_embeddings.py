@@ -77,23 +77,24 @@ def test_interrupted_encode_keeps_finished_chunks(
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_corrupt_chunk_is_detected_and_recomputed(
+def test_a_corrupt_record_is_detected_and_recomputed(
     loaded: LoadedModel, cache: EmbeddingCache, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = encode(TEXTS, loaded, EMB, cache=cache)
-    (chunk,) = cache.folder.glob("*.emb")
-    data = bytearray(chunk.read_bytes())
+    (segment,) = cache.folder.glob("*.seg")
+    data = bytearray(segment.read_bytes())
     if damage == "flip":
-        data[-3] ^= 0x01  # one bit of one vector
+        data[-3] ^= 0x01  # one bit of the last vector
     else:
-        del data[-100:]
-    chunk.write_bytes(bytes(data))
-    assert read_chunk(chunk) is None
+        del data[-100:]  # the last record cut short
+    segment.write_bytes(bytes(data))
+    assert read_chunk(segment) is None
     with caplog.at_level(logging.WARNING):
         again = encode(TEXTS, loaded, EMB, cache=cache)
     assert "truncated or corrupt" in caplog.text
-    assert again.misses == len(TEXTS)
-    assert again.vectors.tobytes() == first.vectors.tobytes()
+    assert (again.hits, again.misses) == (len(TEXTS) - 1, 1)  # every other record is checked on its own
+    np.testing.assert_allclose(again.vectors, first.vectors, atol=1e-6)  # recomputed in a batch of its own
+    assert encode(TEXTS, loaded, EMB, cache=cache).hits == len(TEXTS)
 
 
 def test_cache_key_covers_settings_and_weights(loaded: LoadedModel, tmp_path: Path) -> None:

@@ -2,29 +2,29 @@
 
 Layout: one folder per *model key* (a hash of everything that decides a vector except the text: model id,
 revision, a fingerprint of local weights, quantization, compute dtype, device, prompt, pooling, max length,
-normalization, library versions), holding `settings.json` (the key in readable form), chunk files of vectors,
-and `index.sqlite`, which maps each text key to (chunk, row, CRC-32 of the vector).
+normalization, library versions), holding `settings.json` (the key in readable form), segment files of vectors,
+and `index.sqlite`, which maps each text key to (segment, record) and says when the vector was written.
 
-Why this shape: a lookup asks the index for the keys it wants (a primary-key search per key) and reads only
-those rows from the chunks (memory-mapped), so it costs what is asked for, not what the cache holds, and memory
-stays bounded by the vectors returned. Writes append: each flush of an encode becomes a new chunk file, written
-atomically (temp file + rename), then registered in the index in one transaction. SQLite (stdlib) in WAL mode
-lets any number of processes on one machine read while one writes (each write transaction takes a few
-milliseconds); a key that two processes both computed keeps the first registration. Chunk files are never
-rewritten, so a reader never sees a partial vector.
+Writes append: each writer (an `EmbeddingCache` in one process) appends fixed-size records to a segment file of
+its own, up to `SEGMENT_BYTES`, then starts another; after each append the new keys are registered in the index
+in one transaction. A lookup asks the index for the keys it wants (a primary-key search per key) and reads only
+their records (memory-mapped segments, a few of them per million vectors), so it costs what is asked for, not
+what the cache holds, and memory stays bounded by the vectors returned. SQLite (stdlib) in WAL mode lets any
+number of processes on one machine read while one writes (each write transaction takes milliseconds); a key that
+two processes both computed keeps the first registration, and the second copy is unused space.
 
-Integrity: a chunk carries a SHA-256 of its body and the index a CRC-32 of every vector. A lookup checks each
-row it reads, and the chunk's length; a truncated or corrupt chunk is logged, deleted with its index rows, and
-every vector it held is recomputed, never used. A chunk on disk that the index does not know (a writer killed
-between rename and commit, an index deleted or damaged, or a cache written before the index existed: chunk
-files of the same format) is verified whole by its SHA-256 and registered when a cache is opened, so old caches
-are read, not rebuilt. A damaged index file is moved aside and rebuilt from the chunks the same way.
+Integrity: every record carries its key and a CRC-32 of key and vector, checked on every read. A record that is
+truncated or corrupt is logged, dropped from the index and recomputed, never used. A segment on disk that the
+index does not know (its writer was killed before registering it, or the index was deleted or damaged: a
+damaged index is deleted) is scanned record by record when a cache is opened, and its intact records are
+registered. Caches written before segments existed (chunk files `*.emb`, each with a SHA-256 of its body) are
+read: each chunk is verified, moved into a segment, and deleted.
 
-Deletion under a running process (`qlora cache clear`): a reader whose chunk vanished counts a miss and
-recomputes; a writer whose folder or index vanished starts a new one and carries on.
+Deletion under a running process (`qlora cache clear`): a reader whose segment vanished counts misses and
+recomputes; a writer whose folder or index vanished starts new ones and carries on.
 
-Chunk format (`*.emb`): magic `QLEMB1\\n\\0`, uint32 n, uint32 dim, 32-byte SHA-256 of the body, then the body:
-n 32-byte text keys followed by n x dim little-endian float32 vectors.
+Segment format (`*.seg`): magic `QLSEG1\\n\\0`, uint32 dim, uint32 0, then records: 32-byte text key, uint32
+CRC-32 of key + vector, dim little-endian float32.
 
 Exactness: a hit returns the bytes the first encode wrote. Vectors depend on their batch-mates at the level
 of float rounding (measured on the tiny Qwen3, mean and last-token pooling, NF4 and float32: up to 1.2e-7 on
@@ -39,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import mmap
 import os
 import shutil
 import sqlite3
@@ -52,7 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -60,33 +59,38 @@ from qlora_pipeline.models.tiny import cache_root
 
 log = logging.getLogger(__name__)
 
+SEGMENT_MAGIC = b"QLSEG1\n\0"
+SEGMENT_HEADER = struct.Struct("<8sII")
+SEGMENT_SUFFIX = ".seg"
+SEGMENT_BYTES = 64 * 2**20  # a writer starts a new segment past this size: few files per million vectors
+KEY_BYTES = 32
+# The chunk files of caches written before segments (read, then moved into segments).
 MAGIC = b"QLEMB1\n\0"
 HEADER = struct.Struct("<8sII32s")
-KEY_BYTES = 32
+CHUNK_SUFFIX = ".emb"
 FULL_HASH_LIMIT = 64 * 2**20  # weight files up to this size are hashed whole; larger ones by header+size+mtime
 INDEX = "index.sqlite"
 SETTINGS = "settings.json"
-CHUNK_SUFFIX = ".emb"
+READ_BYTES = 4 * 2**20  # the most one read of consecutive records takes
 QUERY_KEYS = 900  # keys per SELECT ... IN (...): well under SQLite's variable limit, few round trips
 BUSY_TIMEOUT_S = 120.0  # a writer waits this long for another process's write transaction
-DAMAGED = "embedding cache: %s is truncated or corrupt; deleted, its vectors are recomputed"
+DAMAGED = "embedding cache: %s is truncated or corrupt at %d record(s); they are dropped and recomputed"
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS chunks (
+CREATE TABLE IF NOT EXISTS segments (
     id INTEGER PRIMARY KEY,
     name TEXT UNIQUE NOT NULL,
-    rows INTEGER NOT NULL,
     dim INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    created REAL NOT NULL,
-    indexed INTEGER NOT NULL DEFAULT 0
+    live INTEGER NOT NULL DEFAULT 0,
+    oldest REAL,
+    newest REAL
 );
 CREATE TABLE IF NOT EXISTS vectors (
     key BLOB PRIMARY KEY,
-    chunk INTEGER NOT NULL,
-    row INTEGER NOT NULL,
-    crc INTEGER NOT NULL
+    segment INTEGER NOT NULL,
+    record INTEGER NOT NULL,
+    written REAL NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS vectors_by_chunk ON vectors(chunk);
+CREATE INDEX IF NOT EXISTS vectors_by_segment ON vectors(segment);
 """
 
 T = TypeVar("T")
@@ -127,19 +131,25 @@ def model_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
 
 
-def chunk_size(rows: int, dim: int) -> int:
-    return HEADER.size + rows * (KEY_BYTES + 4 * dim)
+def record_dtype(dim: int) -> np.dtype:
+    return np.dtype([("key", "V32"), ("crc", "<u4"), ("vector", "<f4", (dim,))])
+
+
+def record_crc(key: bytes, vector: bytes) -> int:
+    return zlib.crc32(vector, zlib.crc32(key))
 
 
 class EmbeddingCache:
-    """The vectors cached for one model key: `lookup` asks the index and reads only the rows asked for; `put`
-    appends one chunk. Safe to use from several processes at once; one instance may be shared by threads."""
+    """The vectors cached for one model key: `lookup` asks the index and reads only the records asked for; `put`
+    appends to this writer's segment. Safe to use from several processes at once; an instance may be shared by
+    threads."""
 
     def __init__(self, settings: dict[str, Any], root: Path | None = None) -> None:
         self.settings = settings
         self.key = model_key(settings)
         self.folder = (root or embeddings_root()) / self.key
         self._index: _Index | None = None
+        self._segment: _Segment | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -154,86 +164,77 @@ class EmbeddingCache:
     # ---- reading ----------------------------------------------------------------------------------------
 
     def lookup(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
-        """Cached vectors for those of `keys` that are present and intact. A chunk found truncated or corrupt
-        is deleted with its index rows, and none of its vectors is returned (they are recomputed)."""
+        """Cached vectors for those of `keys` that are present and intact. A truncated or corrupt record is
+        dropped from the index and not returned (its vector is recomputed)."""
         if not len(keys) or not self.folder.is_dir():
             return {}
         distinct = list(dict.fromkeys(keys))
         with self._lock:
-            located = self._with_index(False, lambda index: index.locate(distinct))
+            located = self._with_index(False, lambda index: index.locate(distinct)) or {}
             found: dict[bytes, np.ndarray] = {}
-            for (name, n, dim), wanted in (located or {}).items():
-                vectors = self._read_rows(name, n, dim, wanted)
-                if vectors is not None:
-                    found.update(vectors)
+            for (name, dim), rows in located.items():
+                found.update(self._read_records(name, dim, rows))
             return found
 
-    def _read_rows(
-        self, name: str, n: int, dim: int, wanted: list[tuple[bytes, int, int]]
-    ) -> dict[bytes, np.ndarray] | None:
-        """The wanted rows of one chunk, each checked against its CRC; None when the chunk is gone (deleted
-        by a `cache clear`) or damaged (then also deleted)."""
+    def _read_records(self, name: str, dim: int, rows: list[tuple[bytes, int]]) -> dict[bytes, np.ndarray]:
+        """The given records of one segment, each checked against its key and CRC; the damaged ones (and all of
+        them when the segment is gone, deleted by a `cache clear`) are dropped from the index."""
         path = self.folder / name
         try:
             handle = path.open("rb")
         except FileNotFoundError:
             log.debug("embedding cache: %s was deleted; its vectors count as misses", path)
-            self._forget([name])
-            return None
+            self._with_index(False, lambda index: index.drop_segments([name]))
+            return {}
         with handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size != chunk_size(n, dim) or handle.read(len(MAGIC)) != MAGIC:
-                self._damaged(path)
-                return None
-            rows = np.fromiter((row for _, row, _ in wanted), dtype=np.int64, count=len(wanted))
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                vectors = _rows_of(view, n, dim, rows)
-        found = {}
-        for (key, _, crc), vector in zip(wanted, vectors, strict=True):
-            if zlib.crc32(vector.tobytes()) != crc:
-                self._damaged(path)
-                return None
-            found[key] = vector
-        return found
-
-    def _damaged(self, path: Path) -> None:
-        log.warning(DAMAGED, path)
-        path.unlink(missing_ok=True)
-        self._forget([path.name])
-        return None
-
-    def _forget(self, names: list[str]) -> None:
-        self._with_index(False, lambda index: index.drop_chunks(names))
+            records, present = _records_at(handle, dim, [record for _, record in rows])
+        keys = [key for key, _ in rows]
+        intact = present & (records["key"] == np.frombuffer(b"".join(keys), dtype="V32"))
+        raw = memoryview(records.tobytes())
+        size, crcs = records.dtype.itemsize, records["crc"].tolist()
+        for i in np.flatnonzero(intact).tolist():
+            at = i * size
+            if zlib.crc32(raw[at + KEY_BYTES + 4 : at + size], zlib.crc32(raw[at : at + KEY_BYTES])) != crcs[i]:
+                intact[i] = False
+        vectors = records["vector"].astype(np.float32)
+        damaged = [key for key, ok in zip(keys, intact.tolist(), strict=True) if not ok]
+        if damaged:
+            log.warning(DAMAGED, path, len(damaged))
+            self._with_index(False, lambda index: index.drop_keys(damaged))
+        return {key: vectors[i] for i, (key, ok) in enumerate(zip(keys, intact.tolist(), strict=True)) if ok}
 
     # ---- writing ----------------------------------------------------------------------------------------
 
     def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> Path | None:
-        """Append one chunk (atomically: readers never see a partial file) and register it in the index.
-        Returns its path, or None when the cache folder kept vanishing while writing (`cache clear` racing
-        this write three times): the vectors are then not cached, and the caller carries on."""
+        """Append one vector per key to this writer's segment and register the keys in the index. Returns the
+        segment's path, or None when the cache folder kept vanishing while writing (`cache clear` racing this
+        write three times): the vectors are then not cached, and the caller carries on."""
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         if len(keys) != len(vectors) or vectors.ndim != 2:
             raise ValueError(f"put needs one 2-D vector per key, got {len(keys)} keys and shape {vectors.shape}")
         if not len(keys):
             return None
-        body = b"".join(keys) + vectors.tobytes()
-        header = HEADER.pack(MAGIC, len(keys), vectors.shape[1], hashlib.sha256(body).digest())
-        crcs = [zlib.crc32(row.tobytes()) for row in vectors]
-        name = f"{time.time_ns():020d}-{os.getpid()}-{threading.get_ident() % 10**6:06d}{CHUNK_SUFFIX}"
-        path = self.folder / name
-
-        def write(index: _Index) -> Path:
-            _atomic_write(path, header + body)  # first the file, then its rows: a row always has its file
-            index.register(name, list(keys), crcs, vectors.shape[1], len(header) + len(body), time.time())
-            return path
-
+        records = np.zeros(len(keys), dtype=record_dtype(vectors.shape[1]))
+        records["key"] = [np.void(k) for k in keys]
+        records["vector"] = vectors
+        records["crc"] = [record_crc(k, v.tobytes()) for k, v in zip(keys, vectors, strict=True)]
         with self._lock:
-            written = self._with_index(True, write)
+            written = self._with_index(True, lambda index: self._append(index, list(keys), records))
         if written is None:
-            log.warning(
-                "embedding cache: %s kept vanishing while writing; %d vectors not cached", self.folder, len(keys)
-            )
+            log.warning("embedding cache: %s kept vanishing; %d vectors not cached", self.folder, len(keys))
         return written
+
+    def _append(self, index: _Index, keys: list[bytes], records: np.ndarray) -> Path:
+        dim = records.dtype["vector"].shape[0]
+        segment = self._segment
+        if segment is None or segment.dim != dim or segment.full() or not segment.exists():
+            if segment is not None:
+                segment.close()
+            self._segment = segment = _Segment.create(self.folder, dim)
+            index.add_segment(segment.path.name, dim)
+        first = segment.append(records)
+        index.register(segment.path.name, dim, keys, first, time.time())
+        return segment.path
 
     # ---- the index --------------------------------------------------------------------------------------
 
@@ -253,8 +254,8 @@ class EmbeddingCache:
         return None
 
     def _open(self, create: bool) -> _Index | None:
-        """The index connection, (re)opened when it is missing or its file was replaced; chunk files it does
-        not know are verified and registered first. None when there is no cache and `create` is false."""
+        """The index connection, (re)opened when it is missing or its file was replaced; segments it does not
+        know are scanned and registered, chunk files of older caches moved into a segment."""
         if self._index is not None and self._index.is_current():
             return self._index
         self._close()
@@ -271,53 +272,122 @@ class EmbeddingCache:
             if not _is_damage(exc):
                 raise
             self._index = _Index.rebuild(path, exc)
-        self._adopt_orphans(self._index)
+        self._adopt(self._index)
         return self._index
 
-    def _adopt_orphans(self, index: _Index) -> None:
-        """Register the chunk files on disk that the index does not know; forget the rows of chunks gone."""
-        on_disk = {entry.name for entry in os.scandir(self.folder) if entry.name.endswith(CHUNK_SUFFIX)}
-        known = index.chunk_names()
+    def _adopt(self, index: _Index) -> None:
+        """Register the intact records of segments the index does not know, forget segments gone from disk, and
+        move chunk files of an older cache into a segment."""
+        names = [entry.name for entry in os.scandir(self.folder)]
+        on_disk = {name for name in names if name.endswith(SEGMENT_SUFFIX)}
+        known = index.segment_names()
         if known - on_disk:
-            index.drop_chunks(sorted(known - on_disk))
-        orphans = sorted(on_disk - known)
-        if orphans:
-            log.info("embedding cache: registering %d chunk file(s) in %s", len(orphans), self.folder / INDEX)
-        for name in orphans:
+            index.drop_segments(sorted(known - on_disk))
+        for name in sorted(on_disk - known):
             path = self.folder / name
-            content = read_chunk(path)
+            scanned = read_segment(path, strict=False)
+            if scanned is None:
+                continue  # deleted meanwhile, or not a segment at all
+            keys, vectors, damaged = scanned
+            log.info("embedding cache: registering %d vectors of %s", len(keys), path)
+            if damaged:
+                log.warning(DAMAGED, path, damaged)
+            index.register_records(name, vectors.shape[1], keys, path.stat().st_mtime)
+        chunks = sorted(name for name in names if name.endswith(CHUNK_SUFFIX))
+        if chunks:
+            log.info("embedding cache: moving %d chunk file(s) of an older cache into a segment", len(chunks))
+        for name in chunks:
+            content = read_chunk(self.folder / name)
             if content is None:
-                if path.exists():
-                    log.warning(
-                        "embedding cache: %s is truncated or corrupt; deleted, its vectors are recomputed", path
-                    )
-                    path.unlink(missing_ok=True)
-                continue
-            chunk_keys, vectors = content
-            crcs = [zlib.crc32(row.tobytes()) for row in vectors.astype("<f4")]
-            created = path.stat().st_mtime if path.exists() else time.time()
-            index.register(name, chunk_keys, crcs, vectors.shape[1], chunk_size(*vectors.shape), created)
+                log.warning("embedding cache: %s is truncated or corrupt; deleted, its vectors are recomputed", name)
+            else:
+                records = np.zeros(len(content[0]), dtype=record_dtype(content[1].shape[1]))
+                records["key"] = [np.void(k) for k in content[0]]
+                records["vector"] = content[1]
+                records["crc"] = [record_crc(k, v.tobytes()) for k, v in zip(content[0], content[1], strict=True)]
+                self._append(index, content[0], records)
+            (self.folder / name).unlink(missing_ok=True)
 
     def _close(self) -> None:
         if self._index is not None:
             self._index.close()
             self._index = None
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
 
     def close(self) -> None:
         with self._lock:
             self._close()
 
-    def __del__(self) -> None:  # the sqlite3 module closes connections anyway; this makes it prompt
-        index = getattr(self, "_index", None)
-        if index is not None:
-            index.close()
+    def __del__(self) -> None:  # files and connections close anyway; this makes it prompt
+        with contextlib.suppress(AttributeError):
+            self._close()
 
 
-def _rows_of(view: mmap.mmap, n: int, dim: int, rows: np.ndarray) -> np.ndarray:
-    """A copy of the given rows of a mapped chunk's vectors: only their pages are read. Every view of the
-    mapping dies with this frame, so the mapping can be closed afterwards."""
-    block = np.frombuffer(view, dtype="<f4", count=n * dim, offset=HEADER.size + n * KEY_BYTES).reshape(n, dim)
-    return block[rows].astype(np.float32)
+def _records_at(handle: BinaryIO, dim: int, numbers: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The given records of an open segment and whether each was there (not past the end), read with one `pread`
+    per run of consecutive records: only these bytes are read, and memory holds nothing else (a mapping of the
+    file would count a whole fault-around window per record)."""
+    dtype = record_dtype(dim)
+    order = np.argsort(numbers, kind="stable")
+    records = np.zeros(len(numbers), dtype=dtype)
+    present = np.zeros(len(numbers), dtype=bool)
+    run_limit = max(1, READ_BYTES // dtype.itemsize)
+    sorted_numbers = [numbers[i] for i in order.tolist()]
+    begin = 0
+    while begin < len(sorted_numbers):
+        end = begin + 1
+        while (
+            end < len(sorted_numbers) and sorted_numbers[end] == sorted_numbers[end - 1] + 1 and end - begin < run_limit
+        ):
+            end += 1
+        first, count = sorted_numbers[begin], end - begin
+        data = os.pread(handle.fileno(), count * dtype.itemsize, SEGMENT_HEADER.size + first * dtype.itemsize)
+        got = len(data) // dtype.itemsize
+        targets = order[begin : begin + got]
+        records[targets] = np.frombuffer(data, dtype=dtype, count=got)
+        present[targets] = True
+        begin = end
+    return records, present
+
+
+class _Segment:
+    """The segment this writer appends to (only it does)."""
+
+    def __init__(self, path: Path, dim: int, handle: BinaryIO) -> None:
+        self.path, self.dim, self.handle = path, dim, handle
+        self.records = 0
+        self.itemsize = record_dtype(dim).itemsize
+
+    @classmethod
+    def create(cls, folder: Path, dim: int) -> _Segment:
+        name = f"{time.time_ns():020d}-{os.getpid()}-{threading.get_ident() % 10**6:06d}{SEGMENT_SUFFIX}"
+        handle = (folder / name).open("xb")
+        handle.write(SEGMENT_HEADER.pack(SEGMENT_MAGIC, dim, 0))
+        handle.flush()
+        return cls(folder / name, dim, handle)
+
+    def append(self, records: np.ndarray) -> int:
+        """Write the records at the end, flushed to the OS before the index learns of them; returns the number
+        of the first one."""
+        first = self.records
+        self.handle.write(records.tobytes())
+        self.handle.flush()
+        self.records += len(records)
+        return first
+
+    def full(self) -> bool:
+        return SEGMENT_HEADER.size + self.records * self.itemsize >= SEGMENT_BYTES
+
+    def exists(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    def close(self) -> None:
+        self.handle.close()
 
 
 class _IndexGone(Exception):
@@ -353,8 +423,8 @@ class _Index:
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last commits, never
-            connection.executescript(SCHEMA)  # the index's consistency; lost rows become orphans, re-registered
-            connection.execute("SELECT COUNT(*) FROM chunks").fetchone()  # reads a page: a damaged file fails here
+            connection.executescript(SCHEMA)  # the index's consistency; what they registered is recomputed
+            connection.execute("SELECT COUNT(*) FROM segments").fetchone()  # a damaged file fails here
         except sqlite3.OperationalError as exc:
             connection.close()
             if _is_gone(exc):
@@ -367,8 +437,8 @@ class _Index:
 
     @classmethod
     def rebuild(cls, path: Path, cause: Exception) -> _Index:
-        """Delete a damaged index (a cache is a cache); the chunks are registered again as orphans."""
-        log.warning("embedding cache: %s is damaged (%s); rebuilt from the chunk files", path, cause)
+        """Delete a damaged index (a cache is a cache); the segments are then registered again."""
+        log.warning("embedding cache: %s is damaged (%s); rebuilt from the segments", path, cause)
         for suffix in ("", "-wal", "-shm"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
         return cls.connect(path)
@@ -388,84 +458,137 @@ class _Index:
                 raise _IndexGone(str(exc)) from exc
             raise
 
-    def locate(self, keys: list[bytes]) -> dict[tuple[str, int, int], list[tuple[bytes, int, int]]]:
-        """(chunk name, rows, dim) -> [(key, row, crc)] for the keys the index holds."""
-        by_chunk: dict[int, list[tuple[bytes, int, int]]] = {}
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._guard() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+
+    def locate(self, keys: list[bytes]) -> dict[tuple[str, int], list[tuple[bytes, int]]]:
+        """(segment name, dim) -> [(key, record)], in record order, for the keys the index holds."""
+        by_segment: dict[int, list[tuple[bytes, int]]] = {}
         with self._guard() as db:
             for start in range(0, len(keys), QUERY_KEYS):
                 part = keys[start : start + QUERY_KEYS]
                 marks = ",".join("?" * len(part))
-                query = f"SELECT key, chunk, row, crc FROM vectors WHERE key IN ({marks})"
-                for key, chunk, row, crc in db.execute(query, part):
-                    by_chunk.setdefault(chunk, []).append((bytes(key), row, crc))
-            found = {}
-            ids = list(by_chunk)
-            for start in range(0, len(ids), QUERY_KEYS):
-                some = ids[start : start + QUERY_KEYS]
-                marks = ",".join("?" * len(some))
-                for chunk, name, rows, dim in db.execute(
-                    f"SELECT id, name, rows, dim FROM chunks WHERE id IN ({marks})", some
-                ):
-                    found[name, rows, dim] = sorted(by_chunk[chunk], key=lambda item: item[1])
-        return found
+                query = f"SELECT key, segment, record FROM vectors WHERE key IN ({marks})"
+                for key, segment, record in db.execute(query, part):
+                    by_segment.setdefault(segment, []).append((bytes(key), record))
+            names = {segment: (name, dim) for segment, name, dim in db.execute("SELECT id, name, dim FROM segments")}
+        return {names[s]: sorted(rows, key=lambda r: r[1]) for s, rows in by_segment.items() if s in names}
 
-    def register(self, name: str, keys: list[bytes], crcs: list[int], dim: int, size: int, created: float) -> None:
-        """One transaction: the chunk and those of its keys not registered yet (the first write of a key wins)."""
-        with self._guard() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+    def add_segment(self, name: str, dim: int) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO segments (name, dim) VALUES (?, ?)", (name, dim))
+
+    def register(self, name: str, dim: int, keys: list[bytes], first: int, written: float) -> None:
+        """One transaction: keys -> records first, first + 1, ... of the segment (the first write of a key wins)."""
+        self.register_records(name, dim, list(zip(keys, range(first, first + len(keys)), strict=True)), written)
+
+    def register_records(self, name: str, dim: int, rows: list[tuple[bytes, int]], written: float) -> None:
+        with self._transaction() as db:
+            # The segment's row too: a `cache clear --older-than` may have dropped it since it was added.
+            db.execute("INSERT OR IGNORE INTO segments (name, dim) VALUES (?, ?)", (name, dim))
+            (segment,) = db.execute("SELECT id FROM segments WHERE name = ?", (name,)).fetchone()
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO vectors (key, segment, record, written) VALUES (?, ?, ?, ?)",
+                [(key, segment, record, written) for key, record in rows],
+            )
+            db.execute(
+                "UPDATE segments SET live = live + ?, oldest = MIN(COALESCE(oldest, ?), ?), "
+                "newest = MAX(COALESCE(newest, ?), ?) WHERE id = ?",
+                (db.total_changes - before, written, written, written, written, segment),
+            )
+
+    def drop_keys(self, keys: list[bytes]) -> None:
+        with self._transaction() as db:
+            for key in keys:
+                row = db.execute("SELECT segment FROM vectors WHERE key = ?", (key,)).fetchone()
+                if row is not None:
+                    db.execute("DELETE FROM vectors WHERE key = ?", (key,))
+                    db.execute("UPDATE segments SET live = live - 1 WHERE id = ?", row)
+
+    def drop_segments(self, names: list[str]) -> None:
+        with self._transaction() as db:
+            for name in names:
+                row = db.execute("SELECT id FROM segments WHERE name = ?", (name,)).fetchone()
+                if row is not None:
+                    db.execute("DELETE FROM vectors WHERE segment = ?", row)
+                    db.execute("DELETE FROM segments WHERE id = ?", row)
+
+    def drop_older(self, cutoff: float) -> list[str]:
+        """Forget the vectors written before `cutoff`; returns the segments left with none. Only the segments
+        whose oldest vector is older are visited (by the index on segment), not every vector."""
+        with self._transaction() as db:
+            old = db.execute("SELECT id, newest FROM segments WHERE oldest < ?", (cutoff,)).fetchall()
+            for segment, newest in old:
+                if newest is not None and newest < cutoff:  # all of it
+                    db.execute("DELETE FROM vectors WHERE segment = ?", (segment,))
+                    db.execute("UPDATE segments SET live = 0, oldest = NULL WHERE id = ?", (segment,))
+                    continue
+                before = db.total_changes
+                db.execute("DELETE FROM vectors WHERE segment = ? AND written < ?", (segment, cutoff))
                 db.execute(
-                    "INSERT OR IGNORE INTO chunks (name, rows, dim, bytes, created) VALUES (?, ?, ?, ?, ?)",
-                    (name, len(keys), dim, size, created),
+                    "UPDATE segments SET live = live - ?, oldest = "
+                    "(SELECT MIN(written) FROM vectors WHERE segment = ?) WHERE id = ?",
+                    (db.total_changes - before, segment, segment),
                 )
-                (chunk,) = db.execute("SELECT id FROM chunks WHERE name = ?", (name,)).fetchone()
-                db.executemany(
-                    "INSERT OR IGNORE INTO vectors (key, chunk, row, crc) VALUES (?, ?, ?, ?)",
-                    [(key, chunk, row, crc) for row, (key, crc) in enumerate(zip(keys, crcs, strict=True))],
-                )
-                db.execute(
-                    "UPDATE chunks SET indexed = (SELECT COUNT(*) FROM vectors WHERE chunk = ?) WHERE id = ?",
-                    (chunk, chunk),
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            return [name for (name,) in db.execute("SELECT name FROM segments WHERE live <= 0 AND newest IS NOT NULL")]
 
-    def drop_chunks(self, names: list[str]) -> None:
+    def segment_names(self) -> set[str]:
         with self._guard() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for name in names:
-                    row = db.execute("SELECT id FROM chunks WHERE name = ?", (name,)).fetchone()
-                    if row is not None:
-                        db.execute("DELETE FROM vectors WHERE chunk = ?", row)
-                        db.execute("DELETE FROM chunks WHERE id = ?", row)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            return {name for (name,) in db.execute("SELECT name FROM segments")}
 
-    def chunk_names(self, before: float | None = None) -> set[str]:
+    def totals(self) -> tuple[int, int]:
+        """(vectors indexed, segments), from the segment table alone: fast at any size."""
         with self._guard() as db:
-            if before is None:
-                return {name for (name,) in db.execute("SELECT name FROM chunks")}
-            return {name for (name,) in db.execute("SELECT name FROM chunks WHERE created < ?", (before,))}
-
-    def totals(self) -> tuple[int, int, int]:
-        """(vectors indexed, chunk files, their bytes), from the chunk table alone: fast at any size."""
-        with self._guard() as db:
-            entries, chunks, size = db.execute(
-                "SELECT COALESCE(SUM(indexed), 0), COUNT(*), COALESCE(SUM(bytes), 0) FROM chunks"
-            ).fetchone()
-        return int(entries), int(chunks), int(size)
+            entries, segments = db.execute("SELECT COALESCE(SUM(live), 0), COUNT(*) FROM segments").fetchone()
+        return int(entries), int(segments)
 
     def close(self) -> None:
         self.connection.close()
 
 
+def read_segment(path: Path, strict: bool = True) -> tuple[list[tuple[bytes, int]], np.ndarray, int] | None:
+    """A segment's intact records: ([(key, record number)], vectors, number of corrupt records). None when the
+    file is missing or not a segment, and, with `strict`, when any record is corrupt or cut short."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < SEGMENT_HEADER.size:
+        return None
+    magic, dim, _ = SEGMENT_HEADER.unpack_from(data)
+    if magic != SEGMENT_MAGIC or dim == 0:
+        return None
+    dtype = record_dtype(dim)
+    count, tail = divmod(len(data) - SEGMENT_HEADER.size, dtype.itemsize)
+    records = np.frombuffer(data, dtype=dtype, count=count, offset=SEGMENT_HEADER.size)
+    keys, rows = [], []
+    for number, record in enumerate(records):
+        key = record["key"].tobytes()
+        if record_crc(key, record["vector"].tobytes()) == int(record["crc"]):
+            keys.append((key, number))
+            rows.append(number)
+    damaged = count - len(rows)  # a record cut short at the end (a writer still at work, or a crash) is skipped
+    if strict and (damaged or tail):
+        return None
+    return keys, records["vector"][rows].astype(np.float32), damaged
+
+
 def read_chunk(path: Path) -> tuple[list[bytes], np.ndarray] | None:
-    """(keys, vectors) of a chunk, or None when its header, length or checksum is wrong."""
+    """(keys, vectors) of a cache file, or None when it is damaged: a segment with a truncated or corrupt record,
+    or a chunk file of an older cache whose header, length or checksum is wrong."""
+    if path.suffix == SEGMENT_SUFFIX:
+        content = read_segment(path)
+        return None if content is None else ([key for key, _ in content[0]], content[1])
     try:
         data = path.read_bytes()
     except OSError:
@@ -498,18 +621,19 @@ def _model_folders(root: Path) -> list[Path]:
 
 def cache_info(root: Path | None = None) -> dict[str, Any]:
     """Location, total size, and per model key: its settings and how many vectors it holds, from the index
-    (chunk files it does not know yet, such as a cache written before the index existed, are registered first)."""
+    (segments it does not know yet, and chunk files of an older cache, are registered first)."""
     root = root or embeddings_root()
     models = []
     total = 0
     for folder in _model_folders(root):
         cache = EmbeddingCache.at(folder)
-        entries, chunks, size = cache._with_index(False, lambda index: index.totals()) or (0, 0, 0)
+        entries, segments = cache._with_index(False, lambda index: index.totals()) or (0, 0)
         cache.close()
-        size += sum(p.stat().st_size for p in folder.glob(f"{INDEX}*") if p.is_file())
-        newest = max((p.stat().st_mtime for p in folder.glob(f"*{CHUNK_SUFFIX}")), default=None)
+        files = [p.stat() for p in folder.iterdir() if p.is_file()]
+        size = sum(stat.st_size for stat in files)
+        newest = max((stat.st_mtime for stat in files), default=None)
         written = datetime.fromtimestamp(newest).isoformat(timespec="seconds") if newest else None
-        record = {"key": folder.name, "entries": entries, "chunks": chunks, "bytes": size, "last_written": written}
+        record = {"key": folder.name, "entries": entries, "segments": segments, "bytes": size, "last_written": written}
         models.append({**record, **cache.settings})
         total += size
     return {"location": str(root), "bytes": total, "models": models}
@@ -522,7 +646,8 @@ def model_keys(root: Path | None = None) -> list[str]:
 
 def clear_cache(root: Path | None = None, *, model: str | None = None, before: datetime | None = None) -> int:
     """Delete cached embeddings: all of them, or those of the model keys starting with `model`, and of those
-    only the chunks written before `before` when it is given. Returns the number of bytes freed. Safe while
+    only the vectors written before `before` when it is given. Returns the number of bytes freed (of files
+    deleted; vectors forgotten inside a segment that still holds newer ones free space when it goes). Safe while
     runs use the cache: they recompute what they can no longer read, and keep writing."""
     root = root or embeddings_root()
     freed = 0
@@ -540,17 +665,16 @@ def clear_cache(root: Path | None = None, *, model: str | None = None, before: d
 
 
 def _clear_older(folder: Path, cutoff: float) -> int:
-    """Delete the chunks of one model key written before `cutoff` (epoch seconds): the files first, then their
-    index rows, so that a process opening the cache meanwhile cannot register them again."""
+    """Forget one model key's vectors written before `cutoff` (epoch seconds); delete the segments left empty."""
     cache = EmbeddingCache.at(folder)
-    old = cache._with_index(False, lambda index: sorted(index.chunk_names(before=cutoff))) or []
+    empty = cache._with_index(False, lambda index: index.drop_older(cutoff)) or []
     freed = 0
-    for name in old:
+    for name in empty:
         path = folder / name
         with contextlib.suppress(FileNotFoundError):
             size = path.stat().st_size
             path.unlink()
             freed += size
-    cache._forget(old)
+    cache._with_index(False, lambda index: index.drop_segments(empty))
     cache.close()
     return freed
