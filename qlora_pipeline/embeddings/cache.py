@@ -629,7 +629,10 @@ def cache_info(root: Path | None = None) -> dict[str, Any]:
         cache = EmbeddingCache.at(folder)
         entries, segments = cache._with_index(False, lambda index: index.totals()) or (0, 0)
         cache.close()
-        files = [p.stat() for p in folder.iterdir() if p.is_file()]
+        try:
+            files = [p.stat() for p in folder.iterdir() if p.is_file()]
+        except FileNotFoundError:  # cleared meanwhile
+            continue
         size = sum(stat.st_size for stat in files)
         newest = max((stat.st_mtime for stat in files), default=None)
         written = datetime.fromtimestamp(newest).isoformat(timespec="seconds") if newest else None
@@ -655,13 +658,23 @@ def clear_cache(root: Path | None = None, *, model: str | None = None, before: d
         if model is not None and not folder.name.startswith(model):
             continue
         if before is None:
-            freed += sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+            freed += _folder_bytes(folder)
             shutil.rmtree(folder, ignore_errors=True)
         else:
             freed += _clear_older(folder, before.timestamp())
     if model is None and before is None:
         shutil.rmtree(root, ignore_errors=True)
     return freed
+
+
+def _folder_bytes(folder: Path) -> int:
+    """The size of a folder's files, those that other processes delete meanwhile left out."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat().st_size if entry.is_file() else 0
+    return total
 
 
 def _clear_older(folder: Path, cutoff: float) -> int:
