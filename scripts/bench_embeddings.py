@@ -175,14 +175,17 @@ def runs_section(path: str, texts: int, bs: int) -> None:
         return computed / seconds, computed
 
     one = qlora_run(args, out / "cache_one")[1]
+    single = qlora_run([*args, "--set", "model.cpu_threads=1"], out / "cache_single")[1]
     two = qlora_run(args, out / "cache_two", processes=2)[1]
-    (rate_one, n), (rate_two, _) = encoding_rate(one), encoding_rate(two)
+    (rate_one, n), (rate_single, _), (rate_two, _) = (encoding_rate(r) for r in (one, single, two))
     threads = max(1, (os.cpu_count() or 1) // 2)
     print(f"one process vs two under torchrun ({n} vectors computed; model + embeddings stages)")
-    print(f"  1 process ({os.cpu_count()} threads): {rate_one:.1f} texts/s")
+    print(f"  1 process, {os.cpu_count()} threads (torch's default): {rate_one:.1f} texts/s")
+    print(f"  1 process, 1 thread: {rate_single:.1f} texts/s")
     print(
-        f"  2 processes ({threads} thread(s) each, {two['embedding']['computed_per_process']} vectors): "
-        f"{rate_two:.1f} texts/s; ratio {rate_two / rate_one:.2f}"
+        f"  2 processes, {threads} thread(s) each ({two['embedding']['computed_per_process']} vectors): "
+        f"{rate_two:.1f} texts/s; vs 1 process: x{rate_two / rate_one:.2f} (default threads), "
+        f"x{rate_two / rate_single:.2f} (1 thread)"
     )
     print("  (on CPUs the processes share the same cores; under torchrun with one GPU each they add up)")
 

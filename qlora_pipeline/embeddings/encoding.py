@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FLUSH_EVERY = 512  # vectors per cache chunk: an interrupt loses at most this many, chunks stay few
+FLUSH_EVERY = 512  # vectors per cache write: an interrupt loses at most this many; writes stay few
 LOG_EVERY_S = 30.0  # without a terminal, progress is logged this often
 TOKENIZE_EVERY = 4096  # texts tokenized at a time: bounded memory; batches sorted by length within a window
 
@@ -174,7 +174,7 @@ def encode(
 
     `model`: a loaded model, or a function that loads one, called only when a vector must be computed.
     `found`: what the cache holds for these texts, when the caller has asked it already.
-    Misses stream through `_plan` (windows, length-sorted batches) and are written to the cache in chunks as
+    Misses stream through `_plan` (windows, length-sorted batches) and are written to the cache in groups as
     they finish (kept even if the encode is interrupted); a batch whose vectors another process wrote in the
     meantime is read, not recomputed."""
     start = time.perf_counter()
