@@ -19,12 +19,13 @@ log = logging.getLogger("qlora_pipeline")
 
 QUICK_TEST_CONFIG = "quick_test.yaml"
 QLORA_QUICK_TEST_CONFIG = "qlora_tiny.yaml"
+SFT_QUICK_TEST_CONFIG = "instruction_sft_tiny.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora",
-        description="Config-driven text-classification experiments with 4-bit (NF4) Qwen models.",
+        description="Config-driven experiments with 4-bit (NF4) Qwen models: text classifiers and instruction tuning.",
     )
     parser.add_argument("--version", action="version", version=f"qlora-pipeline {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
@@ -33,12 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run an experiment from a config file into outputs/run_XXX")
     run.add_argument("--config", required=True, help="YAML/JSON config: a path, or the name of a shipped config")
     add_run_options(run)
+    add_check_options(run)
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, data and model files and print the plan (rows, steps, tokens, parameters, "
+        "estimated GPU memory) without training or creating a run directory; exit 2 with one line per problem",
+    )
     run.add_argument(
         "--resume",
         default="none",
         metavar="auto|none|PATH",
-        help="qlora mode: continue from a checkpoint into a new run directory that records resumed_from; auto: "
-        "the newest unfinished run of this config under the output root; PATH: a run directory or its "
+        help="qlora and sft modes: continue from a checkpoint into a new run directory that records resumed_from; "
+        "auto: the newest unfinished run of this config under the output root; PATH: a run directory or its "
         "checkpoints/checkpoint-N (default: none)",
     )
 
@@ -63,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(sweep)
 
     resume = commands.add_parser(
-        "resume", help="continue an interrupted qlora run from its latest checkpoint, with its archived config"
+        "resume", help="continue an interrupted qlora or sft run from its latest checkpoint, with its archived config"
     )
     resume.add_argument("run_path", help="the interrupted run directory (outputs/run_XXX)")
     resume.add_argument("--output-dir", help="root for the new run directory (default: beside the original)")
@@ -73,11 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quick.add_argument(
         "--mode",
-        choices=["embeddings", "qlora"],
+        choices=["embeddings", "qlora", "sft"],
         default="embeddings",
-        help=f"embeddings: {QUICK_TEST_CONFIG}; qlora: {QLORA_QUICK_TEST_CONFIG} (trains a LoRA adapter, ~1 min)",
+        help=f"embeddings: {QUICK_TEST_CONFIG}; qlora: {QLORA_QUICK_TEST_CONFIG} (trains a LoRA adapter, ~1 min); "
+        f"sft: {SFT_QUICK_TEST_CONFIG} (instruction fine-tuning, generations, ~1 min)",
     )
     add_run_options(quick)
+
+    check = commands.add_parser(
+        "check", help="the dry run of `qlora run --dry-run`: is this config ready to run, and what will it cost?"
+    )
+    check.add_argument("config", help="YAML/JSON config: a path, or the name of a shipped config")
+    add_run_options(check)
+    add_check_options(check)
 
     reproduce = commands.add_parser(
         "reproduce", help="rerun an archived run and check that every metric and prediction matches"
@@ -103,9 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--format", choices=["yaml", "json"], default="yaml")
     config_commands.add_parser("reference", help="print the reference of every config field (markdown)")
 
+    from qlora_pipeline.generate_cli import add_generate_parsers
     from qlora_pipeline.predict_cli import add_predict_parser
 
     add_predict_parser(commands)
+    add_evaluate_parser(commands)
+    add_generate_parsers(commands)
 
     cache = commands.add_parser("cache", help="inspect or clear the embedding cache shared by all runs")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
@@ -136,6 +155,75 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="root for run directories (default: the config's output.root)")
 
 
+def add_check_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a quick run of any config: at most 300 examples per dataset, one short epoch, a small evaluation "
+        "(recorded in config.json and the report; --set still wins)",
+    )
+
+
+# ---- qlora evaluate ----------------------------------------------------------------------------------------
+
+
+def add_evaluate_parser(commands: Any) -> None:
+    from qlora_pipeline.predict_cli import add_encoding_option
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a finished run on a new labelled file, as it scored its test split; writes RUN/evaluations/",
+    )
+    evaluate.add_argument("--run", required=True, help="a run directory that succeeded (outputs/run_XXX)")
+    evaluate.add_argument("--file", required=True, help="the labelled file (.csv, .tsv, .jsonl, .parquet)")
+    evaluate.add_argument("--text-column", default="text", help="the column of texts (default: text)")
+    evaluate.add_argument("--text-pair-column", help="the column of second texts, for pair runs (default: text_pair)")
+    evaluate.add_argument(
+        "--label-column",
+        default="label",
+        help="the column of labels: class names, class indices, or the raw values the run's data source maps "
+        "(default: label)",
+    )
+    evaluate.add_argument(
+        "--dataset", help="the run's dataset the rows belong to (default: the file's dataset column, or the only one)"
+    )
+    add_encoding_option(evaluate)
+    evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default: the run's)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the metrics table")
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    import json
+
+    from qlora_pipeline.evaluate import evaluate_file
+    from qlora_pipeline.evaluation.metrics import HEADLINE, metric_cell
+
+    result = evaluate_file(
+        args.run,
+        args.file,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        dataset=args.dataset,
+        encoding=args.encoding,
+        device=args.device,
+    )
+    if args.json:
+        record = result.record
+        keys = ("run", "file", "output", "rows_read", "rows_scored", "removed", "primary_head")
+        print(json.dumps({**{k: record[k] for k in keys}, "metrics": result.metrics}, ensure_ascii=False, indent=2))
+        return 0
+    record = result.record
+    print(f"evaluation of {record['run']} on {record['file']}: {record['rows_scored']} rows scored")
+    for head, metrics in result.metrics.items():
+        overall = metrics["overall"]
+        print(f"  {head}")
+        for name in HEADLINE:
+            print(f"    {name:<10} {metric_cell(overall, name, with_ci=True)}")
+    print(f"written: {result.out_dir} (summary.md, metrics.json, predictions, figures)")
+    return 0
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """The one console handler `qlora` installs; marked so that calling main() again replaces it."""
 
@@ -153,17 +241,40 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from qlora_pipeline.runs import RunInterrupted, disk_full, sigterm_interrupts
+
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    where = f" (rank {distributed.rank()})" if distributed.is_replica() else ""
     try:
-        return dispatch(args)
+        with sigterm_interrupts():  # SIGTERM ends any command as Ctrl-C does: recorded, one line, no traceback
+            return dispatch(args)
     except UserError as exc:
-        where = f" (rank {distributed.rank()})" if distributed.is_replica() else ""
-        print(f"qlora: error{where}: {exc}", file=sys.stderr)
+        print(f"qlora: error{where}: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("qlora: interrupted", file=sys.stderr)
+        print(f"qlora: interrupted{where} (SIGINT)", file=sys.stderr)
         return 130
+    except RunInterrupted as exc:
+        print(
+            f"qlora: interrupted{where} ({exc.args[0].removeprefix('received ') if exc.args else 'SIGTERM'})",
+            file=sys.stderr,
+        )
+        return 143
+    except OSError as exc:
+        if not disk_full(exc):
+            raise
+        at = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"qlora: error{where}: {exc.strerror}{at}: free some space or write elsewhere (--output-dir, --out)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def one_line(message: str) -> str:
+    """A message as the one line the console shows (a data value or a library's text may hold line breaks)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -175,6 +286,12 @@ def dispatch(args: argparse.Namespace) -> int:
         from qlora_pipeline.predict_cli import predict_command
 
         return predict_command(args)
+    if args.command == "evaluate":
+        return evaluate_command(args)
+    if args.command in ("generate", "export"):
+        from qlora_pipeline.generate_cli import export_command, generate_command
+
+        return generate_command(args) if args.command == "generate" else export_command(args)
     if args.command == "reproduce":
         return reproduce_command(args.run_path, args.output_dir)
     if args.command == "resume":
@@ -191,11 +308,25 @@ def dispatch(args: argparse.Namespace) -> int:
     from qlora_pipeline.config import load_config
 
     if args.command == "quick-test":
-        config_path = QLORA_QUICK_TEST_CONFIG if args.mode == "qlora" else QUICK_TEST_CONFIG
+        quick = {"qlora": QLORA_QUICK_TEST_CONFIG, "sft": SFT_QUICK_TEST_CONFIG}
+        config_path = quick.get(args.mode, QUICK_TEST_CONFIG)
     else:
         config_path = args.config
-    config = load_config(config_path, args.overrides)
+    config = load_config(config_path, args.overrides, quick=getattr(args, "quick", False))
+    if args.command == "check" or getattr(args, "dry_run", False):
+        return check_command(config, args.output_dir)
     return run_command(config, args.output_dir, resume=getattr(args, "resume", None))
+
+
+def check_command(config: Any, output_dir: str | None) -> int:
+    """`qlora check` / `qlora run --dry-run`: the plan, or one line per problem and exit 2. Nothing is written."""
+    from qlora_pipeline.plan import make_plan
+
+    plan = make_plan(config, output_dir)
+    print(plan.text())
+    for problem in plan.problems:
+        print(f"qlora: problem: {problem}", file=sys.stderr)
+    return 2 if plan.problems else 0
 
 
 def run_command(
@@ -240,9 +371,10 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def reproduce_command(run_path: str, output_dir: str | None) -> int:
-    from qlora_pipeline.reproduce import check_processes, load_archived_config, locate_archive
+    from qlora_pipeline.reproduce import check_original, check_processes, load_archived_config, locate_archive
 
     run_dir, config_json = locate_archive(run_path)
+    check_original(run_dir)
     config = load_archived_config(config_json)
     check_processes(run_dir, config_json)
     return run_command(config, output_dir or str(run_dir.parent), reproduce_of=run_dir)
@@ -263,8 +395,16 @@ def print_summary(run_dir: Path, metrics: dict[str, Any]) -> None:
     for split, per_head in metrics.items():
         for head, result in per_head.items():
             overall = result["overall"]
+            if "perplexity" in overall:  # an instruction (sft) run: the tuned model and the base without adapter
+                print(
+                    f"  {split:<10} {head:<6} loss {format_metric(overall['loss'])}  perplexity "
+                    f"{format_metric(overall['perplexity'])}  chrF {format_metric(overall['chrf'])}  BLEU "
+                    f"{format_metric(overall['bleu'])}  ROUGE-L {format_metric(overall['rouge_l'])}  exact match "
+                    f"{format_metric(overall['exact_match'])}"
+                )
+                continue
             print(
-                f"  {split:<10} {head:<14} accuracy {format_metric(overall['accuracy'])}  "
+                f"  {split:<10} {head:<20} accuracy {format_metric(overall['accuracy'])}  "
                 f"macro-F1 {format_metric(overall['macro_f1'])}  ROC-AUC {format_metric(overall['roc_auc'])}"
             )
     print(f"report: {run_dir / 'experiment_report.md'}")

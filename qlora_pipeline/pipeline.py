@@ -1,12 +1,13 @@
 """The orchestrator: open a run directory, hand it to the path `experiment.mode` chooses, record how it ended.
 
-Each path is a package with a `run.py` of the same shape (`embeddings/run.py`, `finetune/run.py`): `preflight`
-checks what can be checked before a run directory exists, `execute` runs the stages into it and returns the
-metrics; the shared stages live in `stages.py`. Only the CLI and the package entry import this module.
+Each path is a package with a `run.py` of the same shape (`embeddings/run.py`, `finetune/run.py`, `sft/run.py`):
+`preflight` checks what can be checked before a run directory exists, `execute` runs the stages into it and returns
+the metrics; the shared stages live in `stages.py`. Only the CLI and the package entry import this module.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -14,13 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline import distributed
 from qlora_pipeline.errors import UserError
+from qlora_pipeline.integrity import write_manifest
 from qlora_pipeline.reporting.report import write_report
-from qlora_pipeline.reporting.tracking import config_params, open_tracker
-from qlora_pipeline.runs import Run, RunInterrupted, sigterm_interrupts, write_json
+from qlora_pipeline.reporting.tracking import Tracker, config_params, open_tracker
+from qlora_pipeline.runs import Run, RunInterrupted, disk_full, sigterm_interrupts, write_json
 from qlora_pipeline.stages import archive_record, update_record
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,10 @@ def path_of(mode: str) -> ModuleType:
         from qlora_pipeline.finetune import run as qlora_path
 
         return qlora_path
+    if mode == "sft":
+        from qlora_pipeline.sft import run as sft_path
+
+        return sft_path
     from qlora_pipeline.embeddings import run as embeddings_path
 
     return embeddings_path
@@ -49,7 +57,7 @@ def run_experiment(
     resume: str | None = None,
 ) -> RunResult:
     """Run one experiment into a new run directory; the directory records failure as faithfully as success.
-    `resume` (qlora mode): auto, none, or a run directory / checkpoint to continue (`checkpoints.resolve_resume`).
+    `resume` (modes qlora, sft): auto, none, or a run directory / checkpoint to continue (`checkpoints.resolve_resume`).
     Under torchrun / accelerate launch every process calls this; rank 0 writes the run (see `distributed.py`)."""
     path = path_of(config.experiment.mode)
     root = Path(output_root if output_root is not None else config.output.root)
@@ -58,8 +66,8 @@ def run_experiment(
     if not path.DATA_PARALLEL:
         raise UserError(
             f"experiment.mode {config.experiment.mode} runs in one process, but {distributed.world_size()} were "
-            "launched (torchrun / accelerate launch); run it with plain `qlora run` (only qlora mode trains "
-            "data-parallel)"
+            "launched (torchrun / accelerate launch); run it with plain `qlora run` (the qlora and sft modes "
+            "train data-parallel)"
         )
     from qlora_pipeline.models.device import resolve_device
     from qlora_pipeline.models.tiny import resolve_model_path
@@ -103,15 +111,38 @@ def _run(path: ModuleType, config: Config, root: Path, reproduce_of: Path | None
 
                     reproduction = compare_runs(reproduce_of, run.dir)
                     write_json(run.dir / "reproduction.json", reproduction)
-            with run.stage("report"):
-                run.state = "succeeded"
+            with run.stage("report"):  # still `running` in it: a run killed here never reads as succeeded
                 write_report(run.dir, run.status())
+            write_manifest(run.dir)  # checksums of what the run wrote, before it is marked succeeded
     except BaseException as exc:
-        run.finish("interrupted" if isinstance(exc, (KeyboardInterrupt, RunInterrupted)) else "failed", exc)
-        write_report(run.dir, run.status())
-        tracker.finish(run.dir, run.status())
+        record_end(
+            run, tracker, "interrupted" if isinstance(exc, (KeyboardInterrupt, RunInterrupted)) else "failed", exc
+        )
+        if disk_full(exc):
+            from qlora_pipeline.models.tiny import cache_root
+
+            assert isinstance(exc, OSError)
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise UserError(
+                f"{exc.strerror}{where}: free some space where the run writes (its directory {run.dir}, the "
+                f"embedding cache under {cache_root()}) or choose another --output-dir; {run.name} is marked failed"
+            ) from exc
         raise
-    run.finish("succeeded")
-    write_report(run.dir, run.status())  # again, now with the final state and every stage's timing
-    tracker.finish(run.dir, run.status())
+    record_end(run, tracker, "succeeded")  # the report again, now with the final state and every stage's timing
     return RunResult(run.dir, metrics, reproduction)
+
+
+def record_end(run: Run, tracker: Tracker, state: str, error: BaseException | None = None) -> None:
+    """status.json, the report and the tracker say how the run ended. On a full disk the status is still written
+    (see `Run.write_status`); a report or tracker that cannot be written then is skipped with a warning."""
+    run.finish(state, error)
+    for what, write in (
+        ("report", lambda: write_report(run.dir, run.status())),
+        ("tracker", lambda: tracker.finish(run.dir, run.status())),
+    ):
+        try:
+            write()
+        except OSError as exc:
+            if not disk_full(exc):
+                raise
+            log.warning("the %s of %s was not written: %s", what, run.name, exc.strerror)

@@ -12,11 +12,15 @@ the argmax, or a calibrated threshold when the run saved one in labels.json.
 The embedding cache is not used: new texts are computed, never written into the cache shared by all runs (a
 service would otherwise fill it with every text it sees), and the run's own texts then test the computation
 itself. A vector can differ from the run's by ~1e-7 when its batch-mates differ (see embeddings/cache.py), so
-probabilities agree with the run's predictions.csv to float tolerance rather than bit for bit.
+probabilities agree with the run's predictions.csv to float tolerance rather than bit for bit. `qlora evaluate` is
+the exception (`as_the_run_scored`): it scores a labelled file as a run scores a split, and reproduces a run's own
+test split bit for bit.
 
 Security: classifier heads are joblib pickles, and unpickling runs code. Heads are therefore read only from a
 run directory that records a successful run (status.json `succeeded`, config.json), from its own models/
-folder; never point `qlora predict` at a run directory from someone you do not trust.
+folder, and only when they match the checksums recorded when the run saved them (`integrity.py`: a damaged or
+swapped file is refused, as are a changed config.json or data_summary.json); never point `qlora predict` at a run
+directory from someone you do not trust.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import pandas as pd
 
 from qlora_pipeline.errors import DataError, UserError
 from qlora_pipeline.evaluation.baseline import BASELINE, baseline_texts
+from qlora_pipeline.integrity import CHECKSUMS, verify_checksums, verify_manifest
 from qlora_pipeline.reproduce import load_archived_config
-from qlora_pipeline.runs import read_json
+from qlora_pipeline.runs import dataset_folder, read_json, run_state
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -58,15 +63,28 @@ class Predictor:
     datasets: list[str]
     pairs: bool  # whether the run's texts are pairs (text, text_pair)
     batch_size: int
+    # As the run scored its own splits (`load_predictor(..., as_the_run_scored=True)`): QLoRA batches in input order,
+    # not by length; an embeddings run reads (and fills) the embedding cache as the run did.
+    by_length: bool = True
+    use_cache: bool = False
     _scorers: dict[Path, Scorer] = field(default_factory=dict, repr=False)
     _encoder: Any = field(default=None, repr=False)
+    _verified: set[Path] = field(default_factory=set, repr=False)  # model folders checked against their checksums
 
     def model_dir(self, dataset: str | None = None) -> Path:
-        """models/<dataset>/ when the run trained one for `dataset`, else models/all/."""
+        """models/<dataset>/ when the run trained one for `dataset` (experiment.per_dataset), else models/all/ (the
+        pooled model, and always the TF-IDF baseline)."""
         if dataset is not None and dataset not in self.datasets:
             raise UserError(f"run {self.run_dir} has no dataset {dataset!r}; its datasets: {', '.join(self.datasets)}")
-        specific = self.run_dir / "models" / dataset if dataset else None
-        return specific if specific is not None and specific.is_dir() else self.run_dir / "models" / "all"
+        specific = self.run_dir / "models" / dataset_folder(dataset) if dataset else None
+        if self.head != BASELINE and specific is not None and specific.is_dir():
+            return specific
+        if self.head != BASELINE and not self.config.experiment.pooled:
+            raise UserError(
+                f"run {self.run_dir} trained one model per dataset and no pooled one (experiment.pooled false); "
+                f"choose one with --dataset: {', '.join(self.datasets)}"
+            )
+        return self.run_dir / "models" / "all"
 
     def predict(
         self, texts: Sequence[str], pairs: Sequence[str] | None = None, dataset: str | None = None
@@ -124,6 +142,7 @@ def load_predictor(
     head: str | None = None,
     batch_size: int | None = None,
     device: Literal["auto", "cpu", "cuda"] | None = None,
+    as_the_run_scored: bool = False,
 ) -> Predictor:
     """Check that `run_dir` is a run that succeeded, with its model files, and load what predicting needs.
 
@@ -131,21 +150,32 @@ def load_predictor(
     and load that dataset's model up front (`predict(..., dataset=...)` picks the model per call). `device`:
     "cpu", "cuda" or "auto" for where the model runs; default the run's `model.device`, so a run trained on a GPU
     predicts on a CPU-only machine with device="cpu" (a warning says its probabilities may then differ slightly).
+    `as_the_run_scored`: compute exactly as the run scored its splits, so its own rows score bit for bit as it did
+    (`qlora evaluate`): a QLoRA run in its training batch size, in input order; an embeddings run through the
+    embedding cache when the run used it (vectors it cached are read back, new ones are added).
     """
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run directory {run} does not exist; pass a run directory such as outputs/run_007")
-    for name in ("status.json", "config.json", "data_summary.json"):
-        if not (run / name).is_file():
-            raise UserError(f"{run} has no {name}: not a finished qlora run directory")
-    status = read_json(run / "status.json")
+    if not (run / "status.json").is_file():
+        raise UserError(f"{run} has no status.json: not a finished qlora run directory")
+    status = run_state(run)  # a `running` run whose process died reads as interrupted
     state = status.get("state")
     if state != "succeeded":
         why = f" ({status['error']})" if status.get("error") else ""
         still = "; wait for it to finish" if state == "running" else "; predict from a run that succeeded"
         raise UserError(f"run {run} is {state}{why}{still}")
+    for name in ("config.json", "data_summary.json"):
+        if not (run / name).is_file():
+            raise UserError(f"{run} has no {name}: not a finished qlora run directory")
+    verify_manifest(run, ["config.json", "data_summary.json"])  # what decides how texts are scored
     config = load_archived_config(run / "config.json")
     mode = config.experiment.mode
+    if mode == "sft":
+        raise UserError(
+            f"run {run} is an instruction (sft) run: it writes answers instead of scoring classes; use `qlora "
+            f"generate --run {run}` or qlora_pipeline.load_generator"
+        )
     primary = "qlora" if mode == "qlora" else config.classifier.heads[0]
     if mode == "qlora" and head not in (None, primary, BASELINE):
         raise UserError(f"run {run} is a QLoRA run: its heads are {primary} and {BASELINE}, not {head!r}")
@@ -166,12 +196,20 @@ def load_predictor(
         # Inference keeps no activations for backward and no optimizer state: 4x the training batch fits where
         # training fit, and amortizes the per-forward NF4 dequantization (~3x the texts/s of the training batch
         # on CPU). Batch-mates move a text's probabilities by ~1e-7 only.
-        batch_size=batch_size or (4 * config.training.batch_size if mode == "qlora" else config.embedding.batch_size),
+        batch_size=batch_size or _default_batch_size(config, as_the_run_scored),
+        by_length=not as_the_run_scored,
+        use_cache=as_the_run_scored and config.embedding.cache,
     )
     _check_model_files(predictor, predictor.model_dir(dataset))
     if dataset is not None:
         predictor.scorer(dataset)
     return predictor
+
+
+def _default_batch_size(config: Config, as_the_run_scored: bool) -> int:
+    if config.experiment.mode != "qlora":
+        return config.embedding.batch_size
+    return config.training.batch_size if as_the_run_scored else 4 * config.training.batch_size
 
 
 def _check_device(run: Path, device: str, explicit: bool) -> None:
@@ -186,6 +224,7 @@ def _check_device(run: Path, device: str, explicit: bool) -> None:
 
 
 def _check_model_files(predictor: Predictor, folder: Path) -> None:
+    """The model files are there, and match the checksums the run recorded when it saved them."""
     if predictor.mode == "qlora" and predictor.head != BASELINE:
         needed = [folder / "lora_adapter" / name for name in ADAPTER_FILES]
     else:
@@ -197,6 +236,16 @@ def _check_model_files(predictor: Predictor, folder: Path) -> None:
         raise UserError(
             f"run {predictor.run_dir} is missing {', '.join(missing)}{hint}; its model files are incomplete"
         )
+    if folder in predictor._verified:
+        return
+    if predictor.mode == "qlora" and predictor.head != BASELINE:  # every file PeftModel.from_pretrained may read
+        loaded = sorted(p for p in (folder / "lora_adapter").rglob("*") if p.is_file())
+    else:
+        loaded = [p for p in (needed[0], needed[0].with_suffix(".ubj")) if p.is_file()]
+    # The folder's checksums.json as the run left it (manifest.json), then each file as it was saved (checksums.json).
+    verify_manifest(predictor.run_dir, [(folder / CHECKSUMS).relative_to(predictor.run_dir).as_posix()])
+    verify_checksums(folder, [p.relative_to(folder).as_posix() for p in loaded])
+    predictor._verified.add(folder)
 
 
 def _read_head(run_dir: Path, folder: Path, name: str) -> Any:
@@ -236,7 +285,13 @@ def _load_encoder(predictor: Predictor) -> Callable[[list[str], list[str] | None
     _compare_with_record(predictor.run_dir, loaded)
     embedding = replace(config.embedding, batch_size=predictor.batch_size)
     check_max_length(loaded, embedding.max_length, "embedding.max_length")
-    return lambda texts, pairs: encode(texts, loaded, embedding, pairs=pairs, cache=None).vectors
+    cache = None
+    if predictor.use_cache:
+        from qlora_pipeline.embeddings.cache import EmbeddingCache
+        from qlora_pipeline.embeddings.encoding import cache_settings
+
+        cache = EmbeddingCache(cache_settings(loaded, embedding))
+    return lambda texts, pairs: encode(texts, loaded, embedding, pairs=pairs, cache=cache).vectors
 
 
 def _compare_with_record(run_dir: Path, loaded: Any) -> None:
@@ -283,10 +338,10 @@ def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
         adapted = replace(loaded, model=PeftModel.from_pretrained(loaded.model, adapter).eval())
     # The P(second class) cut calibrated on validation, when the run tuned one (training.threshold_metric).
     threshold = (labels.get("threshold") or {}).get("value")
-    max_length, batch_size = config.training.max_length, predictor.batch_size
+    max_length, batch_size, by_length = config.training.max_length, predictor.batch_size, predictor.by_length
 
     def score(texts: list[str], pairs: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
-        proba = predict_proba(adapted, words, texts, max_length, batch_size, pairs, by_length=True)
+        proba = predict_proba(adapted, words, texts, max_length, batch_size, pairs, by_length=by_length)
         if threshold is not None and proba.shape[1] == 2:
             return proba, (proba[:, 1] >= threshold).astype(int)
         return proba, proba.argmax(axis=1)

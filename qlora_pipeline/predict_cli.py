@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ def add_predict_parser(commands: Any) -> None:
     predict.add_argument("--text-pair", action="append", help="the second text of a pair, one per --text")
     predict.add_argument("--text-column", default="text", help="--file: the column of texts (default: text)")
     predict.add_argument("--text-pair-column", help="--file: the column of second texts, for pair runs")
+    add_encoding_option(predict)
     predict.add_argument("--out", help="write the predictions here (.csv, or .jsonl) instead of printing them")
     predict.add_argument("--json", action="store_true", help="print JSON instead of a table")
     predict.add_argument("--dataset", help="use the model the run trained for this dataset, when it trained one")
@@ -74,6 +76,14 @@ def add_predict_parser(commands: Any) -> None:
     )
 
 
+def add_encoding_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--encoding",
+        help="--file (.csv, .tsv, .jsonl): its encoding, e.g. gbk, gb18030, utf-16, or auto to detect it "
+        "(default: UTF-8)",
+    )
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -84,6 +94,10 @@ def _positive(value: str) -> int:
 def predict_command(args: argparse.Namespace) -> int:
     from qlora_pipeline.predict import load_predictor
 
+    if (args.interactive or args.json) and not getattr(args, "verbose", False):
+        # Only answers on the console: how the model loaded is INFO, shown with -v (interactive prompts on a
+        # terminal get one line saying what answers, before the first prompt).
+        logging.getLogger("qlora_pipeline").setLevel(logging.WARNING)
     predictor = load_predictor(
         args.run, dataset=args.dataset, head=args.head, batch_size=args.batch_size, device=args.device
     )
@@ -98,7 +112,7 @@ def _predict(predictor: Predictor, args: argparse.Namespace) -> int:
         return interactive(predictor, args)
     ids = None
     if args.file:
-        table = read_table(Path(args.file), args.text_column, args.text_pair_column)
+        table = read_table(Path(args.file), args.text_column, args.text_pair_column, args.encoding)
         texts = table[args.text_column].tolist()
         pairs = table[args.text_pair_column].tolist() if args.text_pair_column else None
         ids = table["id"].tolist() if "id" in table and args.text_column != "id" else None
@@ -123,6 +137,13 @@ def interactive(predictor: Predictor, args: argparse.Namespace) -> int:
     """One line in, one answer out, until EOF. Blank lines are skipped with a notice, not fatal."""
     prompt = sys.stdin.isatty()
     header = not args.json
+    if prompt:
+        kind = "text<TAB>second text" if predictor.pairs else "text"
+        print(
+            f"{predictor.run_dir} ({predictor.mode}, head {predictor.head}, classes {', '.join(predictor.label_names)})"
+            f": one {kind} per line, Ctrl-D to end",
+            file=sys.stderr,
+        )
     for number, line in enumerate(_lines(prompt), start=1):
         text, _, pair = line.rstrip("\n").partition("\t")
         if not text.strip():
@@ -151,13 +172,17 @@ def _lines(prompt: bool) -> Any:
         yield line
 
 
-def read_table(path: Path, text_column: str, pair_column: str | None) -> pd.DataFrame:
+def read_table(path: Path, text_column: str, pair_column: str | None, encoding: str | None = None) -> pd.DataFrame:
     """The file's text columns as strings (empty where missing), read as the data layer reads a local source."""
+    from qlora_pipeline.config import encoding_problem
     from qlora_pipeline.data.sources import read_table as read_file
 
     if not path.is_file():
         raise UserError(f"input file {path} does not exist")
-    table = read_file(path)
+    problem = encoding_problem(encoding) if encoding is not None else None
+    if problem:
+        raise UserError(f"--encoding {problem}")
+    table = read_file(path, encoding, option="--encoding")
     for column, flag in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
         if column is not None and column not in table.columns:
             found = ", ".join(map(str, table.columns))

@@ -1,4 +1,7 @@
-"""Rerun an archived config.json and check that every metric and every prediction matches the original."""
+"""Rerun an archived config.json and check that every metric and every prediction matches the original.
+
+Only a run that succeeded, with its files as its manifest.json recorded them, is reproduced: a damaged or edited
+original would turn a faithful rerun into a MISMATCH (or an edited config into a false MATCH)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.runs import flatten, read_json
+from qlora_pipeline.integrity import verify_manifest
+from qlora_pipeline.runs import flatten, read_json, run_state
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -36,6 +40,19 @@ def load_archived_config(config_json: Path) -> Config:
     return Config.from_dict(record["config"])
 
 
+def check_original(run_dir: Path) -> None:
+    """The run to reproduce succeeded (a dead `running` one reads as interrupted) and its files are as it left them."""
+    status = run_state(run_dir)
+    state = status.get("state")
+    if state != "succeeded":
+        why = f" ({status['error']})" if status.get("error") else ""
+        raise UserError(
+            f"{run_dir} is {state or 'without a status.json'}{why}: only a run that succeeded has the metrics and "
+            "predictions a reproduction is checked against (qlora resume continues an interrupted qlora run)"
+        )
+    verify_manifest(run_dir)
+
+
 def check_processes(run_dir: Path, config_json: Path) -> None:
     """A QLoRA run reproduces on as many processes as trained it (torchrun / accelerate launch): the batch of an
     optimizer step and each process's share of the data depend on that number. Refused before anything runs."""
@@ -52,14 +69,29 @@ def check_processes(run_dir: Path, config_json: Path) -> None:
 
 
 def compare_runs(original: Path, new: Path) -> dict[str, Any]:
-    """Compare data fingerprint, every metric and every predictions.csv byte for byte."""
+    """Compare data fingerprint, every metric and every predictions.csv (an sft run: generations.jsonl) byte for
+    byte."""
     checks = [compare_fingerprint(original, new), compare_metrics(original, new)]
     originals = sorted(p.relative_to(original) for p in original.glob("*/*/predictions.csv"))
     for relative in originals:
         checks.append(compare_predictions(original / relative, new / relative, relative.as_posix()))
-    if not originals:
+    generations = sorted(p.relative_to(original) for p in original.glob("*/*/generations.jsonl"))
+    for relative in generations:
+        checks.append(compare_generations(original / relative, new / relative, relative.as_posix()))
+    if not originals and not generations:
         checks.append({"what": "predictions", "match": False, "detail": "the original run has no predictions.csv"})
     return {"original": str(original), "matches": all(c["match"] for c in checks), "checks": checks}
+
+
+def compare_generations(before: Path, after: Path, name: str) -> dict[str, Any]:
+    """An sft run's answers, line by line."""
+    if not after.is_file():
+        return {"what": name, "match": False, "detail": "missing in the reproduced run"}
+    old, new = (path.read_text(encoding="utf-8").splitlines() for path in (before, after))
+    if old == new:
+        return {"what": name, "match": True, "detail": f"{len(old)} answers, byte-identical"}
+    differing = sum(a != b for a, b in zip(old, new, strict=False)) + abs(len(old) - len(new))
+    return {"what": name, "match": False, "detail": f"{differing} of {len(old)} lines differ"}
 
 
 def compare_fingerprint(original: Path, new: Path) -> dict[str, Any]:

@@ -48,7 +48,14 @@ from qlora_pipeline.config import (
     save_config,
 )
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.runs import allocate_run_dir, attach_file_log, detach_file_log, now_iso, read_json, write_json
+from qlora_pipeline.runs import (
+    allocate_numbered_dir,
+    attach_file_log,
+    detach_file_log,
+    now_iso,
+    read_json,
+    write_json,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -368,7 +375,8 @@ def _queue_what_is_left(sweep_dir: Path, study: optuna.Study, base: Config) -> i
 def start_sweep(base: Config, output_root: str | Path | None = None, *, runner: Runner = run_point) -> SweepResult:
     """A new `sweep_NNN` under the output root, its study run to the end."""
     check_sweep(base)
-    sweep_dir = allocate_run_dir(Path(output_root if output_root is not None else base.output.root), prefix="sweep")
+    root = Path(output_root if output_root is not None else base.output.root)
+    sweep_dir = allocate_numbered_dir(root, "sweep", "choose another with --output-dir")
     write_json(
         sweep_dir / RECORD,
         {"sweep": sweep_dir.name, "created_at": now_iso(), "state": "running", "config": base.to_dict(), "points": []},

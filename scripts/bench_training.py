@@ -125,8 +125,8 @@ def run_ours(spec: dict[str, Any], work: Path) -> tuple[Any, float]:
     import pandas as pd
 
     from qlora_pipeline.config import load_config
-    from qlora_pipeline.finetune import checkpoints
     from qlora_pipeline.finetune import recipe as finetune
+    from qlora_pipeline.training import checkpoints
 
     config = load_config(spec["config"], spec["overrides"])
     seed = config.experiment.seed

@@ -5,12 +5,16 @@ Test modules import these from here, never from one another."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from qlora_pipeline.cli import main
@@ -211,3 +215,26 @@ def forward(loaded: LoadedModel, texts: list[str] = TEXTS) -> torch.Tensor:
 
 def quantized_bytes(model: torch.nn.Module) -> bytes:
     return b"".join(t.cpu().numpy().tobytes() for _, t in sorted(model.state_dict().items()) if t.dtype == torch.uint8)
+
+
+# ---- the dashboard in a real browser ------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def open_in_chromium(page: Path) -> dict[str, str]:
+    """Load the page in headless Chromium; return the attributes of the rendered <body>."""
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium), as .ci/run does")
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [
+                str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                "--virtual-time-budget=15000", "--dump-dom", page.as_uri(),
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    body = re.search(r"<body([^>]*)>", result.stdout)
+    assert body, f"no <body> in Chromium's DOM dump; stderr: {result.stderr[-2000:]}"
+    return dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))

@@ -252,3 +252,32 @@ def test_importing_config_does_not_import_torch() -> None:
     code = "import sys, qlora_pipeline.config; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_warmup_steps_replace_the_ratio_and_both_set_are_refused_naming_both() -> None:
+    assert TrainingConfig().warmup_ratio == 0.03 and TrainingConfig().warmup_steps is None
+    steps = Config.from_dict({"training": {"warmup_steps": 100, "lr_scheduler": "linear"}}).training
+    assert (steps.warmup_steps, steps.warmup_ratio, steps.lr_scheduler) == (100, None, "linear")
+    with pytest.raises(ConfigError, match=r"^training.warmup_steps \(100\) and warmup_ratio \(0.1\) are both set"):
+        Config.from_dict({"training": {"warmup_steps": 100, "warmup_ratio": 0.1}})
+    # An archived config (warmup_ratio filled in) with warmup_steps set on top says what to do.
+    again = Config.from_dict(Config().to_dict(), ["training.warmup_ratio=null", "training.warmup_steps=5"])
+    assert again.training.warmup_steps == 5
+    record = Config().to_dict()  # the default fills warmup_ratio in, and reads back the same
+    assert Config.from_dict(record).to_dict() == record
+
+
+def test_lr_scheduler_and_auc_early_stopping_metrics_are_choices() -> None:
+    with pytest.raises(ConfigError, match="training.lr_scheduler must be one of 'cosine', 'linear', 'constant_with"):
+        Config.from_dict({"training": {"lr_scheduler": "polynomial"}})
+    for metric in ("roc_auc", "pr_auc"):
+        assert (
+            Config.from_dict({"training": {"early_stopping_metric": metric}}).training.early_stopping_metric == metric
+        )
+
+
+def test_a_dataset_name_may_be_any_text_but_not_empty_or_multiline() -> None:
+    assert Config.from_dict({"data": {"sources": [{"name": "评论"}]}}).data.sources[0].name == "评论"
+    for bad in ("", "  ", "a\nb"):
+        with pytest.raises(ConfigError, match="data.sources\\[0\\].name must be a non-empty name"):
+            Config.from_dict({"data": {"sources": [{"name": bad}]}})

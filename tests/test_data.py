@@ -97,7 +97,7 @@ def test_unmapped_label_shows_values_and_counts(tmp_path: Path) -> None:
 def test_invalid_utf8_names_file_and_offset(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_bytes(b"text,label\nok,1\n\xff\xfe,0\n")
-    with pytest.raises(DataError, match=r"d.csv: not valid UTF-8 at byte offset 16;"):
+    with pytest.raises(DataError, match=r"d.csv: not valid UTF-8 at byte offset 16 \(line 3\);"):
         load_source(SourceConfig(name="mine", type="local", path=str(path)))
 
 

@@ -1,4 +1,4 @@
-"""The committed diagrams name the stages and the training functions of both paths as the code does, and the
+"""The committed diagrams name the stages and the training functions of every path as the code does, and the
 modules they point at exist; the rendered SVGs are kept in step with their sources."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def stages(*files: str) -> set[str]:
 SHARED = stages("pipeline.py", "stages.py")
 EMBEDDINGS = stages("embeddings/run.py")
 QLORA = stages("finetune/run.py")
+SFT = stages("sft/run.py")
 
 
 def diagram(name: str, suffix: str) -> str:
@@ -30,6 +31,7 @@ def test_both_paths_have_stages_to_check() -> None:
     assert {"data", "report"} <= SHARED
     assert {"embeddings", "classifiers", "evaluation", "visualize"} <= EMBEDDINGS
     assert {"training", "calibration", "save", "evaluation", "visualize"} <= QLORA
+    assert {"data", "model", "training", "save", "evaluation", "visualize"} <= SFT
 
 
 @pytest.mark.parametrize("suffix", [".dot", ".svg"])
@@ -46,12 +48,20 @@ def test_training_flow_has_a_node_per_stage_of_the_qlora_path() -> None:
     assert not missing, f"diagrams/training_flow.dot has no node q_<stage> for {missing}"
 
 
+def test_training_flow_has_a_node_per_stage_of_the_sft_path() -> None:
+    """The sft path runs its own data stage too (instruction records): every stage of it is a node `s_<stage>`."""
+    text = diagram("training_flow", ".dot")
+    missing = sorted(stage for stage in SFT - {"report"} if f"s_{stage} [" not in text)
+    assert not missing, f"diagrams/training_flow.dot has no node s_<stage> for {missing}"
+
+
 @pytest.mark.parametrize("suffix", [".dot", ".svg"])
 @pytest.mark.parametrize(
     ("path", "functions"),
     [
         ("embeddings/run.py", ["fit_head", "tune_threshold", "fit_baseline"]),
         ("finetune/run.py", ["setup", "train", "calibrate", "save", "predict_proba", "fit_baseline", "train_replica"]),
+        ("sft/run.py", ["prepare_instructions", "setup", "encode", "train", "save", "evaluate", "train_replica"]),
     ],
 )
 def test_training_flow_names_the_functions_that_train(path: str, functions: list[str], suffix: str) -> None:

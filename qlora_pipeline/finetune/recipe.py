@@ -4,8 +4,9 @@ A 4-bit NF4 base (`models.loading.load_model`, sequence-classification head), `p
 LoRA adapters on the configured linear layers, and the freshly initialised classification head trained in full and
 saved with the adapter (`modules_to_save`). With `training.head: lm_label` the base is the causal LM and the class
 logits are its logits of one label word per class after a prompt (`lm_label.py`); nothing new is initialised.
-HF `Trainer` runs the loop (`trainer.py`: optimizer by name, warmup + cosine, gradient accumulation, length-grouped
-batches, mixed precision on GPUs); only the loss and the class logits are ours (`losses.py`, `scoring.py`).
+HF `Trainer` runs the loop (`trainer.py`: optimizer by name, warmup + `training.lr_scheduler`, gradient accumulation,
+length-grouped batches, mixed precision on GPUs); only the loss and the class logits are ours (`losses.py`,
+`scoring.py`).
 Every decision that differs from what the config literally says is logged and returned in `notes`.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +25,9 @@ import torch
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.finetune import lm_label
-from qlora_pipeline.finetune.checkpoints import checkpoint_step
 from qlora_pipeline.finetune.losses import LossFn, classification_loss, loss_weights
 from qlora_pipeline.finetune.scoring import Examples, class_logits_fn
-from qlora_pipeline.finetune.trainer import eval_metrics, make_trainer_class, training_arguments, training_callbacks
+from qlora_pipeline.integrity import record_checksums
 from qlora_pipeline.models.loading import (
     HEAD_NAMES,
     POOLER,
@@ -37,7 +36,18 @@ from qlora_pipeline.models.loading import (
     Task,
     check_max_length,
     load_model,
+    quiet_library_logs,
     quiet_library_warnings,
+)
+from qlora_pipeline.training.checkpoints import checkpoint_step
+from qlora_pipeline.training.log import peak_rss_mb, reproducible_log
+from qlora_pipeline.training.lora import add_lora, check_target_modules, prepare_for_training
+from qlora_pipeline.training.trainer import (
+    close_progress,
+    eval_metrics,
+    make_trainer_class,
+    training_arguments,
+    training_callbacks,
 )
 
 if TYPE_CHECKING:
@@ -86,7 +96,9 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
         in_full = [head, *([POOLER] if _has_module(loaded.model, POOLER) else [])]
     check_max_length(loaded, train.max_length, "training.max_length")
     targets = check_target_modules(loaded.model, train.target_modules, head)
-    model = add_lora(prepare_for_training(loaded, train), train, targets, in_full, seed)
+    model = add_lora(
+        prepare_for_training(loaded, train), train, targets, in_full, seed, causal_lm=train.head == "lm_label"
+    )
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "LoRA r=%d on %s, %s trained in full; trainable %d of %d parameters (%.2f%%)",
@@ -133,43 +145,6 @@ def load_base(config: Config, num_labels: int, seed: int) -> LoadedModel:
         ) from exc
 
 
-def prepare_for_training(loaded: LoadedModel, train: TrainingConfig) -> Any:
-    """A quantized base through peft's `prepare_model_for_kbit_training` (layer norms in float32, input gradients
-    for checkpointing); gradient checkpointing when asked for."""
-    from peft import prepare_model_for_kbit_training
-
-    model = loaded.model
-    with quiet_library_warnings():
-        if loaded.quantization != "none":
-            return prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=train.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant variant is deprecated
-            )
-        if train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
-
-
-def add_lora(model: Any, train: TrainingConfig, targets: str | list[str], in_full: list[str], seed: int) -> Any:
-    """The peft model: LoRA on `targets`, the modules in `in_full` trained in full (and saved with the adapter)."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    lora = LoraConfig(
-        task_type=TaskType.CAUSAL_LM if train.head == "lm_label" else TaskType.SEQ_CLS,
-        r=train.lora_r,
-        lora_alpha=train.lora_alpha,
-        lora_dropout=train.lora_dropout,
-        target_modules=targets,
-        modules_to_save=list(in_full) or None,  # peft adds its SEQ_CLS defaults to the list it is given
-        bias="none",
-    )
-    with torch.random.fork_rng(devices=[]):  # LoRA A matrices are random: draw them under the run's seed
-        torch.manual_seed(seed)
-        with quiet_library_warnings():
-            return get_peft_model(model, lora)
-
-
 def _classification_head(loaded: LoadedModel) -> str:
     found = next((n for n in HEAD_NAMES if isinstance(getattr(loaded.model, n, None), torch.nn.Module)), None)
     if found is None:
@@ -206,37 +181,6 @@ def _has_module(model: torch.nn.Module, name: str) -> bool:
     return any(path.rsplit(".", 1)[-1] == name for path, _ in model.named_modules())
 
 
-def linear_layer_names(model: torch.nn.Module) -> list[str]:
-    """Distinct last name components of the model's linear layers (4-bit, 8-bit or plain)."""
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
-    return sorted(names)
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    if isinstance(module, torch.nn.Linear):
-        return True
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-
-
-def check_target_modules(model: torch.nn.Module, targets: str | list[str], head: str) -> str | list[str]:
-    """`all-linear` passes through (peft excludes the head); each listed name must match some linear layer."""
-    if isinstance(targets, str):
-        if targets != "all-linear":
-            targets = [targets]
-        else:
-            return targets
-    available = linear_layer_names(model)
-    missing = [t for t in targets if t not in available or t == head]
-    if missing:
-        choices = ", ".join(n for n in available if n != head)
-        raise UserError(
-            f"training.target_modules: {', '.join(repr(m) for m in missing)} "
-            f"{'matches' if len(missing) == 1 else 'match'} no linear layer of the model "
-            f"(the head '{head}' is trained in full anyway); its linear layers are: {choices}; or use 'all-linear'"
-        )
-    return list(targets)
-
-
 # ---- train ----------------------------------------------------------------------------------------------
 
 
@@ -262,14 +206,17 @@ def train(
     # The Trainer switches deterministic algorithms on for the whole process (full_determinism, set up when it is
     # built): switched back afterwards, so a notebook that trains and then predicts is not left on slower kernels.
     deterministic_before = torch.are_deterministic_algorithms_enabled()
+    trainer = None
     try:
         trainer = make_trainer(tuned, train_cfg, work_dir, seed, train_set, eval_set, loss_fn, marker)
         start = time.perf_counter()
-        with quiet_library_warnings():
+        with quiet_library_warnings(), quiet_library_logs():
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
+        if trainer is not None:  # an interrupted run: the progress bar ends, and the console is itself again
+            close_progress(trainer)
     tuned.log_history = reproducible_log(trainer.state.log_history)
     tuned.summary = training_summary(tuned, trainer, train_cfg, train_set, seconds, resume_from)
     return tuned
@@ -316,15 +263,6 @@ def make_trainer(
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
     return trainer
-
-
-def reproducible_log(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The Trainer's per-step log without what varies run to run (timings, throughput) or sums the run up."""
-    return [
-        {k: v for k, v in row.items() if not k.endswith(("_runtime", "_per_second"))}
-        for row in history
-        if "train_runtime" not in row
-    ]
 
 
 def training_summary(
@@ -383,11 +321,6 @@ def training_summary(
     return summary
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports kilobytes)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 # ---- save -----------------------------------------------------------------------------------------------
 
 
@@ -414,5 +347,7 @@ def save(tuned: FineTuned, out_dir: Path, label_names: list[str], threshold: dic
     }
     text = json.dumps(labels, indent=2, ensure_ascii=False) + "\n"
     (target / "labels.json").write_text(text, encoding="utf-8")
+    # Checked by `qlora predict` before it loads the adapter (integrity.py).
+    record_checksums(out_dir, sorted(p.relative_to(out_dir).as_posix() for p in target.rglob("*") if p.is_file()))
     log.info("adapter saved to %s", target)
     return target

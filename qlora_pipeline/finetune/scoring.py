@@ -4,6 +4,7 @@ probabilities for a list of texts."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -11,9 +12,12 @@ import numpy as np
 import torch
 
 from qlora_pipeline.finetune import lm_label
+from qlora_pipeline.progress import Progress
 
 if TYPE_CHECKING:
     from qlora_pipeline.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 def pair_column(frame: Any) -> list[str] | None:
@@ -83,9 +87,11 @@ def predict_proba(
     if by_length:
         order.sort(key=lambda i: len(encoded["input_ids"][i]))
     proba = np.zeros((len(texts), len(words.words) if words is not None else int(model.config.num_labels)))
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        features = [{key: encoded[key][i] for key in encoded} for i in batch]
-        inputs = tokenizer.pad(features, padding=True, return_tensors="pt").to(device)
-        proba[batch] = torch.softmax(logits_of(model, dict(inputs)).double(), dim=-1).cpu().numpy()
+    with Progress(len(order), "scoring", "text", logger=log) as progress:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            features = [{key: encoded[key][i] for key in encoded} for i in batch]
+            inputs = tokenizer.pad(features, padding=True, return_tensors="pt").to(device)
+            proba[batch] = torch.softmax(logits_of(model, dict(inputs)).double(), dim=-1).cpu().numpy()
+            progress.advance(len(batch))
     return proba

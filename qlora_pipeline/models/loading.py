@@ -99,6 +99,46 @@ def quiet_library_warnings() -> Iterator[None]:
         yield
 
 
+# Library log lines that report nothing a user can act on, by the logger that writes them (message prefixes).
+HARMLESS_LIBRARY_LOGS = {
+    # Checkpoints saved less than a second apart (a small model, fast steps) have equal mtimes; the Trainer then
+    # orders them by step number instead, which is what their names (checkpoint-<step>) say anyway.
+    "transformers.trainer_utils": ("mtime may not be reliable on this filesystem",),
+}
+
+
+class _DemoteFilter(logging.Filter):
+    """Drops the known harmless lines of one library logger from the console, keeping them as debug lines of ours
+    (experiment.log with -v); every other line of that logger passes untouched."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.prefixes):
+            log.debug("%s (from %s)", message, record.name)
+            return False
+        return True
+
+
+@contextmanager
+def quiet_library_logs() -> Iterator[None]:
+    """`HARMLESS_LIBRARY_LOGS` kept off the console for the call only: a filter on each of those loggers, removed
+    afterwards (nothing is installed at import time or left behind)."""
+    attached = []
+    try:
+        for name, prefixes in HARMLESS_LIBRARY_LOGS.items():
+            logger, quiet = logging.getLogger(name), _DemoteFilter(prefixes)
+            logger.addFilter(quiet)
+            attached.append((logger, quiet))
+        yield
+    finally:
+        for logger, quiet in attached:
+            logger.removeFilter(quiet)
+
+
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
     """No "Loading weights" progress bar and no LOAD REPORT table of missing keys on stderr while a model loads:
@@ -153,6 +193,12 @@ def _bnb_config(
     if quantization == "none":
         return None
     raise ValueError(f"resolve quantization {quantization!r} to 4bit/8bit/none before building a config")
+
+
+def resolve_quantization(cfg: ModelConfig, device: str, notes: list[str]) -> Literal["4bit", "8bit", "none"]:
+    """What `model.quantization` becomes on `device` (auto resolved; an explicit 4bit/8bit that bitsandbytes cannot
+    do there is a UserError); a decision beyond the config is appended to `notes`."""
+    return _resolve_quantization(cfg, device, notes)
 
 
 def _resolve_quantization(cfg: ModelConfig, device: str, notes: list[str]) -> Literal["4bit", "8bit", "none"]:
@@ -230,6 +276,9 @@ def resolve_identity(cfg: ModelConfig) -> ModelIdentity:
 
     notes: list[str] = []
     source = resolve_model_path(cfg.name_or_path)
+    if cfg.trust_remote_code:  # off by default; when on, it is said where it is decided, and recorded
+        notes.append(f"trust_remote_code on: Python code shipped with {source} may run in this process")
+        log.warning("model.trust_remote_code is on: Python code shipped with %s may run in this process", source)
     device = resolve_device(cfg)
     if cfg.device == "auto":
         notes.append(f"device auto → {device}")

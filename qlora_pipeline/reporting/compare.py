@@ -13,8 +13,13 @@ from typing import Any
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.evaluation.metrics import COMPARED, metric_cell
+from qlora_pipeline.evaluation.per_dataset import ZERO_SHOT
+from qlora_pipeline.evaluation.per_dataset import head_name as per_dataset_head
+from qlora_pipeline.evaluation.text_metrics import LOSS_METRICS, TEXT_METRICS
+from qlora_pipeline.integrity import verify_manifest
+from qlora_pipeline.reporting.fonts import with_figure_fonts
 from qlora_pipeline.reporting.markdown import table
-from qlora_pipeline.runs import flatten, read_json
+from qlora_pipeline.runs import flatten, read_json, run_state
 
 
 @dataclass(frozen=True)
@@ -27,15 +32,36 @@ class RunSummary:
 
 
 def load_run(path: Path) -> RunSummary:
+    """A finished run's config, metrics and labels: refused while it runs, when it did not succeed (a dead `running`
+    one reads as interrupted), or when those files differ from what its manifest.json recorded."""
+    status = run_state(path)
+    if status and status.get("state") != "succeeded":
+        why = f" ({status['error']})" if status.get("error") else ""
+        raise UserError(f"{path} is {status.get('state')}{why}: compare runs that succeeded")
     files = {name: path / f"{name}.json" for name in ("config", "metrics", "data_summary")}
     for file in files.values():
         if not file.is_file():
             raise UserError(f"{path} has no {file.name}: pass finished run directories (outputs/run_XXX)")
+    if status:  # a run directory the pipeline wrote (hand-made ones have no status.json)
+        verify_manifest(path, [f.name for f in files.values()])
     record, metrics, data = (read_json(f) for f in files.values())
-    return RunSummary(path.name, path, record["config"], metrics, list(data["label_names"]))
+    # An instruction (sft) run has no classes: its "task" is the generated answers.
+    return RunSummary(path.name, path, record["config"], metrics, list(data.get("label_names", [])))
+
+
+def is_instruction_run(run: RunSummary) -> bool:
+    return run.metrics.get("task") == "instructions"
+
+
+def compared_metrics(runs: list[RunSummary]) -> tuple[str, ...]:
+    """The classification metrics, or for instruction runs loss, perplexity and the reference scores."""
+    return (*LOSS_METRICS, *TEXT_METRICS) if is_instruction_run(runs[0]) else COMPARED
 
 
 def check_same_task(runs: list[RunSummary]) -> None:
+    if len({is_instruction_run(r) for r in runs}) > 1:
+        kinds = "; ".join(f"{r.name}: {'instructions (sft)' if is_instruction_run(r) else 'classes'}" for r in runs)
+        raise UserError(f"instruction (sft) runs and classification runs cannot be compared: {kinds}")
     tasks = {tuple(r.label_names) for r in runs}
     if len(tasks) > 1:
         described = "; ".join(f"{r.name}: {', '.join(r.label_names)}" for r in runs)
@@ -53,22 +79,34 @@ def config_rows(runs: list[RunSummary]) -> list[list[str]]:
 
 
 def metric_rows(runs: list[RunSummary], split: str) -> list[list[str]]:
+    names = compared_metrics(runs)
     datasets = sorted({d for r in runs for m in r.metrics["splits"].get(split, {}).values() for d in m["per_dataset"]})
     rows = []
     for scope in ["overall", *datasets] if len(datasets) > 1 else ["overall"]:
         for run in runs:
-            primary = run.metrics["primary_head"]
-            head = run.metrics["splits"].get(split, {}).get(primary)
-            if head is None:
-                continue
-            metrics = head["overall"] if scope == "overall" else head["per_dataset"].get(scope)
-            if metrics is not None:
-                rows.append(
-                    [scope, f"{run.name} ({primary})", *(metric_cell(metrics, k, with_ci=True) for k in COMPARED)]
-                )
+            for name in shown_heads(run.metrics):
+                head = run.metrics["splits"].get(split, {}).get(name)
+                if head is None:
+                    continue
+                metrics = head["overall"] if scope == "overall" else head["per_dataset"].get(scope)
+                if metrics is not None:
+                    rows.append(
+                        [scope, f"{run.name} ({name})", *(metric_cell(metrics, k, with_ci=True) for k in names)]
+                    )
     return rows
 
 
+def shown_heads(metrics: dict[str, Any]) -> list[str]:
+    """The primary head, and beside it the per-dataset models (experiment.per_dataset) and the zero-shot scores of
+    an lm_label run (an sft run: the base model without its adapter), so a comparison shows what per-dataset training
+    and fine-tuning each added."""
+    primary = metrics["primary_head"]
+    if metrics.get("task") == "instructions":  # an sft run: the tuned model and the base without its adapter
+        return [primary, "base"]
+    return [primary, *(name for name in (per_dataset_head(primary), ZERO_SHOT) if name != primary)]
+
+
+@with_figure_fonts
 def plot_comparison(runs: list[RunSummary], split: str, path: Path) -> Path:
     import numpy as np
     from matplotlib.figure import Figure
@@ -76,14 +114,17 @@ def plot_comparison(runs: list[RunSummary], split: str, path: Path) -> Path:
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     ax = figure.add_subplot()
     width = 0.8 / len(runs)
-    x = np.arange(len(COMPARED))
+    instructions = is_instruction_run(runs[0])
+    names = TEXT_METRICS if instructions else COMPARED  # perplexity's scale would flatten the other bars
+    x = np.arange(len(names))
     for i, run in enumerate(runs):
         overall = run.metrics["splits"].get(split, {}).get(run.metrics["primary_head"], {}).get("overall", {})
-        values = [overall.get(k) if overall.get(k) is not None else np.nan for k in COMPARED]
+        values = [overall.get(k) if overall.get(k) is not None else np.nan for k in names]
         ax.bar(x + i * width - 0.4 + width / 2, values, width, label=f"{run.name} ({run.metrics['primary_head']})")
-    ax.set_xticks(x, COMPARED)
+    ax.set_xticks(x, names)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set(ylabel="score (brier, ece: lower is better)", title=f"Runs compared — {split}, all datasets")
+    label = "score (0-100; exact match a share)" if instructions else "score (brier, ece: lower is better)"
+    ax.set(ylabel=label, title=f"Runs compared — {split}, all datasets")
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=min(len(runs), 4))
     figure.savefig(path, dpi=110)
     return path
@@ -110,8 +151,8 @@ def compare(run_paths: list[str | Path], out: str | Path | None = None) -> tuple
     lines += table(["field", *names], differing) if differing else ["The configs are identical.", ""]
     splits = [s for s in ("validation", "test") if any(s in r.metrics["splits"] for r in runs)]
     for split in splits:
-        lines += [f"## Metrics — {split} (primary head; bootstrap 95% CI in brackets)", ""]
-        lines += table(["dataset", "run", *COMPARED], metric_rows(runs, split))
+        lines += [f"## Metrics — {split} (primary head, and per-dataset / zero-shot where run; 95% CI in brackets)", ""]
+        lines += table(["dataset", "run", *compared_metrics(runs)], metric_rows(runs, split))
     if splits:
         chart = plot_comparison(runs, splits[-1], target.with_suffix(".png"))
         lines += [f"![comparison chart]({chart.name})", ""]

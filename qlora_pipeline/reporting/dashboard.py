@@ -17,6 +17,7 @@ from typing import Any
 from qlora_pipeline.evaluation.metrics import COMPARED, HEADLINE, metric_cell
 from qlora_pipeline.evaluation.results import collect_results
 from qlora_pipeline.reporting.figures import TRAINING_LOGS, read_training_log
+from qlora_pipeline.reporting.generations import dashboard_tabs
 
 HOOK = """window.dashboardErrors = [];
 function reportError(message) {
@@ -216,8 +217,10 @@ def build_page(
     collected: dict[str, dict[str, dict[str, Any]]],
     title: str,
     training: tuple[str, list[dict[str, Any]]] | None = None,
+    extra: list[tuple[str, str, str]] | None = None,
 ) -> str:
-    """The dashboard page for {split: {dataset: evaluation_results}} and an optional (log name, training log rows)."""
+    """The dashboard page for {split: {dataset: evaluation_results}}, an optional (log name, training log rows) and
+    `extra` tabs (key, label, html body: an instruction run's generations)."""
     from plotly.offline import get_plotlyjs
 
     datasets = sorted({d for per_dataset in collected.values() for d in per_dataset})
@@ -241,13 +244,17 @@ def build_page(
             parts += ["</div>", "<h4>Most confidently wrong</h4>", errors_table(results)]
         sections.append(f'<section class="tab" id="tab-{index}">{"".join(parts)}</section>')
     tabs = [(str(i), d) for i, d in enumerate(datasets)]
-    parts = ["<h2>Across datasets</h2>"]
-    for split, per_dataset in collected.items():
-        rows = {f"{d} · {h}": m for d in sorted(per_dataset) for h, m in per_dataset[d]["heads"].items()}
-        parts += [f"<h3>{html.escape(split)}</h3>", metrics_table({"heads": rows}, "dataset · head")]
-        parts.append(plots(specs, f"plot-all-{split}", {"comparison": comparison_spec(per_dataset, split)}))
-    sections.append(f'<section class="tab" id="tab-all">{"".join(parts)}</section>')
-    tabs.append(("all", "Across datasets"))
+    if collected:
+        parts = ["<h2>Across datasets</h2>"]
+        for split, per_dataset in collected.items():
+            rows = {f"{d} · {h}": m for d in sorted(per_dataset) for h, m in per_dataset[d]["heads"].items()}
+            parts += [f"<h3>{html.escape(split)}</h3>", metrics_table({"heads": rows}, "dataset · head")]
+            parts.append(plots(specs, f"plot-all-{split}", {"comparison": comparison_spec(per_dataset, split)}))
+        sections.append(f'<section class="tab" id="tab-all">{"".join(parts)}</section>')
+        tabs.append(("all", "Across datasets"))
+    for key, label, body in extra or []:
+        sections.append(f'<section class="tab" id="tab-{key}">{body}</section>')
+        tabs.append((key, label))
     if training and training[1]:
         graphs = plots(specs, "plot-training", training_specs(training[1], training[0]))
         sections.append(f'<section class="tab" id="tab-training"><h2>Training</h2>{graphs}</section>')
@@ -269,5 +276,6 @@ def write_dashboard(run_dir: Path) -> Path:
     logs = [run_dir / name for name in TRAINING_LOGS if (run_dir / name).is_file()]
     training = (logs[0].name, read_training_log(logs[0])) if logs else None
     path = run_dir / "dashboard.html"
-    path.write_text(build_page(collect_results(run_dir), f"Dashboard — {run_dir.name}", training), encoding="utf-8")
+    page = build_page(collect_results(run_dir), f"Dashboard — {run_dir.name}", training, dashboard_tabs(run_dir))
+    path.write_text(page, encoding="utf-8")
     return path

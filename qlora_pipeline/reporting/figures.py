@@ -1,4 +1,5 @@
-"""PNG figures, pure functions `(results, out_dir) -> path`. Matplotlib's object API (no pyplot state), Agg.
+"""PNG figures, pure functions `(results, out_dir) -> path`. Matplotlib's object API (no pyplot state), Agg; each is
+built and saved with the fonts of `fonts.py` (Chinese class and dataset names draw, not boxes).
 
 `results` is one dataset/split's evaluation_results.json (see evaluation/results.py); every figure is drawn from it, so
 figures can be redrawn from a finished run without the model.
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline.evaluation.metrics import COMPARED
 from qlora_pipeline.evaluation.results import collect_results
+from qlora_pipeline.reporting.fonts import with_figure_fonts
+from qlora_pipeline.runs import dataset_folder, inside
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -37,6 +40,7 @@ def where(results: dict[str, Any]) -> str:
     return f"{results['dataset']} / {results['split']}"
 
 
+@with_figure_fonts
 def plot_confusion_matrix(results: dict[str, Any], out_dir: Path) -> Path:
     import numpy as np
 
@@ -55,6 +59,7 @@ def plot_confusion_matrix(results: dict[str, Any], out_dir: Path) -> Path:
     return save(figure, out_dir / "confusion_matrix.png")
 
 
+@with_figure_fonts
 def plot_curve(results: dict[str, Any], out_dir: Path, kind: str) -> Path | None:
     """ROC (kind "roc") or precision-recall (kind "pr") curves of every head; None when undefined (one class)."""
     x_key, y_key = ("fpr", "tpr") if kind == "roc" else ("recall", "precision")
@@ -82,6 +87,7 @@ def plot_curve(results: dict[str, Any], out_dir: Path, kind: str) -> Path | None
     return save(figure, out_dir / f"{kind}_curve.png")
 
 
+@with_figure_fonts
 def plot_reliability(results: dict[str, Any], out_dir: Path) -> Path:
     figure, ax = new_figure()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
@@ -97,6 +103,7 @@ def plot_reliability(results: dict[str, Any], out_dir: Path) -> Path:
     return save(figure, out_dir / "reliability.png")
 
 
+@with_figure_fonts
 def plot_score_distribution(results: dict[str, Any], out_dir: Path) -> Path:
     primary = results["primary_head"]
     scores = results["curves"][primary]["scores"]
@@ -118,6 +125,7 @@ def plot_evaluation(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths + [plot_reliability(results, out_dir), plot_score_distribution(results, out_dir)]
 
 
+@with_figure_fonts
 def plot_dataset_comparison(split_results: dict[str, dict[str, Any]], out_dir: Path, split: str) -> Path:
     """Grouped bars: headline metrics of every head on every dataset of one split."""
     import numpy as np
@@ -154,6 +162,7 @@ def read_training_log(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+@with_figure_fonts
 def plot_training_curves(log_path: Path, out_dir: Path) -> Path:
     """Loss curves (left) and any other logged metric (right) against the optimizer step."""
     rows = [r for r in read_training_log(log_path) if "step" in r]
@@ -183,7 +192,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     paths = []
     for split, per_dataset in collect_results(run_dir).items():
         for dataset, results in per_dataset.items():
-            paths += plot_evaluation(results, run_dir / dataset / split)
+            paths += plot_evaluation(results, inside(run_dir, dataset_folder(dataset), split))
         paths.append(plot_dataset_comparison(per_dataset, run_dir / "figures", split))
     for name in TRAINING_LOGS:
         if (run_dir / name).is_file():

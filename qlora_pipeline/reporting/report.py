@@ -7,12 +7,21 @@ from typing import Any
 
 from qlora_pipeline.evaluation.baseline import BASELINE
 from qlora_pipeline.evaluation.metrics import HEADLINE, format_metric, metric_cell
+from qlora_pipeline.evaluation.per_dataset import ZERO_SHOT
+from qlora_pipeline.evaluation.per_dataset import head_name as per_dataset_head
+from qlora_pipeline.evaluation.results import RESULTS_FILE
 from qlora_pipeline.models.tiny import BUILTIN_PREFIX
+from qlora_pipeline.reporting import generations
 from qlora_pipeline.reporting.markdown import table
-from qlora_pipeline.runs import read_json
+from qlora_pipeline.runs import read_json, write_text_atomic
 
-ON_WHAT = {"qlora": "(the fine-tuned NF4 model with its LoRA adapter)"}  # the primary head, in the verdict
-WHAT = {"qlora": "fine-tuned adapter's scores"}
+ENCODED = ("config", "detected")  # a source read in an encoding other than the default UTF-8 says which
+ON_WHAT = {  # the primary head, in the verdict
+    "qlora": "(the fine-tuned NF4 model with its LoRA adapter)",
+    "qlora_per_dataset": "(one fine-tuned LoRA adapter per dataset on the NF4 model)",
+}
+WHAT = {"qlora": "fine-tuned adapter's scores", "qlora_per_dataset": "fine-tuned adapters' scores"}
+REFERENCES = ((ZERO_SHOT, "zero_shot (lift)"), (BASELINE, "baseline"))  # Δ rows under the primary head
 
 
 def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
@@ -23,11 +32,15 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
     config = record.get("config", {})
     lines = [f"# Experiment report: {config.get('experiment', {}).get('name', '?')} ({run_dir.name})", ""]
     lines += status_section(status)
+    lines += quick_lines(config)
     lines += what_ran_section(config, record.get("model"), record.get("training"), record.get("embedding"))
+    instructions = config.get("experiment", {}).get("mode") == "sft"  # the instruction path reports its own way
     if data:
-        lines += data_section(data)
+        lines += generations.data_lines(data) if instructions else data_section(data)
     if metrics:
-        lines += results_section(metrics, config)
+        lines += (
+            generations.results_lines(run_dir, metrics, config) if instructions else results_section(metrics, config)
+        )
     lines += figures_section(run_dir)
     if reproduction:
         lines += reproduction_section(reproduction)
@@ -35,7 +48,7 @@ def write_report(run_dir: Path, status: dict[str, Any]) -> Path:
     lines += environment_section(record.get("environment") or {})
     lines += artifacts_section(run_dir, record.get("tracking"))
     path = run_dir / "experiment_report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")  # a run killed while writing it keeps the previous one whole
     return path
 
 
@@ -54,6 +67,21 @@ def status_section(status: dict[str, Any]) -> list[str]:
     return lines
 
 
+def quick_lines(config: dict[str, Any]) -> list[str]:
+    """A quick run (`qlora run --quick`) says so before anything else: its scores are not the recipe's."""
+    if not config.get("experiment", {}).get("quick"):
+        return []
+    data, training = config.get("data", {}), config.get("training", {})
+    steps = training.get("max_steps")
+    return [
+        f"> **Quick run** (`--quick`): at most {data.get('max_samples')} examples per dataset, "
+        + (f"{steps} optimizer steps" if steps else f"{training.get('epochs')} epoch")
+        + ", a small evaluation. It checks the recipe end to end on your data; its scores are not the "
+        "recipe's result (run without --quick for that).",
+        "",
+    ]
+
+
 def what_ran_section(
     config: dict[str, Any],
     model: dict[str, Any] | None,
@@ -67,11 +95,15 @@ def what_ran_section(
     rows = [
         ["mode", exp.get("mode", "")],
         ["seed", str(exp.get("seed", ""))],
+        *([["quick run", "yes (--quick): small and fast, not the recipe's result"]] if exp.get("quick") else []),
+        *([["models", models_text(exp)]] if exp.get("per_dataset") else []),
         ["data sources", sources],
         ["max samples per dataset", str(config.get("data", {}).get("max_samples"))],
         ["model", cfg_model.get("name_or_path", "")],
         ["quantization requested", cfg_model.get("quantization", "")],
     ]
+    if cfg_model.get("trust_remote_code"):
+        rows.append(["trust_remote_code", "**on**: Python code shipped with the model was allowed to run"])
     if model:
         rows += [
             ["quantization used", model["quantization"]],
@@ -82,6 +114,9 @@ def what_ran_section(
         rows += [["note", note] for note in model.get("notes", [])]
     if exp.get("mode") == "qlora":
         return ["## What ran", "", *table(["setting", "value"], rows + training_rows(config, training))]
+    if exp.get("mode") == "sft":
+        rows += training_rows(config, training) + generations.what_ran_rows(config, training)
+        return ["## What ran", "", *table(["setting", "value"], rows)]
     rows += [
         ["pooling / max length", f"{emb.get('pooling')} / {emb.get('max_length')} tokens"],
         ["instruction", repr(emb.get("instruction"))],
@@ -95,6 +130,20 @@ def what_ran_section(
     return ["## What ran", "", *table(["setting", "value"], rows)]
 
 
+def models_text(exp: dict[str, Any]) -> str:
+    """experiment.per_dataset: which models the run trained, and where they are."""
+    own = "one per dataset (models/<dataset>/)"
+    return f"pooled (models/all/) and {own}" if exp.get("pooled", True) else f"{own} only, no pooled model"
+
+
+def schedule_text(training: dict[str, Any]) -> str:
+    """`cosine, warmup 0.03` (a fraction of the steps) or `linear, warmup 100 steps`; runs before lr_scheduler
+    existed trained with cosine."""
+    steps = training.get("warmup_steps")
+    warmup = f"warmup {steps} steps" if steps is not None else f"warmup {training.get('warmup_ratio')}"
+    return f"{training.get('lr_scheduler', 'cosine')}, {warmup}"
+
+
 def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> list[list[str]]:
     """The QLoRA recipe as configured, and what training measured (parameters, throughput, memory)."""
     t = config.get("training", {})
@@ -106,12 +155,15 @@ def training_rows(config: dict[str, Any], training: dict[str, Any] | None) -> li
         ],
         [
             "optimizer / learning rate",
-            f"{t.get('optimizer')} / {t.get('learning_rate')} (cosine, warmup {t.get('warmup_ratio')})",
+            f"{t.get('optimizer')} / {t.get('learning_rate')} ({schedule_text(t)})",
         ],
         ["batch", batch_text(t, training)],
-        ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
-        ["head", str(t.get("head", "classification"))],
     ]
+    if config.get("experiment", {}).get("mode") != "sft":  # the instruction path: the LM's own loss, no head
+        rows += [
+            ["loss / class weights", f"{t.get('loss')} / {t.get('class_weights')}"],
+            ["head", str(t.get("head", "classification"))],
+        ]
     if training:
         share = 100 * training["trainable_parameters"] / training["total_parameters"]
         rows += [
@@ -173,9 +225,11 @@ def data_section(data: dict[str, Any]) -> list[str]:
     sources = [
         [
             s["name"],
-            f"`{s['origin']}`",
+            f"`{s['origin']}`"
+            + (f" ({s['encoding']}, {s['encoding_from']})" if s.get("encoding_from") in ENCODED else ""),
             str(s["rows_read"]),
             str(s.get("rows_label_dropped", 0)),
+            str(s.get("rows_label_defaulted", 0)),
             ", ".join(f"{k} {v}" for k, v in (s.get("classes_read") or {}).items()),
         ]
         for s in data["sources"]
@@ -187,7 +241,10 @@ def data_section(data: dict[str, Any]) -> list[str]:
     return [
         "## Data",
         "",
-        *table(["source", "origin", "rows read", "label not covered", "classes read"], sources),
+        *table(
+            ["source", "origin", "rows read", "label not covered (dropped)", "given the default class", "classes read"],
+            sources,
+        ),
         f"{data['rows_read']} rows read, {data['rows_after_cleaning']} after cleaning, "
         f"{data['rows_after_sampling']} used. Removed: {removed}.",
         "",
@@ -217,9 +274,10 @@ def results_section(metrics: dict[str, Any], config: dict[str, Any]) -> list[str
     lines = ["## Results", "", "Bootstrap 95% confidence intervals in brackets where computed.", ""]
     for split, per_head in metrics["splits"].items():
         rows = [[head, *(metric_cell(m["overall"], k, with_ci=True) for k in HEADLINE)] for head, m in per_head.items()]
-        if BASELINE in per_head and primary in per_head:
-            ours, base = per_head[primary]["overall"], per_head[BASELINE]["overall"]
-            rows.append([f"Δ {primary} − baseline", *(delta(ours.get(k), base.get(k)) for k in HEADLINE)])
+        for reference, label in REFERENCES:
+            if reference in per_head and primary in per_head:
+                ours, base = per_head[primary]["overall"], per_head[reference]["overall"]
+                rows.append([f"Δ {primary} − {label}", *(delta(ours.get(k), base.get(k)) for k in HEADLINE)])
         lines += [f"### {split} (n = {next(iter(per_head.values()))['overall']['n']})", ""]
         lines += table(["head", *HEADLINE], rows)
         datasets = next(iter(per_head.values()))["per_dataset"]
@@ -230,12 +288,44 @@ def results_section(metrics: dict[str, Any], config: dict[str, Any]) -> list[str
                     [dataset, head, *(metric_cell(m["per_dataset"][dataset], k, with_ci=True) for k in HEADLINE)]
                     for head, m in per_head.items()
                 ]
-                if BASELINE in per_head and primary in per_head:
-                    ours, base = per_head[primary]["per_dataset"][dataset], per_head[BASELINE]["per_dataset"][dataset]
-                    rows.append([dataset, "Δ − baseline", *(delta(ours.get(k), base.get(k)) for k in HEADLINE)])
+                for reference, label in REFERENCES:
+                    if reference in per_head and primary in per_head:
+                        ours, base = (per_head[h]["per_dataset"][dataset] for h in (primary, reference))
+                        rows.append([dataset, f"Δ − {label}", *(delta(ours.get(k), base.get(k)) for k in HEADLINE)])
             lines += table(["dataset", "head", *HEADLINE], rows)
+    if any(ZERO_SHOT in per_head for per_head in metrics["splits"].values()):
+        lines += [
+            f"`{ZERO_SHOT}` is the base model scoring the label words after the prompt before any training (argmax, "
+            f"no threshold): the lift row is what fine-tuning added.",
+            "",
+        ]
+    lines += pooled_vs_per_dataset_lines(metrics)
     lines += verdict_lines(metrics, config)
     return lines
+
+
+def pooled_vs_per_dataset_lines(metrics: dict[str, Any]) -> list[str]:
+    """experiment.per_dataset: each dataset's rows scored by the pooled model and by the dataset's own model."""
+    pooled = metrics["primary_head"]
+    own = per_dataset_head(pooled)
+    splits = {split: heads for split, heads in metrics["splits"].items() if own in heads and pooled in heads}
+    if not splits:
+        return []
+    shown = ("accuracy", "macro_f1", "roc_auc")
+    rows = []
+    for split, heads in splits.items():
+        for dataset in heads[own]["per_dataset"]:
+            a, b = heads[pooled]["per_dataset"][dataset], heads[own]["per_dataset"][dataset]
+            rows.append([split, dataset, f"{a['n']}", *(f"{metric_cell(a, k)} → {metric_cell(b, k)}" for k in shown)])
+            rows[-1] += [delta(b.get("macro_f1"), a.get("macro_f1"))]
+    return [
+        "### Pooled model vs one model per dataset",
+        "",
+        f"Each dataset's rows scored by the pooled model (`{pooled}`, trained on every dataset) → by the model "
+        f"trained on that dataset alone (`{own}`, saved in models/<dataset>/).",
+        "",
+        *table(["split", "dataset", "n", *(f"{k}: pooled → own" for k in shown), "Δ macro_f1 (own − pooled)"], rows),
+    ]
 
 
 def figures_section(run_dir: Path) -> list[str]:
@@ -245,7 +335,9 @@ def figures_section(run_dir: Path) -> list[str]:
         lines += ["Interactive: [dashboard.html](dashboard.html) (self-contained, opens offline).", ""]
     for summary in sorted(run_dir.glob("*/*/evaluation_summary.md")):
         folder = summary.parent.relative_to(run_dir).as_posix()
-        lines.append(f"### {folder}")
+        results = read_json(summary.parent / RESULTS_FILE, optional=True) or {}
+        shown = f"{results['dataset']}/{results['split']}" if "dataset" in results and "split" in results else folder
+        lines.append(f"### {shown}")
         lines += ["", f"Summary, per-class metrics, errors: [{folder}/{summary.name}]({folder}/{summary.name})", ""]
         lines += [f"![{p.stem}]({folder}/{p.name})" for p in sorted(summary.parent.glob("*.png"))] + [""]
     overview = sorted((run_dir / "figures").glob("*.png"))
@@ -286,7 +378,7 @@ def verdict_lines(metrics: dict[str, Any], config: dict[str, Any]) -> list[str]:
             "The model is the package's built-in tiny Qwen3-architecture checkpoint with random weights: it "
             "carries next to no meaning, so near-chance scores are expected. This run proves the code paths "
             "(4-bit loading, "
-            + ("LoRA training" if primary == "qlora" else "encoding, heads")
+            + ("LoRA training" if primary.startswith("qlora") else "encoding, heads")
             + ", evaluation), not the method; the baseline shows what the data itself supports. "
             "Point `model.name_or_path` at a real Qwen checkpoint for real results.",
             "",

@@ -9,6 +9,7 @@ from typing import Any
 from qlora_pipeline.evaluation.metrics import HEADLINE, metric_cell
 from qlora_pipeline.evaluation.results import collect_results
 from qlora_pipeline.reporting.markdown import flat, table
+from qlora_pipeline.runs import dataset_folder, inside
 
 SUMMARY_FILE = "evaluation_summary.md"
 
@@ -57,7 +58,7 @@ def write_summaries(run_dir: Path) -> list[Path]:
     paths = []
     for split in collect_results(run_dir).values():
         for results in split.values():
-            folder = run_dir / results["dataset"] / results["split"]
+            folder = inside(run_dir, dataset_folder(results["dataset"]), results["split"])
             figures = sorted(p.name for p in folder.glob("*.png"))
             path = folder / SUMMARY_FILE
             path.write_text(summary_markdown(results, figures), encoding="utf-8")

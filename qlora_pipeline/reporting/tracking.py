@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.evaluation.metrics import HEADLINE
+from qlora_pipeline.evaluation.text_metrics import LOSS_METRICS, TEXT_METRICS
 from qlora_pipeline.reporting.figures import read_training_log
 from qlora_pipeline.reporting.markdown import cell
 from qlora_pipeline.runs import flatten, read_json
@@ -30,7 +31,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Files a tracker receives, relative to the run directory. Predictions and model weights stay in the run directory.
-ARTIFACTS = ("*.md", "*.json", "*.csv", "*.html", "*.log", "figures/*.png", "*/*/evaluation_*", "*/*/*.png")
+ARTIFACTS = (
+    *("*.md", "*.json", "*.csv", "*.html", "*.log", "figures/*.png", "*/*/evaluation_*", "*/*/*.png"),
+    *("*/*/generation_results.json", "*/*/generations.jsonl"),  # an sft run's answers and their scores
+)
 MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
@@ -90,7 +94,7 @@ def run_metrics(run_dir: Path, status: dict[str, Any]) -> Iterator[tuple[str, fl
             if len(per_dataset) > 1:
                 scopes.update({f"{dataset}/": values for dataset, values in per_dataset.items()})
             for scope, values in scopes.items():
-                for name in HEADLINE:
+                for name in (*HEADLINE, *LOSS_METRICS, *TEXT_METRICS):  # an sft run: loss and reference scores
                     if isinstance(values.get(name), (int, float)):
                         yield f"{split}/{head}/{scope}{name}", float(values[name]), 0
     data = read_json(run_dir / "data_summary.json", optional=True) or {}

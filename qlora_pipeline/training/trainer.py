@@ -7,6 +7,8 @@ as `modules_to_save`).
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,8 @@ from qlora_pipeline.evaluation.metrics import accuracy_macro_f1
 if TYPE_CHECKING:
     from qlora_pipeline.config import TrainingConfig
     from qlora_pipeline.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 def make_trainer_class() -> type:
@@ -68,6 +72,8 @@ def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path
     if cuda:
         notes.append("GPU training is seeded but not bit-for-bit deterministic (full_determinism is CPU-only)")
     early_stopping = bool(train.early_stopping_patience)
+    # An int counts optimizer steps; a float below 1 is a fraction of the total steps (warmup_ratio).
+    warmup: float = train.warmup_steps if train.warmup_steps is not None else (train.warmup_ratio or 0.0)
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=train.batch_size,
@@ -77,8 +83,8 @@ def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path
         weight_decay=train.weight_decay,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps if train.max_steps is not None else -1,
-        lr_scheduler_type="cosine",
-        warmup_steps=train.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=warmup,
         optim=train.optimizer,
         bf16=bf16,
         fp16=fp16,
@@ -111,16 +117,109 @@ def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path
 
 
 def training_callbacks(train_cfg: TrainingConfig, marker: Any) -> list[Any]:
-    """The checkpoint marker, and early stopping when a patience is set."""
+    """The checkpoint marker, progress (a bar or a line every 30 s, and each evaluation's metrics), and early
+    stopping when a patience is set."""
     from transformers import EarlyStoppingCallback
 
-    callbacks = [marker]
+    callbacks = [marker, progress_callback()]
     if train_cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train_cfg.early_stopping_patience))
     return callbacks
 
 
+AUC_METRICS = ("roc_auc", "pr_auc")
+
+
+def check_early_stopping_metric(train_cfg: TrainingConfig, num_labels: int, validation_labels: Any) -> None:
+    """roc_auc and pr_auc rank P(second class): binary tasks only, and a validation split with both classes."""
+    metric = train_cfg.early_stopping_metric
+    if metric not in AUC_METRICS:
+        return
+    if num_labels != 2:
+        raise UserError(
+            f"training.early_stopping_metric {metric} needs a binary task, but this data has {num_labels} "
+            "classes; use macro_f1, accuracy or loss"
+        )
+    if len(np.unique(np.asarray(validation_labels))) < 2:
+        raise UserError(
+            f"training.early_stopping_metric {metric} is undefined on a validation split with one class; use "
+            "macro_f1, accuracy or loss, or a larger data.val_ratio"
+        )
+
+
 def eval_metrics(prediction: Any) -> dict[str, float]:
-    """Validation accuracy and macro-F1 of the argmax, at each evaluation during training."""
-    predicted = np.asarray(prediction.predictions).argmax(axis=-1)
-    return accuracy_macro_f1(np.asarray(prediction.label_ids), predicted)
+    """Validation accuracy and macro-F1 of the argmax at each evaluation during training; for binary tasks also
+    ROC-AUC and PR-AUC of P(second class) (when validation holds both classes)."""
+    logits = np.asarray(prediction.predictions, dtype=np.float64)
+    labels = np.asarray(prediction.label_ids)
+    metrics = accuracy_macro_f1(labels, logits.argmax(axis=-1))
+    if logits.shape[-1] == 2 and len(np.unique(labels)) == 2:
+        from sklearn.metrics import average_precision_score, roc_auc_score
+
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))  # a softmax that cannot overflow
+        positive = shifted[:, 1] / shifted.sum(axis=-1)
+        metrics["roc_auc"] = float(roc_auc_score(labels, positive))
+        metrics["pr_auc"] = float(average_precision_score(labels, positive))
+    return metrics
+
+
+def progress_callback() -> Any:
+    """A TrainerCallback showing step / total, loss, learning rate, samples/s and ETA (`progress.Progress`: a tqdm bar
+    on a terminal, else an INFO line at most every 30 s), and an INFO line with each evaluation's metrics. Only the
+    main process shows it (under torchrun the other ranks train in step)."""
+    from transformers import TrainerCallback
+
+    from qlora_pipeline.progress import Progress
+
+    class TrainingProgress(TrainerCallback):
+        progress: Progress | None = None
+        samples_per_step = 0  # all processes together
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                self.progress = Progress(state.max_steps, "training", "step", logger=log, initial=state.global_step)
+                batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+                self.samples_per_step = batch * args.world_size
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if self.progress is None or not logs or "loss" not in logs:
+                return
+            elapsed = time.perf_counter() - self.progress.start
+            done = state.global_step - self.progress.initial
+            self.progress.update(
+                state.global_step,
+                loss=float(logs["loss"]),
+                lr=float(logs.get("learning_rate", 0.0)),
+                **{"samples/s": round(done * self.samples_per_step / max(elapsed, 1e-9), 1)},
+            )
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.progress is not None:
+                self.progress.update(state.global_step)
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+            if not state.is_world_process_zero or not metrics:
+                return
+            shown = ", ".join(
+                f"{key.removeprefix('eval_')} {value:.4f}"
+                for key, value in metrics.items()
+                if isinstance(value, float) and not key.endswith(("_runtime", "_per_second"))
+            )
+            log.info("validation at step %d / %d: %s", state.global_step, state.max_steps, shown)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.close()
+
+        def close(self) -> None:
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
+
+    return TrainingProgress()
+
+
+def close_progress(trainer: Any) -> None:
+    """End the progress bar of a training that stopped early (an error, an interrupt): `on_train_end` never ran."""
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TrainingProgress":
+            callback.close()

@@ -1,0 +1,276 @@
+"""The instruction recipe: setup → train → save. Readable top to bottom, the same steps as the QLoRA classifier's
+(finetune/recipe.py) on the causal LM.
+
+A 4-bit NF4 base (`models.loading.load_model`, task causal_lm), `prepare_model_for_kbit_training`, LoRA on the
+configured linear layers (the LM head keeps its weights), the prompt format resolved against the tokenizer
+(`prompts.py`). The HF Trainer runs the loop with the settings both paths share (`training/trainer.py`: optimizer,
+warmup + cosine, accumulation, length-grouped batches, evaluation, checkpoints, early stopping on the validation loss)
+and the model's own loss: next-token cross-entropy over the answer tokens only (prompt and padding are labelled
+-100), averaged over every answer token of an optimizer step, gradient accumulation included (the Trainer passes the
+step's token count to the loss). Batches are padded to their longest example (dynamic padding), or packed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from qlora_pipeline.errors import UserError
+from qlora_pipeline.models.loading import LoadedModel, check_max_length, load_model, quiet_library_warnings
+from qlora_pipeline.sft.generation import ADAPTER_DIR, SFT_FILE
+from qlora_pipeline.sft.prompts import IGNORE, Prompter, PromptFormat, encode_split, resolve_format
+from qlora_pipeline.training.checkpoints import checkpoint_step
+from qlora_pipeline.training.log import peak_rss_mb, reproducible_log
+from qlora_pipeline.training.lora import add_lora, check_target_modules, prepare_for_training
+from qlora_pipeline.training.trainer import training_arguments, training_callbacks
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from qlora_pipeline.config import Config, TrainingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tuned:
+    loaded: LoadedModel  # .model is the PeftModel with the trained adapter
+    prompt: PromptFormat
+    trainable_parameters: int
+    total_parameters: int
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)  # timings, throughput, memory, truncation: config.json
+    notes: list[str] = field(default_factory=list)
+
+    def prompter(self) -> Prompter:
+        """A fresh prompter (its truncation counts start at zero)."""
+        return Prompter(self.loaded.tokenizer, self.prompt)
+
+
+# ---- setup ----------------------------------------------------------------------------------------------
+
+
+def setup(config: Config, seed: int) -> Tuned:
+    """The causal LM in NF4, prepared for k-bit training and wrapped with LoRA; its prompt format."""
+    train = config.training
+    loaded = load_base(config, seed)
+    check_max_length(loaded, train.max_length, "training.max_length")
+    head = lm_head_name(loaded)
+    targets = check_target_modules(loaded.model, train.target_modules, head)
+    prompt = resolve_format(loaded.tokenizer, config.sft, loaded.source)
+    model = add_lora(prepare_for_training(loaded, train), train, targets, [], seed, causal_lm=True)
+    # Training and loss forwards keep no KV cache (a cache would also hide packed batches from the attention mask,
+    # which transformers builds per example from the position ids only without one); generate asks for its own.
+    model.config.use_cache = False
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(
+        "LoRA r=%d on %s; trainable %d of %d parameters (%.2f%%)",
+        train.lora_r,
+        targets,
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    tuned = Tuned(dataclasses.replace(loaded, model=model), prompt, trainable, total)
+    if prompt.kind == "chat_template":
+        tuned.notes.append(f"prompts: the tokenizer's chat template; answers end with {prompt.stop_token!r}")
+    else:
+        why = "the tokenizer has no chat template" if config.sft.prompt_format == "auto" else "sft.prompt_format"
+        tuned.notes.append(f"prompts: sft.prompt_template ({why}); answers end with eos {prompt.stop_token!r}")
+    log.info(tuned.notes[-1])
+    return tuned
+
+
+def load_base(config: Config, seed: int) -> LoadedModel:
+    try:
+        return load_model(config.model, task="causal_lm", seed=seed)
+    except ValueError as exc:  # transformers' Auto class has no causal-LM class for this architecture
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        raise UserError(
+            f"model.name_or_path {config.model.name_or_path!r}: its architecture has no causal-LM class in "
+            "transformers, and experiment.mode sft trains a model to write answers; choose a decoder (Qwen, Llama, ...)"
+        ) from exc
+
+
+def lm_head_name(loaded: LoadedModel) -> str:
+    """The output layer's name (it gets no adapter: peft's all-linear leaves it out too)."""
+    output = loaded.model.get_output_embeddings()
+    name = next((n for n, module in loaded.model.named_modules() if module is output), None)
+    if name is None:
+        raise UserError(f"model {loaded.source!r} has no output embedding layer to generate with")
+    if any(key.startswith(name + ".") for key in loaded.new_weights):
+        raise UserError(f"model {loaded.source!r} has no pretrained LM head ({name} is newly initialised)")
+    return name.rsplit(".", 1)[-1]
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+
+
+class Rows(torch.utils.data.Dataset[dict[str, Any]]):
+    """Tokenized examples (unpadded; the collator pads per batch)."""
+
+    def __init__(self, rows: list[dict[str, list[int]]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
+@dataclass(frozen=True)
+class PadRight:
+    """Dynamic padding: a batch padded to its longest example, on the right (positions then count from 0 in every
+    row, as in an unpadded example), labels padded with -100."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            room = longest - len(f["input_ids"])
+            batch["input_ids"].append(f["input_ids"] + [self.pad_token_id] * room)
+            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * room)
+            batch["labels"].append(f["labels"] + [IGNORE] * room)
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def collator(tuned: Tuned, packing: bool) -> Any:
+    """Right padding per batch, or packing: the batch's examples in one row, positions restarting at each (the
+    model's attention mask then keeps every example to itself)."""
+    if packing:
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+    return PadRight(int(tuned.loaded.tokenizer.pad_token_id))
+
+
+def encode(tuned: Tuned, config: Config, frame: pd.DataFrame) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """A split's training rows and what truncation did to them (`sft.truncation`)."""
+    prompter = tuned.prompter()
+    rows = encode_split(prompter, frame, config.training.max_length, config.sft.truncation)
+    return rows, prompter.counts.to_dict()
+
+
+# ---- train ----------------------------------------------------------------------------------------------
+
+
+def train(
+    tuned: Tuned,
+    config: Config,
+    train_rows: list[dict[str, list[int]]],
+    validation_rows: list[dict[str, list[int]]],
+    seed: int,
+    work_dir: Path,
+    *,
+    marker: Any,
+    resume_from: Path | None = None,
+) -> Tuned:
+    """Fit the adapter, checkpointing into `work_dir` (from `resume_from` when given); with early stopping the best
+    checkpoint's adapter is restored. The per-step log lands in `log_history`, timings and memory in `summary`."""
+    from transformers import PrinterCallback, Trainer
+
+    train_cfg = config.training
+    deterministic_before = torch.are_deterministic_algorithms_enabled()  # see finetune/recipe.py: restored after
+    try:
+        trainer = Trainer(
+            model=tuned.loaded.model,
+            args=training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes),
+            train_dataset=Rows(train_rows),
+            eval_dataset=Rows(validation_rows),
+            data_collator=collator(tuned, config.sft.packing),
+            processing_class=tuned.loaded.tokenizer,
+            callbacks=training_callbacks(train_cfg, marker),
+        )
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
+        start = time.perf_counter()
+        with quiet_library_warnings():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+    tuned.log_history = reproducible_log(trainer.state.log_history)
+    tuned.summary = training_summary(tuned, trainer, train_cfg, train_rows, seconds, resume_from)
+    return tuned
+
+
+def training_summary(
+    tuned: Tuned,
+    trainer: Any,
+    train_cfg: TrainingConfig,
+    train_rows: list[dict[str, list[int]]],
+    seconds: float,
+    resume_from: Path | None,
+) -> dict[str, Any]:
+    """Steps, best checkpoint, throughput, batch and memory, for training_summary.json and config.json."""
+    state, world = trainer.state, int(trainer.args.world_size)
+    steps_here = state.global_step - ((checkpoint_step(resume_from) or 0) if resume_from else 0)
+    effective_batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * world
+    if world > 1:
+        tuned.notes.append(
+            f"data-parallel on {world} processes (DDP, {trainer.args.distributed_state.backend}): effective batch "
+            f"{effective_batch} = {train_cfg.batch_size} per process x {train_cfg.gradient_accumulation_steps} "
+            f"accumulation x {world}; a rerun reproduces with the same number of processes"
+        )
+    early_stopping = bool(train_cfg.early_stopping_patience)
+    if early_stopping:
+        stopped = state.global_step < state.max_steps
+        tuned.notes.append(
+            f"best checkpoint: step {state.best_global_step} (validation loss {state.best_metric:.4f}), restored "
+            "for evaluation and saved"
+            + (f"; early stopping after {state.global_step} of {state.max_steps} steps" if stopped else "")
+        )
+    step_losses = [row["loss"] for row in tuned.log_history if "loss" in row]
+    summary = {
+        "optimizer_steps": state.global_step,
+        "best_step": state.best_global_step if early_stopping else None,
+        "best_metric": state.best_metric if early_stopping else None,
+        "epochs": round(float(state.epoch or 0), 4),
+        "train_loss": float(np.mean(step_losses)) if step_losses else None,  # mean per-step loss, resume-proof
+        "train_seconds": round(seconds, 3),
+        "samples_per_second": round(steps_here * effective_batch / seconds, 2),  # all processes together
+        "world_size": world,
+        "effective_batch_size": effective_batch,
+        "train_examples": len(train_rows),
+        "train_tokens_per_epoch": sum(len(row["input_ids"]) for row in train_rows),
+        "answer_tokens_per_epoch": sum(sum(t != IGNORE for t in row["labels"]) for row in train_rows),
+        "trainable_parameters": tuned.trainable_parameters,
+        "total_parameters": tuned.total_parameters,
+        "peak_rss_mb": peak_rss_mb(),
+        "loss": "answer-token cross-entropy",
+        "notes": tuned.notes,
+    }
+    log.info(
+        "trained %d steps in %.1f s (%.1f samples/s), peak RSS %.0f MB",
+        steps_here,
+        seconds,
+        summary["samples_per_second"],
+        summary["peak_rss_mb"],
+    )
+    return summary
+
+
+# ---- save -----------------------------------------------------------------------------------------------
+
+
+def save(tuned: Tuned, out_dir: Path, max_length: int) -> Path:
+    """Adapter and tokenizer, loadable by `PeftModel.from_pretrained` on the NF4 base; sft.json holds the prompt
+    format (template or chat template, the stop token), so generation renders prompts as training did."""
+    target = out_dir / ADAPTER_DIR
+    tuned.loaded.model.save_pretrained(target)
+    tuned.loaded.tokenizer.save_pretrained(target)
+    record = {"prompt_format": tuned.prompt.to_dict(), "max_length": max_length, "base_model": tuned.loaded.source}
+    (target / SFT_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log.info("adapter saved to %s", target)
+    return target
