@@ -544,7 +544,7 @@ def finish(sweep_dir: Path, base: Config, study: optuna.Study) -> SweepResult:
         try:
             compare(with_runs, sweep_dir / "compare_best_vs_rest.md")
         except UserError as exc:  # the points are different tasks (a swept data setting changed the labels)
-            log.warning("sweep %s: no comparison of the points (%s)", sweep_dir.name, exc)
+            log.warning("sweep %s: no comparison of the points (%s)", sweep_dir.name, str(exc))
     rows = write_record(sweep_dir, base, study, "finished")  # now linking the plot and the comparison
     markdown = (sweep_dir / "leaderboard.md").read_text(encoding="utf-8")
     return SweepResult(sweep_dir, rows, succeeded[0] if succeeded else None, markdown)

@@ -155,9 +155,13 @@ class EmbeddingCache:
     @classmethod
     def at(cls, folder: Path) -> EmbeddingCache:
         """The cache in an existing model-key folder (for info and clear), whatever its settings hash to."""
-        settings_file = folder / SETTINGS
-        settings = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
-        cache = cls(settings, root=folder.parent)
+        settings: dict[str, Any] = {}
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                settings = json.loads((folder / SETTINGS).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):  # damaged: only `cache info` reads it, to show the settings
+                log.warning("embedding cache: %s is damaged; the settings of %s are unknown", SETTINGS, folder)
+        cache = cls(settings if isinstance(settings, dict) else {}, root=folder.parent)
         cache.folder = folder
         return cache
 
@@ -249,8 +253,13 @@ class EmbeddingCache:
                     return None
                 return operation(index)
             except (_IndexGone, FileNotFoundError) as exc:
-                log.info("embedding cache: %s vanished (%s); opening it again", self.folder, exc)
+                log.info("embedding cache: %s vanished (%s); opening it again", self.folder, str(exc))
                 self._close()
+            except sqlite3.DatabaseError as exc:  # damage found past opening: rebuilt from the segments
+                if not _is_damage(exc):
+                    raise
+                self._close()
+                _Index.rebuild(self.folder / INDEX, exc).close()
         return None
 
     def _open(self, create: bool) -> _Index | None:
@@ -437,8 +446,9 @@ class _Index:
 
     @classmethod
     def rebuild(cls, path: Path, cause: Exception) -> _Index:
-        """Delete a damaged index (a cache is a cache); the segments are then registered again."""
-        log.warning("embedding cache: %s is damaged (%s); rebuilt from the segments", path, cause)
+        """Delete a damaged index (a cache is a cache); the segments are then registered again. (The log gets the
+        cause's text, not the exception: a record kept by a handler would keep its frames, and their connections.)"""
+        log.warning("embedding cache: %s is damaged (%s); rebuilt from the segments", path, str(cause))
         for suffix in ("", "-wal", "-shm"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
         return cls.connect(path)
