@@ -82,7 +82,7 @@ def test_a_gbk_file_read_as_utf8_names_the_offset_and_the_option(tmp_path: Path)
     path = write(tmp_path / "d.csv", table(REVIEWS, 10), "gbk")
     offset = len(b"text,label\n")
     with pytest.raises(
-        DataError, match=rf"d.csv: not valid UTF-8 at byte offset {offset}; set data.sources\[\].encoding"
+        DataError, match=rf"d.csv: not valid UTF-8 at byte offset {offset} \(line \d+\); set data.sources\[\].encoding"
     ):
         load_source(local(path))
 

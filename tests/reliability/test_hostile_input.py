@@ -180,7 +180,7 @@ KNOWN = {
     "self reference": ("experiment: &a {name: *a}\n", "expands to more than"),
     "alias bomb": (ALIAS_BOMB, "expands to more than"),
     "open quote": ("\n\nexperiment:\n  name: 'a\n", "invalid YAML at line"),
-    "dots as a dataset name": ("data:\n  sources:\n    - name: '..'\n", "not starting with '.'"),
+    "line break in a dataset name": ('data:\n  sources:\n    - name: "a\\nb"\n', "without control characters"),
     "attribute in a template": (
         "embedding: {prompt_template: '{instruction.x} {text}'}\n",
         "may only use {instruction}",
@@ -208,7 +208,7 @@ def test_known_hostile_configs_are_refused_in_one_line(case: str) -> None:
         ("experiment.seed=[", "the value is not valid YAML"),
         ("experiment.name=*a", "the value is not valid YAML"),
         ("experiment.seed=!!python/name:os.system", "could not determine a constructor"),
-        ("data.sources=[{name: ..}]", "not starting with '.'"),
+        ("data.sources=[{name: ''}]", "a non-empty name"),
         ("experiment.name=&a [*a]", "expands to more than"),
     ],
 )

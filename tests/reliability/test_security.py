@@ -153,13 +153,25 @@ def test_a_folder_symlinked_elsewhere_is_not_written_through(tmp_path: Path) -> 
         inside(tmp_path / "run", "data", "test")
 
 
-@pytest.mark.parametrize("name", ["..", ".", ".hidden", "../x", "a/b", "x y", "名字"])
-def test_a_dataset_name_that_is_not_a_plain_folder_name_is_refused(
-    name: str, capsys: pytest.CaptureFixture[str]
+NAMES = ["..", ".", ".hidden", "../x", "a/b", "x y", "名字", "/etc", "a\\b"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_dataset_name_that_is_not_a_plain_folder_name_gets_a_safe_folder_inside_the_run(
+    name: str, tmp_path: Path
 ) -> None:
-    assert main(["config", "show", "quick_test", "--set", f"data.sources=[{{name: '{name}'}}]"]) == 2
-    lines = error_lines(capsys.readouterr().err)
-    assert len(lines) == 1 and "data.sources[0].name must be letters, digits" in lines[0]
+    """Any name is kept for display (评论 too); its folder is one plain component that stays inside the run."""
+    from qlora_pipeline.runs import dataset_folder
+
+    folder = dataset_folder(name)
+    assert folder not in (".", "..") and "/" not in folder and "\\" not in folder
+    assert inside(tmp_path, folder, "test").resolve().is_relative_to(tmp_path.resolve())
+
+
+def test_distinct_dataset_names_never_share_a_folder() -> None:
+    from qlora_pipeline.runs import dataset_folder
+
+    assert len({dataset_folder(name) for name in NAMES}) == len(NAMES)
 
 
 def test_a_hostile_file_name_is_read_and_names_no_output(tmp_path: Path, tiny_model: Path) -> None:
