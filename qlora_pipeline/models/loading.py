@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.models.device import dtype_name, resolve_compute_dtype, resolve_device
+from qlora_pipeline.models.device import DTYPES, dtype_name, resolve_compute_dtype, resolve_device
 from qlora_pipeline.models.tiny import BUILTIN_PREFIX, TINY_QWEN3, resolve_model_path
 
 if TYPE_CHECKING:
@@ -253,21 +253,26 @@ def _load_tokenizer(source: str, cfg: ModelConfig, notes: list[str]) -> Any:
     return tokenizer
 
 
-def load_model(
-    cfg: ModelConfig,
-    task: Task = "encoder",
-    num_labels: int | None = None,
-    *,
-    seed: int = 0,
-) -> LoadedModel:
-    """Load tokenizer + model for `task`: "encoder" (base model, hidden states for embeddings),
-    "causal_lm" (QLoRA on the LM head) or "sequence_classification" (QLoRA with a `num_labels` head).
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What `load_model` will load, resolved without loading any weights: the fields of `LoadedModel` that
+    name the model and how it runs. The embedding cache keys vectors by these, so a run whose vectors are all
+    cached never loads the model."""
 
-    Deterministic: freshly initialised weights (a classification head) are drawn under `seed` in a forked
-    RNG, so the caller's random state is untouched; NF4 quantization itself has no randomness.
-    """
-    import_bitsandbytes()  # before transformers imports it: its kernel probe is quiet then
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    source: str
+    revision: str | None
+    quantization: str  # as LoadedModel.quantization: "4bit-nf4", "4bit-fp4", "8bit" or "none"
+    quantization_kind: Literal["4bit", "8bit", "none"]
+    compute_dtype: str
+    device: str
+    max_positions: int | None  # the model's position limit (config.json max_position_embeddings)
+    notes: tuple[str, ...] = ()
+
+
+def resolve_identity(cfg: ModelConfig) -> ModelIdentity:
+    """Resolve `cfg` as `load_model` does (path, device, quantization, compute dtype, hub commit) from the
+    config file alone. Cheap: no weights are read (a built-in model is built on first use)."""
+    import json
 
     notes: list[str] = []
     source = resolve_model_path(cfg.name_or_path)
@@ -285,6 +290,38 @@ def load_model(
     config_file = _config_file(source, cfg)
     # A hub download lives in .../snapshots/<commit hash>/config.json: record the exact commit.
     commit = config_file.parent.name if config_file.parent.parent.name == "snapshots" else None
+    limit = json.loads(config_file.read_text(encoding="utf-8")).get("max_position_embeddings")
+    return ModelIdentity(
+        source=source,
+        revision=commit or cfg.revision,
+        quantization={"4bit": f"4bit-{cfg.quant_type}", "8bit": "8bit", "none": "none"}[quantization],
+        quantization_kind=quantization,
+        compute_dtype=dtype_name(dtype),
+        device=device,
+        max_positions=limit if isinstance(limit, int) else None,
+        notes=tuple(notes),
+    )
+
+
+def load_model(
+    cfg: ModelConfig,
+    task: Task = "encoder",
+    num_labels: int | None = None,
+    *,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load tokenizer + model for `task`: "encoder" (base model, hidden states for embeddings),
+    "causal_lm" (QLoRA on the LM head) or "sequence_classification" (QLoRA with a `num_labels` head).
+
+    Deterministic: freshly initialised weights (a classification head) are drawn under `seed` in a forked
+    RNG, so the caller's random state is untouched; NF4 quantization itself has no randomness.
+    """
+    import_bitsandbytes()  # before transformers imports it: its kernel probe is quiet then
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    identity = resolve_identity(cfg)
+    notes, source, device = list(identity.notes), identity.source, identity.device
+    quantization, dtype = identity.quantization_kind, DTYPES[identity.compute_dtype]
 
     tokenizer = _load_tokenizer(source, cfg, notes)
     auto_class = {
@@ -328,10 +365,10 @@ def load_model(
         notes.append(f"not in the checkpoint, initialised under seed {seed}: {shown}")
     if model.config.pad_token_id is None:  # sequence classification pools at the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
-    label = {"4bit": f"4bit-{cfg.quant_type}", "8bit": "8bit", "none": "none"}[quantization]
+    label, revision = identity.quantization, identity.revision
     for note in notes:
         log.info("model: %s", note)
-    log.info("loaded %s (%s, %s, %s, %s) on %s", source, task, label, dtype_name(dtype), commit or "local", target)
+    log.info("loaded %s (%s, %s, %s, %s) on %s", source, task, label, dtype_name(dtype), revision or "local", target)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -339,7 +376,7 @@ def load_model(
         compute_dtype=dtype_name(dtype),
         device=device,
         source=source,
-        revision=commit or cfg.revision,
+        revision=revision,
         notes=notes,
         new_weights=new_weights,
     )
