@@ -50,6 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints/checkpoint-N (default: none)",
     )
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="many runs of one config (grid, random or bayesian search over its sweep section) into outputs/sweep_NNN",
+    )
+    sweep.add_argument("--config", help="YAML/JSON config with a sweep section (or --grid options)")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=[V1,V2]",
+        help="values to try for a config field, e.g. --grid classifier.C=[0.1,1,10] (repeatable; replaces that "
+        "field's list in sweep.grid)",
+    )
+    sweep.add_argument("--method", help="grid, random or bayesian (default: the config's sweep.method)")
+    sweep.add_argument("--trials", type=int, help="points to run (random, bayesian)")
+    sweep.add_argument("--metric", help="validation metric that ranks the points (default: sweep.metric)")
+    sweep.add_argument("--jobs", type=int, help="points run at once, each in its own process (default: sweep.jobs)")
+    sweep.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep (outputs/sweep_NNN)")
+    add_run_options(sweep)
+
     resume = commands.add_parser(
         "resume", help="continue an interrupted qlora or sft run from its latest checkpoint, with its archived config"
     )
@@ -108,8 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="inspect or clear the embedding cache shared by all runs")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
-    cache_commands.add_parser("info", help="where the cache is, its size, and the vectors held per model key")
-    clear = cache_commands.add_parser("clear", help="delete every cached embedding")
+    info = cache_commands.add_parser("info", help="where the cache is, its size, and the vectors held per model key")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    clear = cache_commands.add_parser(
+        "clear", help="delete cached embeddings: all of them, or those of one model key, or those older than a date"
+    )
+    clear.add_argument(
+        "--model", metavar="KEY", help="only this model key (a prefix will do; `qlora cache info` lists them)"
+    )
+    clear.add_argument(
+        "--older-than", metavar="DATE", help="only vectors written before this date (2026-01-31 or 2026-01-31T12:00)"
+    )
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     return parser
 
@@ -267,6 +296,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return reproduce_command(args.run_path, args.output_dir)
     if args.command == "resume":
         return resume_command(args.run_path, args.output_dir)
+    if args.command == "sweep":
+        return sweep_command(args)
     if args.command == "compare":
         from qlora_pipeline.reporting.compare import compare
 
@@ -316,6 +347,29 @@ def run_command(
     return 0
 
 
+def sweep_command(args: argparse.Namespace) -> int:
+    from qlora_pipeline import sweep
+
+    if args.resume is not None:
+        given = [
+            f"--{n}"
+            for n in ("config", "grid", "method", "trials", "metric", "set", "output_dir")
+            if getattr(args, "overrides" if n == "set" else n) not in (None, [])
+        ]
+        if given:
+            raise UserError(f"--resume continues a sweep with its own config and options; drop {', '.join(given)}")
+        result = sweep.resume_sweep(args.resume, args.jobs)
+    else:
+        if args.config is None:
+            raise UserError("qlora sweep needs --config FILE (or --resume SWEEP_DIR to continue one)")
+        options = {name: getattr(args, name) for name in ("method", "trials", "metric", "jobs")}
+        config = sweep.sweep_config(args.config, args.overrides, args.grid, **options)
+        result = sweep.start_sweep(config, args.output_dir)
+    print(result.markdown)
+    print(f"sweep directory: {result.sweep_dir}")
+    return 0 if result.best is not None else 1
+
+
 def reproduce_command(run_path: str, output_dir: str | None) -> int:
     from qlora_pipeline.reproduce import check_original, check_processes, load_archived_config, locate_archive
 
@@ -361,6 +415,11 @@ def cache_command(args: argparse.Namespace) -> int:
 
     if args.cache_command == "info":
         info = cache.cache_info()
+        if args.json:
+            import json
+
+            print(json.dumps(info, indent=2, ensure_ascii=False))
+            return 0
         print(f"embedding cache: {info['location']} ({info['bytes'] / 2**20:.1f} MiB)")
         for model in info["models"]:
             settings = f"{model.get('quantization')}, {model.get('compute_dtype')}, {model.get('pooling')}"
@@ -370,14 +429,30 @@ def cache_command(args: argparse.Namespace) -> int:
             print("  (empty)")
         return 0
     location = cache.embeddings_root()
+    what, before = f"every cached embedding under {location}", None
+    if args.model is not None:
+        keys = [key for key in cache.model_keys() if key.startswith(args.model)]
+        if not keys or not args.model:
+            raise UserError(f"no model key starts with {args.model!r} in {location}; `qlora cache info` lists them")
+        what = f"the cached embeddings of model key{'s' if len(keys) > 1 else ''} {', '.join(keys)}"
+    if args.older_than is not None:
+        from datetime import datetime
+
+        try:
+            before = datetime.fromisoformat(args.older_than)
+        except ValueError:
+            raise UserError(
+                f"--older-than must be a date like 2026-01-31 or 2026-01-31T12:00, got {args.older_than!r}"
+            ) from None
+        what += f" written before {before.isoformat(sep=' ')}"
     if not args.yes:
         if not sys.stdin.isatty():
-            raise UserError(f"qlora cache clear would delete {location}; pass --yes to confirm")
-        if input(f"delete every cached embedding under {location}? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise UserError(f"qlora cache clear would delete {what}; pass --yes to confirm")
+        if input(f"delete {what}? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1
-    freed = cache.clear_cache()
-    print(f"deleted {location} ({freed / 2**20:.1f} MiB)")
+    freed = cache.clear_cache(model=args.model, before=before)
+    print(f"deleted {what} ({freed / 2**20:.1f} MiB)")
     return 0
 
 

@@ -859,6 +859,116 @@ class OutputConfig:
         _check("tracking_uri", self.tracking_uri, self.tracking_uri != "", "null or a non-empty URI or path")
 
 
+SWEEP_METRICS = ("accuracy", "macro_f1", "roc_auc", "pr_auc", "mcc", "f1", "brier", "ece")
+LOWER_IS_BETTER = ("brier", "ece")
+
+
+@dataclass
+class SweepRange:
+    low: float = param(0.0, "Smallest value tried.")
+    high: float = param(1.0, "Largest value tried.")
+    log: bool = param(False, "Draw on a log scale (learning rates, C); needs low > 0.")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("high", self.high, self.high > self.low, f"> low ({self.low:g})")
+        _check("low", self.low, not self.log or self.low > 0, "> 0 with log: true")
+
+
+@dataclass
+class SweepConfig:
+    method: Literal["grid", "random", "bayesian"] = param(
+        "grid",
+        "grid: every combination of the grid lists, in order; random: points drawn at random; bayesian: Optuna's "
+        "TPE sampler, each point chosen from the results so far.",
+    )
+    grid: dict[str, list[Any]] = param(
+        {},
+        "Dotted config field -> values to try, e.g. {classifier.C: [0.1, 1, 10], classifier.heads: [[logreg], "
+        "[svm]]}; random and bayesian choose among these values too.",
+    )
+    ranges: dict[str, SweepRange] = param(
+        {},
+        "random and bayesian: dotted numeric field -> {low, high, log}, e.g. {training.learning_rate: {low: 1e-5, "
+        "high: 1e-3, log: true}}; an integer field draws integers.",
+    )
+    trials: int | None = param(None, "Points to run: random and bayesian need it; grid runs every combination (null).")
+    metric: Literal["accuracy", "macro_f1", "roc_auc", "pr_auc", "mcc", "f1", "brier", "ece"] = param(
+        "macro_f1",
+        "Validation metric of the primary head that ranks the points (brier, ece: lower is better). Test metrics "
+        "are shown beside it, never used to pick.",
+    )
+    jobs: int = param(1, "Points run at once, each as its own `qlora run` process (--jobs overrides it).")
+    seed: int | None = param(None, "Seed of the random and bayesian search; null uses experiment.seed.")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check("jobs", self.jobs, self.jobs >= 1, ">= 1")
+        for key, values in self.grid.items():
+            _check_sweep_key(f"grid.{key}", key)
+            texts = [json.dumps(v, sort_keys=True) for v in values]
+            _check(
+                f"grid.{key}",
+                values,
+                bool(values) and len(set(texts)) == len(texts),
+                "a non-empty list of distinct values",
+            )
+        for key, bounds in self.ranges.items():
+            hint = _check_sweep_key(f"ranges.{key}", key)
+            whole = float(bounds.low).is_integer() and float(bounds.high).is_integer()
+            if numeric_type(hint) is int and not whole:
+                raise _FieldError(f"ranges.{key}", f"needs whole low and high: {key} is an integer field")
+            if numeric_type(hint) is None:
+                raise _FieldError(
+                    f"ranges.{key}", f"needs a numeric field; {key} is {_describe(hint)} (list its values in grid)"
+                )
+            if key in self.grid:
+                raise _FieldError(f"ranges.{key}", "is also in grid; give a field either values or a range")
+        if self.method == "grid":
+            if self.ranges:
+                first = next(iter(self.ranges))
+                raise _FieldError(f"ranges.{first}", "needs method random or bayesian; a grid tries listed values only")
+            _check("trials", self.trials, self.trials is None, "null with method grid (it runs every combination)")
+        elif self.trials is None or self.trials < 1:
+            raise _FieldError("trials", f"must be >= 1 with method {self.method}, got {_show(self.trials)}")
+
+    @property
+    def swept(self) -> list[str]:
+        return [*self.grid, *self.ranges]
+
+
+def numeric_type(hint: Any) -> type | None:
+    """int or float for a field of that type (or that type or null); None for any other field."""
+    arms = (
+        [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint)
+        in (
+            typing.Union,
+            types.UnionType,
+        )
+        else [hint]
+    )
+    return arms[0] if len(arms) == 1 and arms[0] in (int, float) else None
+
+
+def field_hint(dotted: str) -> Any:
+    """The type hint of the config field `dotted` names (section.field), e.g. float for classifier.C."""
+    return _check_sweep_key(dotted, dotted)
+
+
+def _check_sweep_key(where: str, dotted: str) -> Any:
+    """The type hint of the config field a sweep key names; a key that names no field, or a section, is refused."""
+    hint: Any = Config
+    keys = dotted.split(".")
+    for depth, key in enumerate(keys):
+        if not (dataclasses.is_dataclass(hint) and isinstance(hint, type)) or key not in _hints(hint):
+            raise _FieldError(where, f"names no config field ({'.'.join(keys[: depth + 1])} is unknown)")
+        hint = _hints(hint)[key]
+    if keys[0] == "sweep" or (dataclasses.is_dataclass(hint) and isinstance(hint, type)):
+        raise _FieldError(where, "must name one setting, like classifier.C (not a section, not the sweep itself)")
+    return hint
+
+
 @dataclass
 class Config:
     experiment: ExperimentConfig = param(ExperimentConfig(), "Name, mode and seed of the run.")
@@ -871,6 +981,9 @@ class Config:
     generation: GenerationConfig = param(GenerationConfig(), "Answers generated for held-out prompts (mode sft).")
     evaluation: EvaluationConfig = param(EvaluationConfig(), "What is scored and saved.")
     output: OutputConfig = param(OutputConfig(), "Where run directories go.")
+    sweep: SweepConfig = param(
+        SweepConfig(), "What `qlora sweep` varies and how it ranks the points; `qlora run` ignores it."
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -1026,6 +1139,19 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return _name(str(err).splitlines()[0] if str(err) else type(err).__name__, 200)
 
 
+def parse_value(text: str, where: str) -> Any:
+    """A value given on the command line, read as YAML (`1e-4`, `[logreg, svm]`, `null`); `where` names it in
+    the error."""
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: the value is not valid YAML ({_yaml_problem(err)})") from err
+    except RecursionError as err:
+        raise ConfigError(f"{where}: the value is nested too deeply") from err
+    _check_size(value, where)
+    return value
+
+
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of `data` with `section.field=value` overrides applied (values parsed as YAML)."""
     result = copy.deepcopy(dict(data))
@@ -1043,13 +1169,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
                 unknown = _unknown_key(_name(".".join(keys[: depth + 1])), key, list(_hints(hint)))
                 raise ConfigError(f"override '{_name(item)}': {unknown}")
             hint = _hints(hint)[key]
-        try:
-            value = yaml.load(text, Loader=_Loader)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override '{_name(item)}': the value is not valid YAML ({_yaml_problem(err)})") from err
-        except RecursionError as err:
-            raise ConfigError(f"override '{_name(item)}': the value is nested too deeply") from err
-        _check_size(value, f"override '{_name(item)}'")
+        value = parse_value(text, f"override '{_name(item)}'")
         node = result
         for depth, key in enumerate(keys[:-1]):
             if node.get(key) is None:
@@ -1268,6 +1388,8 @@ def config_reference_markdown() -> str:
         lines += ["", f"## `{section.name}`", "", section.metadata["help"], "", *_table(cls)]
         for f in dataclasses.fields(cls):
             item = typing.get_args(_hints(cls)[f.name])
+            if len(item) == 2 and dataclasses.is_dataclass(item[1]) and isinstance(item[1], type):  # dict values
+                lines += ["", f"### `{section.name}.{f.name}.<key>` values", "", *_table(item[1])]
             if item and dataclasses.is_dataclass(item[0]) and isinstance(item[0], type):
                 lines += ["", f"### `{section.name}.{f.name}[]` items", "", *_table(item[0])]
                 for sub in dataclasses.fields(item[0]):  # a section inside each item (sources[].labels)

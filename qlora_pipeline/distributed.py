@@ -1,5 +1,6 @@
-"""Data-parallel training under `torchrun` / `accelerate launch`: which process this is, and the few messages the
-processes exchange besides the Trainer's own DDP traffic.
+"""Several processes under `torchrun` / `accelerate launch`: which process this is, and the few messages the
+processes exchange besides the Trainer's own DDP traffic. (Embedding runs use the same messages to share the
+encoding: see `embeddings/run.py`.)
 
 Launched as N processes, each one runs `qlora run`: each prepares the same data (checked by fingerprint) and
 loads the model, and the HF Trainer trains them as one DDP job, gradients averaged every step. Rank 0 alone owns
@@ -82,6 +83,17 @@ def share(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank; also a barrier. [value] in one process."""
+    if world_size() == 1 or not _active():
+        return [value]
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def barrier() -> None:

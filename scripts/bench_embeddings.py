@@ -5,16 +5,29 @@ Prints: throughput of our `encode` vs sentence-transformers' `encode` vs a plain
 weights, texts, batch size and precision; repeats interleaved, best of each); our default CPU precision vs
 sentence-transformers' default float32; the fraction of the ~120 texts/s compute ceiling at 128 tokens;
 real/padded token ratios; the cache's second-run time ratio; NF4 vs full-precision mean cosine and a
-logistic-regression test score with each.
+logistic-regression test score with each (section "encode").
+
+Section "runs": whole `qlora run`s as a user starts them (fresh processes, a fresh cache), MiniLM over --run-texts
+reviews: a cold run vs the same run warm (every vector cached: the model is not loaded), and one process vs two
+under torchrun (texts/s over the model + embeddings stages).
+
+Section "memory": peak RSS of a process encoding 10k vs 100k distinct texts through the cache with the tiny model,
+tokenizing a window of texts at a time (as encoding does) vs the whole corpus up front (as it did before).
 
 Usage: PYTHONPATH=. python scripts/bench_embeddings.py [--texts 500] [--repeats 4] [--batch-size 32]
+       [--sections encode runs memory] [--run-texts 2000] [--memory-texts 10000 100000]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import json
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -111,14 +124,170 @@ def timed(fn, texts: list[str], batch_size: int) -> tuple[float, object]:  # noq
     return time.perf_counter() - start, result
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def qlora_run(args: list[str], cache: Path, processes: int = 1) -> tuple[float, dict]:  # type: ignore[type-arg]
+    """One `qlora run` (under torchrun when processes > 1) in a fresh process with `cache` as QLORA_CACHE_DIR;
+    (wall seconds, its config.json and status.json)."""
+    env = {**os.environ, "QLORA_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--standalone"]
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    start = time.perf_counter()
+    done = subprocess.run([*launcher, "-m", "qlora_pipeline", "run", *args], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"qlora run failed:\n{done.stderr[-3000:]}")
+    run_dir = Path(next(line for line in done.stdout.splitlines() if line.startswith("run directory:")).split(": ")[1])
+    record = json.loads((run_dir / "config.json").read_text())
+    record["status"] = json.loads((run_dir / "status.json").read_text())
+    return seconds, record
+
+
+def runs_section(path: str, texts: int, bs: int) -> None:
+    """Whole runs: cold vs warm, and one process vs two."""
+    out = Path(tempfile.mkdtemp(prefix="qlora-bench-runs-"))
+    args = ["--config", "quick_test", "--output-dir", str(out)]
+    for item in (
+        f"model.name_or_path={path}",
+        "model.quantization=none",
+        "embedding.pooling=mean",
+        "embedding.max_length=128",
+        f"embedding.batch_size={bs}",
+        f"data.max_samples={texts}",
+        "evaluation.bootstrap=0",
+        "evaluation.figures=false",
+    ):
+        args += ["--set", item]
+    cold, first = qlora_run(args, out / "cache")
+    warm, second = qlora_run(args, out / "cache")
+    loaded = [record["embedding"]["model_loaded"] for record in (first, second)]
+    print(f"\nwhole run, {texts} reviews, MiniLM (qlora run in a fresh process each)")
+    print(f"  cold cache {cold:.1f} s (model loaded: {loaded[0]}), warm {warm:.1f} s (model loaded: {loaded[1]})")
+    print(f"  warm / cold: {warm / cold:.3f}")
+
+    def encoding_rate(record: dict) -> tuple[float, int]:  # type: ignore[type-arg]
+        stages = record["status"]["stages"]
+        seconds = stages["model"]["seconds"] + stages["embeddings"]["seconds"]
+        computed = sum(split["computed"] for split in record["embedding"]["splits"].values())
+        return computed / seconds, computed
+
+    one = qlora_run(args, out / "cache_one")[1]
+    single = qlora_run([*args, "--set", "model.cpu_threads=1"], out / "cache_single")[1]
+    two = qlora_run(args, out / "cache_two", processes=2)[1]
+    (rate_one, n), (rate_single, _), (rate_two, _) = (encoding_rate(r) for r in (one, single, two))
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    print(f"one process vs two under torchrun ({n} vectors computed; model + embeddings stages)")
+    print(f"  1 process, {os.cpu_count()} threads (torch's default): {rate_one:.1f} texts/s")
+    print(f"  1 process, 1 thread: {rate_single:.1f} texts/s")
+    print(
+        f"  2 processes, {threads} thread(s) each ({two['embedding']['computed_per_process']} vectors): "
+        f"{rate_two:.1f} texts/s; vs 1 process: x{rate_two / rate_one:.2f} (default threads), "
+        f"x{rate_two / rate_single:.2f} (1 thread)"
+    )
+    print("  (on CPUs the processes share the same cores; under torchrun with one GPU each they add up)")
+
+
+def memory_child(texts: int, window: int) -> None:
+    """Encode `texts` distinct reviews through a fresh cache with the tiny model; print peak RSS (MiB) before
+    and after."""
+    import torch
+
+    from qlora_pipeline.config import EmbeddingConfig, ModelConfig
+    from qlora_pipeline.embeddings import encoding
+    from qlora_pipeline.embeddings.cache import EmbeddingCache
+    from qlora_pipeline.models.loading import load_model
+    from qlora_pipeline.models.tiny import corpus_texts
+
+    torch.set_num_threads(1)
+    corpus = corpus_texts()
+    inputs = [f"{corpus[i % len(corpus)][:60]} #{i}" for i in range(texts)]
+    loaded = load_model(ModelConfig(quantization="none", compute_dtype="float32", device="cpu"))
+    cfg = EmbeddingConfig(pooling="mean", max_length=24, batch_size=64)
+    cache = EmbeddingCache(encoding.cache_settings(loaded, cfg), root=Path(tempfile.mkdtemp(prefix="qlora-mem-")))
+    encoding.TOKENIZE_EVERY = window if window > 0 else texts
+    before = rss_mib("VmRSS")
+    reset_peak()  # the peak of loading the model is not the encode's
+    start = time.perf_counter()
+    result = encoding.encode(inputs, loaded, cfg, cache=cache)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"before": before, "peak": rss_mib("VmHWM"), "seconds": seconds, "computed": result.misses}))
+
+
+def rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc (Linux); elsewhere the
+    lifetime peak."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    line = next(line for line in status.splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak() -> None:
+    """Start VmHWM again from the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def memory_section(sizes: list[int]) -> None:
+    print(
+        f"\nmemory: peak RSS encoding {' vs '.join(f'{n:,}' for n in sizes)} distinct texts through the cache "
+        "(tiny model, 24 tokens, one thread; a fresh process each)"
+    )
+    from qlora_pipeline.embeddings.encoding import TOKENIZE_EVERY
+
+    rows = {}
+    for label, window in ((f"a window of {TOKENIZE_EVERY} texts at a time", TOKENIZE_EVERY), ("all texts up front", 0)):
+        for n in sizes:
+            done = subprocess.run(
+                [sys.executable, __file__, "--memory-child", str(n), str(window)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+            rows[label, n] = json.loads(done.stdout.strip().splitlines()[-1])
+        first, last = rows[label, sizes[0]], rows[label, sizes[-1]]
+        print(f"  tokenizing {label}:")
+        for n in sizes:
+            r = rows[label, n]
+            print(
+                f"    {n:>8,} texts: peak RSS while encoding {r['peak']:.0f} MiB (RSS before {r['before']:.0f} MiB; "
+                f"{r['computed'] / r['seconds']:.0f} texts/s)"
+            )
+        print(f"    peak RSS {sizes[-1]:,} / {sizes[0]:,} texts: {last['peak'] / first['peak']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--sections", nargs="+", choices=["encode", "runs", "memory"], default=["encode", "runs", "memory"]
+    )
+    parser.add_argument("--run-texts", type=int, default=2000)
+    parser.add_argument("--memory-texts", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--memory-child", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
     os.environ.setdefault("QLORA_CACHE_DIR", tempfile.mkdtemp(prefix="qlora-bench-"))
     path = minilm_dir()
+    if "encode" in args.sections:
+        encode_section(path, args)
+    if "runs" in args.sections:
+        runs_section(path, args.run_texts, args.batch_size)
+    if "memory" in args.sections:
+        memory_section(args.memory_texts)
+
+
+def encode_section(path: str, args: argparse.Namespace) -> None:
     texts, labels = reviews(args.texts)
     bs = args.batch_size
     from qlora_pipeline.models.device import cpu_has_native_bf16

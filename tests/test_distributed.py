@@ -1,5 +1,6 @@
-"""Data-parallel QLoRA under torchrun: two CPU processes (gloo) train one run of the tiny model; rank 0 alone
-writes the run directory, and the run records that it took two processes to reproduce."""
+"""Several processes under torchrun, on CPUs (gloo). QLoRA: two processes train one run of the tiny model; rank 0
+alone writes the run directory, and the run records that it took two processes to reproduce. Embeddings: two
+processes share the encoding through the cache, and the run equals a one-process run byte for byte."""
 
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ def overrides(*items: str) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
-def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess[str]:
-    """`torchrun --nproc_per_node N --standalone -m qlora_pipeline ARGS` from the repository root."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # the cache dir comes from conftest
+def torchrun(*args: str, processes: int = 2, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc_per_node N --standalone -m qlora_pipeline ARGS` from the repository root; `cache`: another
+    QLORA_CACHE_DIR than the session's (conftest's)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    if cache is not None:
+        env["QLORA_CACHE_DIR"] = str(cache)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--standalone"]
     return subprocess.run(
         [*command, "-m", "qlora_pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
@@ -134,19 +138,53 @@ def test_a_two_process_run_resumed_on_two_processes_matches_the_uninterrupted_on
     assert comparison["matches"], comparison["checks"]
 
 
-@pytest.mark.parametrize("rank", ["0", "1"])
-def test_embeddings_mode_under_a_launcher_is_one_line_exit_2(
-    rank: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # What torchrun sets in each process; the refusal comes before any process group or run directory.
-    for name, value in {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": rank}.items():
+EMBEDDING_SETTINGS = [
+    "data.max_samples=160",
+    "embedding.batch_size=8",  # several batches for each process
+    # A model key of its own: vectors of these texts cached with other batch-mates would differ at float rounding
+    # from what other tests of this session (sharing its cache) compute.
+    "embedding.max_length=48",
+    "embedding.fidelity_sample=16",
+    "evaluation.bootstrap=0",
+    "evaluation.figures=false",
+]
+
+
+def test_an_embeddings_run_on_two_processes_equals_the_one_process_run(tmp_path: Path) -> None:
+    """Each process computes every other batch of the same plan into a cache of its own (not the session's, so
+    the one-process run below starts cold too); rank 0 reads them back and writes the run."""
+    from qlora_pipeline.reproduce import compare_runs
+
+    args = ["run", "--config", "quick_test.yaml", *overrides(*EMBEDDING_SETTINGS)]
+    done = torchrun(*args, "--output-dir", str(tmp_path / "two"), cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
+    two, one = tmp_path / "two" / "run_001", tmp_path / "one" / "run_001"
+    assert sorted(p.name for p in two.parent.iterdir()) == ["run_001"]
+    assert done.stdout.count("run directory:") == 1  # rank 0 alone writes and prints
+    comparison = compare_runs(one, two)  # metrics.json and every predictions.csv, byte for byte
+    assert comparison["matches"], comparison["checks"]
+    embedding = json.loads((two / "config.json").read_text())["embedding"]
+    computed = sum(split["computed"] for split in embedding["splits"].values())
+    assert embedding["processes"] == 2 and computed == 160
+    first, second = embedding["computed_per_process"]
+    assert first + second == computed and first > 0 and second > 0  # both processes encoded
+    assert "| encoding processes | 2 (vectors computed by each:" in (two / "experiment_report.md").read_text()
+
+
+def test_a_launch_of_an_embeddings_run_without_the_cache_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qlora_pipeline.config import load_config
+    from qlora_pipeline.embeddings.run import preflight
+    from qlora_pipeline.errors import UserError
+
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(name, value)
-    assert main(["run", "--config", "quick_test.yaml", "--output-dir", str(tmp_path / "out")]) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.count("\n") == 0
-    prefix = "qlora: error: " if rank == "0" else "qlora: error (rank 1): "
-    assert error.startswith(prefix + "experiment.mode embeddings runs in one process, but 2 were launched")
-    assert not (tmp_path / "out").exists()
+    config = load_config("quick_test", ["embedding.cache=false"])
+    with pytest.raises(UserError, match="embedding.cache is false, but 2 processes were launched"):
+        preflight(config, Path("unused"), None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two machines, one process each
+    with pytest.raises(UserError, match="share vectors through the cache on one machine"):
+        preflight(load_config("quick_test"), Path("unused"), None)
 
 
 @pytest.mark.slow  # a torchrun job that stops at once: ~8 s here

@@ -77,23 +77,24 @@ def test_interrupted_encode_keeps_finished_chunks(
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_corrupt_chunk_is_detected_and_recomputed(
+def test_a_corrupt_record_is_detected_and_recomputed(
     loaded: LoadedModel, cache: EmbeddingCache, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = encode(TEXTS, loaded, EMB, cache=cache)
-    (chunk,) = cache.folder.glob("*.emb")
-    data = bytearray(chunk.read_bytes())
+    (segment,) = cache.folder.glob("*.seg")
+    data = bytearray(segment.read_bytes())
     if damage == "flip":
-        data[-3] ^= 0x01  # one bit of one vector
+        data[-3] ^= 0x01  # one bit of the last vector
     else:
-        del data[-100:]
-    chunk.write_bytes(bytes(data))
-    assert read_chunk(chunk) is None
+        del data[-100:]  # the last record cut short
+    segment.write_bytes(bytes(data))
+    assert read_chunk(segment) is None
     with caplog.at_level(logging.WARNING):
         again = encode(TEXTS, loaded, EMB, cache=cache)
     assert "truncated or corrupt" in caplog.text
-    assert again.misses == len(TEXTS)
-    assert again.vectors.tobytes() == first.vectors.tobytes()
+    assert (again.hits, again.misses) == (len(TEXTS) - 1, 1)  # every other record is checked on its own
+    np.testing.assert_allclose(again.vectors, first.vectors, atol=1e-6)  # recomputed in a batch of its own
+    assert encode(TEXTS, loaded, EMB, cache=cache).hits == len(TEXTS)
 
 
 def test_cache_key_covers_settings_and_weights(loaded: LoadedModel, tmp_path: Path) -> None:
@@ -202,3 +203,105 @@ def test_tokenizer_without_pad_token(loaded: LoadedModel, tmp_path: Path, drop: 
     else:
         with pytest.raises(UserError, match="neither a pad nor an eos token.*encoders such as BERT ship"):
             load_model(model_cfg)
+
+
+def test_texts_are_tokenized_a_window_at_a_time(
+    loaded: LoadedModel, cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory holds one window of tokens, never the whole corpus's; the vectors are those of a single window
+    up to float rounding (batch-mates differ)."""
+    whole = encode(TEXTS, loaded, EMB).vectors
+    monkeypatch.setattr(embeddings, "TOKENIZE_EVERY", 16)
+    sizes: list[int] = []
+    real_call = type(loaded.tokenizer).__call__
+
+    def recording_call(self: Any, text: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(text))
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(loaded.tokenizer), "__call__", recording_call)
+    result = encode(TEXTS, loaded, EMB, cache=cache)
+    assert sizes == [16, 16, 16, 12]
+    np.testing.assert_allclose(result.vectors, whole, atol=1e-6)
+    assert len(cache.lookup([text_key(t) for t in TEXTS])) == len(TEXTS)
+
+
+def test_processes_sharing_the_plan_compute_the_vectors_one_process_would(
+    loaded: LoadedModel, cache: EmbeddingCache
+) -> None:
+    """torchrun's ranks each take every other batch of the same plan: together, the very bytes of one process."""
+    alone = encode(TEXTS, loaded, EMB).vectors
+    todo = list(range(len(TEXTS)))
+    shares = [embeddings.fill_cache(TEXTS, loaded, EMB, cache, todo, rank=r, processes=2) for r in (0, 1)]
+    assert [s.computed for s in shares] == [32, 28]  # batches of 8: four each, the last one short
+    read_back = encode(TEXTS, lambda: pytest.fail("everything is cached"), EMB, cache=cache)
+    assert read_back.hits == len(TEXTS)
+    assert read_back.vectors.tobytes() == alone.tobytes()
+
+
+PUT_FROM_ANOTHER_PROCESS = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from qlora_pipeline.embeddings.cache import EmbeddingCache
+settings, root, keys, vectors = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+cache = EmbeddingCache(json.loads(Path(settings).read_text()), root=root)
+cache.put([bytes.fromhex(k) for k in json.loads(keys.read_text())], np.load(vectors))
+"""
+
+
+def test_vectors_another_process_finished_meanwhile_are_read_not_recomputed(
+    loaded: LoadedModel, cache: EmbeddingCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after this encode's first lookup, another process writes half of the vectors into the cache: each
+    batch asks the cache again before computing, and computes only the other half."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    reference = encode(TEXTS, loaded, EMB).vectors
+    for name, data in {"settings.json": cache.settings, "keys.json": [text_key(t).hex() for t in TEXTS[30:]]}.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    np.save(tmp_path / "vectors.npy", reference[30:])
+    root = cache.folder.parent
+    args = [str(tmp_path / n) for n in ("settings.json",)] + [str(root)]
+    args += [str(tmp_path / n) for n in ("keys.json", "vectors.npy")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    real_lookup, calls = cache.lookup, []
+
+    def lookup_then_another_process_writes(keys: Any) -> Any:
+        found = real_lookup(keys)
+        calls.append(len(keys))
+        if len(calls) == 1:
+            subprocess.run([sys.executable, "-c", PUT_FROM_ANOTHER_PROCESS, *args], env=env, check=True)
+        return found
+
+    monkeypatch.setattr(cache, "lookup", lookup_then_another_process_writes)
+    result = encode(TEXTS, loaded, EMB, cache=cache)
+    assert (result.hits, result.misses) == (30, 30)
+    assert result.vectors[30:].tobytes() == reference[30:].tobytes()  # the other process's bytes
+    np.testing.assert_allclose(result.vectors[:30], reference[:30], atol=1e-6)
+
+
+def test_clearing_the_cache_during_an_encode_does_not_stop_it(
+    loaded: LoadedModel, cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qlora_pipeline.embeddings.cache import clear_cache
+
+    monkeypatch.setattr(embeddings, "FLUSH_EVERY", 8)
+    reference = encode(TEXTS, loaded, EMB).vectors
+    real_forward, calls = loaded.model.forward, {"n": 0}
+
+    def cleared_before_the_third_batch(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            clear_cache(cache.folder.parent)  # what `qlora cache clear --yes` does from another shell
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", cleared_before_the_third_batch)
+    result = encode(TEXTS, loaded, EMB, cache=cache)
+    assert result.vectors.tobytes() == reference.tobytes()
+    monkeypatch.setattr(loaded.model, "forward", real_forward)
+    again = encode(TEXTS, loaded, EMB, cache=cache)  # the two batches written before the clear are gone
+    assert (again.hits, again.misses) == (len(TEXTS) - 16, 16)

@@ -36,6 +36,7 @@ ABOVE_THE_SHARED = (
     "generate_cli",
     "reproduce",
     "plan",
+    "sweep",  # runs points as `python -m qlora_pipeline run` processes: below the orchestrator, beside the CLI
     "cli",
 )
 

@@ -65,6 +65,26 @@ def test_report_has_metrics_table_and_baseline_verdict(quick_run: Path) -> None:
     assert "random weights" in report
 
 
+def test_a_warm_rerun_loads_no_model(quick_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick test has cached every vector it needs, its fidelity sample's unquantized ones too: running it
+    again reads them all and loads no weights (any from_pretrained of a model fails here), with the same results."""
+    from transformers import PreTrainedModel
+
+    def no_loading(cls: type, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{cls.__name__}.from_pretrained was called on a warm rerun")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_loading))
+    assert main(["quick-test", "--output-dir", str(tmp_path)]) == 0
+    rerun = tmp_path / "run_001"
+    record = json.loads((rerun / "config.json").read_text())
+    assert record["model"]["loaded"] is False and record["model"]["quantization"] == "4bit-nf4"
+    assert record["embedding"]["model_loaded"] is False
+    assert record["embedding"]["quantization_fidelity"]["model_loaded"] is False
+    report = (rerun / "experiment_report.md").read_text()
+    assert "| model loading | skipped: every vector (and the fidelity sample's unquantized ones) was in" in report
+    assert (rerun / "metrics.json").read_text() == (quick_run / "metrics.json").read_text()
+
+
 def test_reproduce_matches_bit_for_bit(quick_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reproduce", str(quick_run)]) == 0
     out = capsys.readouterr().out

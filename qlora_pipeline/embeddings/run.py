@@ -1,71 +1,129 @@
 """The embeddings path of a run: data → model → embeddings (cached) → quantization fidelity → classifier heads
 (+ the TF-IDF baseline) → evaluation → figures. Every head's predictions are evaluated the same way; the first
-head in `classifier.heads` is the primary one that reports, comparisons and `qlora predict` use."""
+head in `classifier.heads` is the primary one that reports, comparisons and `qlora predict` use.
+
+The model is loaded only when some vector is missing from the cache: a warm rerun reads every vector and
+never loads it (config.json's model record and the report say so).
+
+Under torchrun / accelerate launch (one process per GPU, or gloo on CPUs), every process prepares the same data
+(checked by fingerprint), rank 0 asks the cache what is missing and sends that list to all, and each process
+computes every N-th batch of it into the shared cache (`encoding.fill_cache`). After a barrier rank 0 reads
+every vector back, computes whatever is still missing, and goes on alone: fidelity, heads, evaluation, report.
+The batches are those one process would form, so the vectors, and the run's results, equal a one-process run's.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qlora_pipeline import distributed
+from qlora_pipeline.data.prepare import prepare_data
 from qlora_pipeline.embeddings.classifiers import check_heads, fit_head
-from qlora_pipeline.embeddings.encoding import embed_splits, quantization_fidelity
+from qlora_pipeline.embeddings.encoding import (
+    Encoder,
+    SplitPlan,
+    Tally,
+    check_max_length,
+    embed_splits,
+    fill_cache,
+    input_keys,
+    plan_splits,
+    quantization_fidelity,
+    split_texts,
+)
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.evaluation.baseline import BASELINE, baseline_texts, fit_baseline
 from qlora_pipeline.evaluation.metrics import predictions_frame
 from qlora_pipeline.evaluation.per_dataset import Scores, check_dataset, empty_scores, fill, head_name, ordered
 from qlora_pipeline.evaluation.results import evaluate_split
 from qlora_pipeline.evaluation.trained_head import tune_threshold
-from qlora_pipeline.models.loading import load_model
 from qlora_pipeline.runs import write_json
-from qlora_pipeline.stages import data_stage, model_record, update_record, visualize_run
+from qlora_pipeline.stages import data_stage, model_record, seed_everything, update_record, visualize_run
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from qlora_pipeline.config import Config
     from qlora_pipeline.data.split import Splits
     from qlora_pipeline.runs import Run
 
 log = logging.getLogger(__name__)
 
-DATA_PARALLEL = False  # one process: a launch of several (torchrun) is refused
+DATA_PARALLEL = True  # under torchrun: rank 0 runs `execute`, the other ranks `train_replica` (they encode)
 
 
 def preflight(config: Config, output_root: Path, resume: str | None) -> Path | None:
-    """Checks before a run directory exists: the heads and their options. Nothing to resume."""
+    """Checks before a run directory exists: the heads and their options; under a launcher, what the processes
+    need to share their vectors. Nothing to resume."""
     check_heads(config.classifier)
     if resume not in (None, "none"):
         raise UserError("--resume applies to experiment.mode qlora (embedding runs have no checkpoints)")
+    processes = distributed.world_size()
+    if processes > 1:
+        if not config.embedding.cache:
+            raise UserError(
+                f"embedding.cache is false, but {processes} processes were launched: they hand their vectors to "
+                "rank 0 through the cache; set embedding.cache true, or run in one process"
+            )
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+        if local != processes:
+            raise UserError(
+                f"{processes} processes on several machines ({local} on this one): embedding runs share vectors "
+                "through the cache on one machine (its index is SQLite in WAL mode); launch one machine's GPUs "
+                "(torchrun --nproc_per_node N)"
+            )
     return None
+
+
+def needed_splits(config: Config, splits: Splits) -> tuple[dict[str, pd.DataFrame], bool]:
+    """The splits to encode (train, validation when a threshold is tuned on it, the evaluated ones), and whether
+    a threshold is tuned."""
+    tune = len(splits.label_names) == 2 and config.classifier.threshold_metric != "none"
+    # The threshold is tuned on validation even when only test is evaluated.
+    needed = list(dict.fromkeys(["train", *(["validation"] if tune else []), *config.evaluation.splits]))
+    return {name: splits.get(name) for name in needed}, tune
 
 
 def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[str, Any]:
     seed = config.experiment.seed
     prepared = data_stage(config, run)
     splits = prepared.splits
+    frames, tune = needed_splits(config, splits)
+    processes = distributed.world_size()
+    distributed.agree(prepared.summary["fingerprint"], "data fingerprint")
 
-    with run.stage("model"):
-        loaded = load_model(config.model, task="encoder", seed=seed)
-        update_record(run, model=model_record(loaded))
+    with run.stage("model"):  # what the cache holds decides whether the model is loaded at all
+        encoder = Encoder(config.model, config.embedding, seed)
+        check_max_length(encoder, config.embedding)
+        plan = plan_splits(frames, encoder)
+        if processes == 1 and not plan.complete:
+            encoder.model()
+        update_record(run, model=encoder_record(encoder))
 
     with run.stage("embeddings"):
-        tune = len(splits.label_names) == 2 and config.classifier.threshold_metric != "none"
-        # The threshold is tuned on validation even when only test is evaluated.
-        needed = list(dict.fromkeys(["train", *(["validation"] if tune else []), *config.evaluation.splits]))
-        vectors, embedding_record = embed_splits({name: splits.get(name) for name in needed}, loaded, config.embedding)
-        quantized, sample, dtype = loaded.quantization != "none", config.embedding.fidelity_sample, loaded.compute_dtype
-        del loaded  # free the encoder before training heads
+        shares = encode_shares(frames, encoder, config, distributed.share(plan.todo)) if processes > 1 else None
+        vectors, embedding_record = embed_splits(frames, encoder, config.embedding, plan if shares is None else None)
+        if shares is not None:
+            record_shares(embedding_record, frames, plan, shares)
+            update_record(run, model=encoder_record(encoder))
+        quantized, compute_dtype = encoder.identity.quantization != "none", encoder.identity.compute_dtype
+        encoder.release()  # free the encoder before training heads
+    sample = config.embedding.fidelity_sample
     if quantized and sample:
         with run.stage("quantization_fidelity"):
             picked = np.random.default_rng(seed).permutation(len(splits.train))[:sample]
             embedding_record["quantization_fidelity"] = quantization_fidelity(
-                splits.train.iloc[picked], vectors["train"][picked], config.model, config.embedding, seed, dtype
+                splits.train.iloc[picked], vectors["train"][picked], config.model, config.embedding, seed, compute_dtype
             )
     update_record(run, embedding=embedding_record)
 
     with run.stage("classifiers"):
-        labels = {name: splits.get(name)["label"].to_numpy() for name in needed}
+        labels = {name: frame["label"].to_numpy() for name, frame in frames.items()}
         heads = [
             fit_head(name, vectors["train"], labels["train"], config.classifier, seed, prepared.class_weights)
             for name in (config.classifier.heads if config.experiment.pooled else [])  # pooled false: per dataset only
@@ -107,6 +165,71 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
     return metrics
+
+
+def train_replica(config: Config, run_dir: Path, resume: str | None) -> None:
+    """What a rank other than 0 does under torchrun (the orchestrator's hook for every path; nothing is trained
+    here): prepare the same data, compute this process's share of the missing vectors into the shared cache,
+    and leave. Rank 0 reads them back and writes the run. `run_dir` and `resume` are not used."""
+    seed = config.experiment.seed
+    seed_everything(seed)  # as `data_stage` does on rank 0
+    prepared = prepare_data(config.data, seed)
+    frames, _ = needed_splits(config, prepared.splits)
+    distributed.agree(prepared.summary["fingerprint"], "data fingerprint")
+    encoder = Encoder(config.model, config.embedding, seed)
+    encode_shares(frames, encoder, config, distributed.share(None))
+
+
+def encode_shares(
+    frames: dict[str, pd.DataFrame], encoder: Encoder, config: Config, todo: dict[str, list[int]]
+) -> list[dict[str, Tally]]:
+    """Every process: its share of each split's missing vectors (`todo`, rank 0's list), into the cache; then a
+    barrier, so that rank 0 finds them all. Returns, for every rank, what it did per split."""
+    assert encoder.cache is not None  # preflight refuses a launch without the cache
+    rank, processes = distributed.rank(), distributed.world_size()
+    done = {}
+    for name, frame in frames.items():
+        texts, pairs = split_texts(frame)
+        cfg, cache = config.embedding, encoder.cache
+        done[name] = fill_cache(
+            texts, encoder.model, cfg, cache, todo[name], pairs=pairs, rank=rank, processes=processes
+        )
+    return distributed.gather(done)  # also a barrier: every share is in the cache
+
+
+def record_shares(
+    record: dict[str, Any], frames: dict[str, pd.DataFrame], plan: SplitPlan, shares: list[dict[str, Tally]]
+) -> None:
+    """Rank 0's record of a multi-process encode: hits as its first lookup found them, the time of the slowest
+    process (plus reading back), tokens and vectors of all processes."""
+    for name, frame in frames.items():
+        hits = sum(1 for key in input_keys(*split_texts(frame)) if key in plan.found[name])
+        split = record["splits"][name]
+        real, padded = (sum(getattr(share[name], f) for share in shares) for f in ("real_tokens", "padded_tokens"))
+        split.update(
+            cache_hits=hits,
+            computed=len(frame) - hits,
+            seconds=round(split["seconds"] + max(share[name].seconds for share in shares), 3),
+            real_to_padded_tokens=round(real / max(padded, 1), 4),
+        )
+    record["processes"] = len(shares)
+    record["computed_per_process"] = [sum(tally.computed for tally in share.values()) for share in shares]
+
+
+def encoder_record(encoder: Encoder) -> dict[str, Any]:
+    """config.json's model record: what was loaded, or, when nothing had to be computed, what would have been."""
+    if encoder.loaded:
+        return model_record(encoder.model())
+    identity = encoder.identity
+    return {
+        "source": identity.source,
+        "revision": identity.revision,
+        "quantization": identity.quantization,
+        "compute_dtype": identity.compute_dtype,
+        "device": identity.device,
+        "notes": list(identity.notes),
+        "loaded": False,  # every vector this run needs was in the embedding cache
+    }
 
 
 # ---- one model per dataset (experiment.per_dataset) ------------------------------------------------------------

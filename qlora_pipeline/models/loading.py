@@ -23,7 +23,7 @@ import torch
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.models import pairs
-from qlora_pipeline.models.device import dtype_name, free_memory, resolve_compute_dtype, resolve_device
+from qlora_pipeline.models.device import DTYPES, dtype_name, free_memory, resolve_compute_dtype, resolve_device
 from qlora_pipeline.models.pairs import PairEncoding
 from qlora_pipeline.models.tiny import BUILTIN_PREFIX, TINY_QWEN3, resolve_model_path
 
@@ -272,21 +272,28 @@ def _load_tokenizer(source: str, cfg: ModelConfig, notes: list[str]) -> Any:
     return tokenizer
 
 
-def load_model(
-    cfg: ModelConfig,
-    task: Task = "encoder",
-    num_labels: int | None = None,
-    *,
-    seed: int = 0,
-) -> LoadedModel:
-    """Load tokenizer + model for `task`: "encoder" (base model, hidden states for embeddings),
-    "causal_lm" (QLoRA on the LM head) or "sequence_classification" (QLoRA with a `num_labels` head).
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What `load_model` will load, resolved without loading any weights: the fields of `LoadedModel` that
+    name the model and how it runs. The embedding cache keys vectors by these, so a run whose vectors are all
+    cached never loads the model."""
 
-    Deterministic: freshly initialised weights (a classification head) are drawn under `seed` in a forked
-    RNG, so the caller's random state is untouched; NF4 quantization itself has no randomness.
-    """
-    import_bitsandbytes()  # before transformers imports it: its kernel probe is quiet then
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    source: str
+    revision: str | None
+    quantization: str  # as LoadedModel.quantization: "4bit-nf4", "4bit-fp4", "8bit" or "none"
+    quantization_kind: Literal["4bit", "8bit", "none"]
+    compute_dtype: str
+    device: str
+    max_positions: int | None  # the model's position limit (config.json max_position_embeddings)
+    notes: tuple[str, ...] = ()
+    pair_encoding: PairEncoding = PairEncoding(None)  # as LoadedModel.pair_encoding
+
+
+def resolve_identity(cfg: ModelConfig, *, resolve_pairs: bool = True) -> ModelIdentity:
+    """Resolve `cfg` as `load_model` does (path, device, quantization, compute dtype, hub commit) from the
+    config file alone, and model.pair_template (`auto` reads the tokenizer's files; `resolve_pairs` False leaves it to
+    the caller). Cheap: no weights are read (a built-in model is built on first use)."""
+    import json
 
     notes: list[str] = []
     source = resolve_model_path(cfg.name_or_path)
@@ -304,6 +311,50 @@ def load_model(
     config_file = _config_file(source, cfg)
     # A hub download lives in .../snapshots/<commit hash>/config.json: record the exact commit.
     commit = config_file.parent.name if config_file.parent.parent.name == "snapshots" else None
+    limit = json.loads(config_file.read_text(encoding="utf-8")).get("max_position_embeddings")
+    return ModelIdentity(
+        source=source,
+        revision=commit or cfg.revision,
+        quantization={"4bit": f"4bit-{cfg.quant_type}", "8bit": "8bit", "none": "none"}[quantization],
+        quantization_kind=quantization,
+        compute_dtype=dtype_name(dtype),
+        device=device,
+        max_positions=limit if isinstance(limit, int) else None,
+        notes=tuple(notes),
+        # `load_model` resolves it from the tokenizer it loads anyway
+        pair_encoding=_pair_encoding(source, cfg) if resolve_pairs else PairEncoding(None),
+    )
+
+
+def _pair_encoding(source: str, cfg: ModelConfig) -> PairEncoding:
+    """model.pair_template resolved; `auto` reads the tokenizer (its files only, no weights)."""
+    if cfg.pair_template != "auto":
+        return pairs.resolve(None, cfg.pair_template)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return pairs.resolve(tokenizer, cfg.pair_template)
+
+
+def load_model(
+    cfg: ModelConfig,
+    task: Task = "encoder",
+    num_labels: int | None = None,
+    *,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load tokenizer + model for `task`: "encoder" (base model, hidden states for embeddings),
+    "causal_lm" (QLoRA on the LM head) or "sequence_classification" (QLoRA with a `num_labels` head).
+
+    Deterministic: freshly initialised weights (a classification head) are drawn under `seed` in a forked
+    RNG, so the caller's random state is untouched; NF4 quantization itself has no randomness.
+    """
+    import_bitsandbytes()  # before transformers imports it: its kernel probe is quiet then
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    identity = resolve_identity(cfg, resolve_pairs=False)
+    notes, source, device = list(identity.notes), identity.source, identity.device
+    quantization, dtype = identity.quantization_kind, DTYPES[identity.compute_dtype]
 
     tokenizer = _load_tokenizer(source, cfg, notes)
     auto_class = {
@@ -352,10 +403,10 @@ def load_model(
     _warn_about_surprises(report, task, source)
     if model.config.pad_token_id is None:  # sequence classification pools at the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
-    label = {"4bit": f"4bit-{cfg.quant_type}", "8bit": "8bit", "none": "none"}[quantization]
+    label, revision = identity.quantization, identity.revision
     for note in notes:
         log.info("model: %s", note)
-    log.info("loaded %s (%s, %s, %s, %s) on %s", source, task, label, dtype_name(dtype), commit or "local", target)
+    log.info("loaded %s (%s, %s, %s, %s) on %s", source, task, label, dtype_name(dtype), revision or "local", target)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -363,7 +414,7 @@ def load_model(
         compute_dtype=dtype_name(dtype),
         device=device,
         source=source,
-        revision=commit or cfg.revision,
+        revision=revision,
         notes=notes,
         new_weights=new_weights,
         load_report=report,

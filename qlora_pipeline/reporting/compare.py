@@ -7,7 +7,7 @@ bar chart of the same name (.png), and printed to the console.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,8 @@ def compare(run_paths: list[str | Path], out: str | Path | None = None) -> tuple
     if len(paths) < 2:
         raise UserError("compare needs at least two run directories")
     runs = [load_run(p) for p in paths]
+    if len({r.name for r in runs}) < len(runs):  # run_001 of several folders (a sweep's trials): say which
+        runs = [replace(r, name=f"{r.path.parent.name}/{r.name}") for r in runs]
     check_same_task(runs)
     target = Path(out) if out is not None else default_output(paths)
     target.parent.mkdir(parents=True, exist_ok=True)

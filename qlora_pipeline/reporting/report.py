@@ -215,7 +215,13 @@ def embedding_rows(embedding: dict[str, Any]) -> list[list[str]]:
         rows.append(["embedding cache", f"{hits} of {total} vectors reused" if embedding.get("cache") else "off"])
         if 0 < hits < total:  # see embeddings/cache.py: a vector depends on its batch-mates at float-rounding level
             rows.append(["note", "vectors partly cached by other runs: a cold-cache rerun may differ by ~1e-7"])
+    if embedding.get("processes", 1) > 1:
+        per_process = ", ".join(str(n) for n in embedding.get("computed_per_process", []))
+        rows.append(["encoding processes", f"{embedding['processes']} (vectors computed by each: {per_process})"])
     fidelity = embedding.get("quantization_fidelity")
+    if embedding.get("model_loaded") is False:  # absent in runs older than the key: say nothing
+        also = " (and the fidelity sample's unquantized ones)" if fidelity and not fidelity.get("model_loaded") else ""
+        rows.append(["model loading", f"skipped: every vector{also} was in the embedding cache"])
     if fidelity and fidelity.get("skipped"):
         rows.append(["quantization fidelity", f"skipped: {fidelity['skipped']}"])
     elif fidelity:

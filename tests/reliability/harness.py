@@ -67,9 +67,9 @@ def install(point: str, nth: int) -> None:
 
         wrap(prepare, "clean", point, nth)
     elif point == "model":
-        from qlora_pipeline.embeddings import run
+        from qlora_pipeline.embeddings import encoding
 
-        wrap(run, "load_model", point, nth)
+        wrap(encoding, "load_model", point, nth)  # the embeddings path loads its model here, when a vector is missing
     elif point == "encode":
         import torch
 

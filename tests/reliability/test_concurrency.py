@@ -110,11 +110,6 @@ def test_cache_clear_while_a_run_encodes_does_not_break_the_run(
 
 
 @pytest.mark.slow  # two runs (~10 s of CPU each)
-@pytest.mark.xfail(
-    strict=True,
-    reason="embeddings/cache.py + encoding.py: a run looks the cache up once, before encoding; entries another "
-    "process finishes meanwhile are computed again (no per-chunk lookup or lock between writers)",
-)
 def test_a_run_does_not_recompute_what_another_process_finished_meanwhile(tmp_path: Path, fresh_cache: Path) -> None:
     """B has looked the cache up (empty) and is in its first forward pass; A then writes the train split's vectors.
     B should take them from the cache instead of computing them again."""
