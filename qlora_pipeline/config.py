@@ -219,6 +219,22 @@ BINARY_DEFAULT_NAMES = (
     "positive",
 )  # class names of a binary rule (threshold, positive) without label_names
 UNMATCHED_ACTIONS = ("error", "drop")  # labels.unmatched besides a class name
+PAIR_ENCODINGS = ("auto", "tokenizer")  # model.pair_template values that are not templates
+# Joins a pair on tokenizers that do not mark pairs themselves (Qwen, Llama): a line break and a visible rule, so the
+# model can tell where the first text ends.
+DEFAULT_PAIR_TEMPLATE = "{text}\n---\n{text_pair}"
+# transformers' `OptimizerNames` (5.19-5.25), kept here so that a config is checked without importing transformers;
+# tests/test_config_checks.py compares it with the installed release.
+_OPTIMIZER_NAMES = """
+    adafactor adagrad adalomo adamw_8bit adamw_anyprecision adamw_bnb_8bit adamw_torch adamw_torch_4bit
+    adamw_torch_8bit adamw_torch_fused adamw_torch_npu_fused adamw_torch_xla ademamix ademamix_8bit apollo_adamw
+    apollo_adamw_layerwise galore_adafactor galore_adafactor_layerwise galore_adamw galore_adamw_8bit
+    galore_adamw_8bit_layerwise galore_adamw_layerwise grokadamw lion_32bit lion_8bit lomo paged_adamw_32bit
+    paged_adamw_8bit paged_ademamix_32bit paged_ademamix_8bit paged_lion_32bit paged_lion_8bit rmsprop
+    rmsprop_bnb rmsprop_bnb_32bit rmsprop_bnb_8bit schedule_free_adamw schedule_free_radam schedule_free_sgd sgd
+    stable_adamw
+"""
+TRAINER_OPTIMIZERS = tuple(_OPTIMIZER_NAMES.split())
 
 
 @dataclass
@@ -482,11 +498,23 @@ class ModelConfig:
         "shared machine: ~10% slower on an idle CPU, but 2.5-25x faster while another process is busy.",
     )
     trust_remote_code: bool = param(False, "Allow model code from the hub; off because it runs foreign code.")
+    pair_template: str = param(
+        "auto",
+        "How a text pair becomes one input, in training, scoring, embeddings and predict alike. auto: the "
+        "tokenizer's own pair encoding where it marks pairs (BERT: [SEP] and segment ids), else "
+        f"{DEFAULT_PAIR_TEMPLATE!r}; tokenizer: always the tokenizer's own (Qwen's has none: the texts abut, as in "
+        "0.1.0); or a template with {text} and {text_pair}. Texts share the token budget; the template is kept.",
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
         _check("name_or_path", self.name_or_path, bool(self.name_or_path), "a non-empty string")
         _check("cpu_threads", self.cpu_threads, self.cpu_threads is None or self.cpu_threads >= 1, ">= 1 or null")
+        if self.pair_template not in PAIR_ENCODINGS:
+            fields = prompt_fields(self.pair_template)
+            ok = fields == {"text", "text_pair"}
+            rule = "'auto', 'tokenizer' or a template with {text} and {text_pair} (write other braces as {{ }})"
+            _check("pair_template", self.pair_template, ok, rule)
 
 
 @dataclass
@@ -612,6 +640,12 @@ class TrainingConfig:
     eval_steps: int | None = param(None, "Evaluate on validation every N steps; null evaluates once per epoch.")
     group_by_length: bool = param(True, "Batch texts of similar length together: less padding, faster steps.")
     loss: Literal["cross_entropy", "focal"] = param("cross_entropy", "Training loss; focal down-weights easy examples.")
+    loss_normalization: Literal["optimizer_step", "micro_batch"] = param(
+        "optimizer_step",
+        "optimizer_step: class weights (and focal terms) normalised over every example of an optimizer step, across "
+        "accumulation micro-batches and processes, so 4 x 2 and 2 processes x 4 train as 8 x 1; micro_batch: the "
+        "mean of each micro-batch's weighted mean (0.1.0's loss, which archived runs of 0.1.0 reproduce with).",
+    )
     focal_gamma: float = param(2.0, "Focal loss focusing parameter (loss focal); 0 equals cross-entropy.")
     class_weights: str | list[float] = param(
         "none",
@@ -665,7 +699,14 @@ class TrainingConfig:
         modules = self.target_modules
         ok = bool(modules) and (isinstance(modules, str) or all(modules))
         _check("target_modules", modules, ok, "'all-linear' or a non-empty list of module names")
-        _check("optimizer", self.optimizer, bool(self.optimizer), "a non-empty string")
+        if self.optimizer not in TRAINER_OPTIMIZERS:
+            close = difflib.get_close_matches(self.optimizer, TRAINER_OPTIMIZERS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _FieldError(
+                "optimizer",
+                f"{self.optimizer!r} is not a Trainer optimizer{hint} (choose one of: {', '.join(TRAINER_OPTIMIZERS)})",
+                "{path} {problem}",
+            )
         words = self.label_words
         ok = words is None or (len(words) >= 2 and all(words) and len(set(words)) == len(words))
         _check("label_words", words, ok, "null or a list of at least 2 distinct non-empty words")
@@ -962,6 +1003,66 @@ class Config:
                 f"training.early_stopping_metric must be 'loss' in experiment.mode sft (the validation loss on the "
                 f"answers picks the best checkpoint), got {train.early_stopping_metric!r}"
             )
+        self._check_pairs()
+        self._check_classes()
+        splits = self.evaluation.splits
+        if self.experiment.mode == "qlora" and train.threshold_metric != "none" and "test" not in splits:
+            raise ConfigError(
+                f"training.threshold_metric {train.threshold_metric!r} tunes the cut on validation and reports it on "
+                f"test, but evaluation.splits {splits} leaves test out; add test, or set threshold_metric to none"
+            )
+
+    def _check_pairs(self) -> None:
+        """model.pair_template (and lm_label's prompt) against the kind of data: text pairs or single texts."""
+        pairs = [s.name for s in self.data.sources if s.text_pair_column]
+        template = self.model.pair_template
+        if pairs and len(pairs) != len(self.data.sources):
+            raise ConfigError(
+                f"data sources {pairs} have text pairs (text_pair_column) but the others have single texts; one run "
+                "takes one kind: set text_pair_column on all of them or none"
+            )
+        if not pairs and template not in PAIR_ENCODINGS:
+            raise ConfigError(
+                f"model.pair_template {template!r} joins text pairs, but no data source sets text_pair_column; "
+                "set text_pair_column, or leave pair_template at 'auto'"
+            )
+        lm = self.experiment.mode == "qlora" and self.training.head == "lm_label"
+        if lm and not pairs and "text_pair" in (prompt_fields(self.training.prompt_template) or set()):
+            raise ConfigError(
+                "training.prompt_template uses {text_pair}, but no data source sets text_pair_column; "
+                "remove {text_pair} from the prompt, or set text_pair_column"
+            )
+
+    def _check_classes(self) -> None:
+        """Settings that need a class count, where the config already fixes it (label_names, a map, a binary rule)."""
+        mode = self.experiment.mode
+        if mode == "sft":
+            return
+        counts = set()
+        for source in self.data.sources:
+            if source.label_names is not None:
+                counts.add(len(source.label_names))
+            elif source.labels.binary_rule is not None:
+                counts.add(len(BINARY_DEFAULT_NAMES))
+            elif source.labels.map is not None:
+                default = source.labels.default_class
+                counts.add(len(set(source.labels.map.values()) | ({default} if default else set())))
+        if len(counts) != 1:
+            return  # unknown until the data is read (or sources that disagree, which the data stage names)
+        (classes,) = counts
+        words = self.training.label_words
+        if mode == "qlora" and self.training.head == "lm_label" and words is not None and len(words) != classes:
+            raise ConfigError(
+                f"training.label_words has {len(words)} words but the data has {classes} classes; give one word "
+                "per class, in label order"
+            )
+        section = "training" if mode == "qlora" else "classifier"
+        metric = self.training.threshold_metric if mode == "qlora" else self.classifier.threshold_metric
+        if metric != "none" and classes != 2:
+            raise ConfigError(
+                f"{section}.threshold_metric {metric!r} tunes a binary threshold, but the data has {classes} "
+                f"classes; set {section}.threshold_metric to none (multi-class predictions take the argmax)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -1079,6 +1180,24 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
                 )
             node = node[key]
         node[keys[-1]] = value
+    return result
+
+
+# Settings added after 0.1.0 whose default changed what a run computes. An archived config.json that lacks one was
+# computed the 0.1.0 way, and reads back with the value that does it again (`qlora reproduce`, `qlora predict`).
+ARCHIVE_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("model", "pair_template"): "tokenizer",  # pairs abutted on tokenizers without a pair template
+    ("training", "loss_normalization"): "micro_batch",
+}
+
+
+def upgrade_archived(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of an archived config (config.json's "config") with `ARCHIVE_DEFAULTS` filled in where it lacks them."""
+    result = copy.deepcopy(dict(data))
+    for (section, key), value in ARCHIVE_DEFAULTS.items():
+        node = result.get(section)
+        if isinstance(node, dict) and key not in node:
+            node[key] = value
     return result
 
 

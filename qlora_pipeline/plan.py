@@ -495,17 +495,22 @@ def _token_lengths(config: Config, prepared: PreparedData, tokenizer: Any, words
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "sequence length is longer than the specified maximum" is the point
         try:
+            from qlora_pipeline.models import pairs as pair_inputs
+
+            encoding = pair_inputs.resolve(tokenizer, config.model.pair_template)  # pairs joined as the run joins them
             if config.experiment.mode == "qlora" and config.training.head == "lm_label":
                 if not words:
                     return []
                 from qlora_pipeline.finetune import lm_label
 
-                return [len(ids) for ids in lm_label.encode(tokenizer, words, texts, pairs, 10**9)]
+                return [len(ids) for ids in lm_label.encode(tokenizer, words, texts, pairs, 10**9, encoding)]
+            around = ("", "")
             if config.experiment.mode != "qlora":
-                from qlora_pipeline.embeddings.encoding import apply_prompt
+                from qlora_pipeline.embeddings.encoding import instruction_around
 
-                texts = apply_prompt(texts, config.embedding)
-            return [len(ids) for ids in tokenizer(texts, pairs)["input_ids"]]
+                around = instruction_around(config.embedding)
+            inputs = pair_inputs.encode(tokenizer, texts, pairs, 10**9, encoding, setting="max_length", around=around)
+            return [len(ids) for ids in inputs["input_ids"]]
         finally:
             hf_logging.set_verbosity(verbosity)
 

@@ -332,10 +332,19 @@ def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
                 f"tokenizer gives {again.token_ids}: predict with the base model the run was trained on"
             )
     _compare_with_record(predictor.run_dir, loaded)
+    trained = labels.get("pair_encoding")
+    if trained is not None and trained != loaded.pair_encoding.record():
+        raise UserError(
+            f"{adapter}/labels.json says the run joined text pairs as {trained}, but model.pair_template now gives "
+            f"{loaded.pair_encoding.record()} for this tokenizer: predict with the tokenizer the run was trained on"
+        )
     from peft import PeftModel
 
+    from qlora_pipeline.training.lora import use_training_precision
+
+    base = use_training_precision(loaded, labels.get("trained_in_full") or [])  # float32 where the run trained
     with quiet_library_warnings():
-        adapted = replace(loaded, model=PeftModel.from_pretrained(loaded.model, adapter).eval())
+        adapted = replace(loaded, model=PeftModel.from_pretrained(base, adapter).eval())
     # The P(second class) cut calibrated on validation, when the run tuned one (training.threshold_metric).
     threshold = (labels.get("threshold") or {}).get("value")
     max_length, batch_size, by_length = config.training.max_length, predictor.batch_size, predictor.by_length

@@ -29,7 +29,8 @@ def locate_archive(path: str | Path) -> tuple[Path, Path]:
 
 
 def load_archived_config(config_json: Path) -> Config:
-    from qlora_pipeline.config import Config
+    """The config a run archived; settings it predates take the values it ran with (`config.upgrade_archived`)."""
+    from qlora_pipeline.config import Config, upgrade_archived
 
     try:
         record = read_json(config_json)
@@ -37,7 +38,9 @@ def load_archived_config(config_json: Path) -> Config:
         raise UserError(f"{config_json} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
     if not isinstance(record, dict) or "config" not in record:
         raise UserError(f"{config_json} is not a qlora run archive (no 'config' key)")
-    return Config.from_dict(record["config"])
+    if not isinstance(record["config"], dict):
+        raise UserError(f"{config_json}: 'config' is not a mapping of sections")
+    return Config.from_dict(upgrade_archived(record["config"]))
 
 
 def check_original(run_dir: Path) -> None:

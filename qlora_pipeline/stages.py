@@ -81,4 +81,6 @@ def model_record(loaded: LoadedModel) -> dict[str, Any]:
         "compute_dtype": loaded.compute_dtype,
         "device": loaded.device,
         "notes": list(loaded.notes),
+        # from_pretrained's report: weights drawn fresh (missing, or another shape) and checkpoint weights unused
+        "load_report": dict(loaded.load_report),
     }

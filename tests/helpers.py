@@ -93,12 +93,40 @@ def score_plainly(
         num_labels=len(labels["label_names"]),
     )
     base.config.pad_token_id = tokenizer.pad_token_id
-    batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    joined = labels.get("pair_encoding") or {}  # how the run joined its pairs; null for single texts
+    if pairs is not None and joined.get("by") == "template":  # README: a tokenizer without a pair template (Qwen)
+        template = joined["template"]
+        ids = [join_pair_plainly(tokenizer, template, a, b, max_length) for a, b in zip(texts, pairs, strict=True)]
+        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    else:  # BERT: the tokenizer's own pair encoding ([SEP], segment ids)
+        batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         without = torch.softmax(base(**batch).logits, dim=-1).numpy()
         model = PeftModel.from_pretrained(base, adapter).eval()
         with_adapter = torch.softmax(model(**batch).logits, dim=-1).numpy()
     return with_adapter, without
+
+
+def join_pair_plainly(tokenizer: Any, template: str, text: str, pair: str, max_length: int) -> list[int]:
+    """README's recipe for a pair on a tokenizer without a pair template (Qwen's adds no special tokens): the
+    template's pieces and the two texts tokenized apart and concatenated; when too long, the texts are cut, the
+    shorter keeping up to half the room (the first text on a tie)."""
+    import string
+
+    pieces = list(string.Formatter().parse(template))  # (literal, field) pairs: {text} and {text_pair} once each
+    texts = {"text": tokenizer.encode(text, add_special_tokens=False)}
+    texts["text_pair"] = tokenizer.encode(pair, add_special_tokens=False)
+    literals = [tokenizer.encode(literal, add_special_tokens=False) for literal, *_ in pieces]
+    room = max_length - sum(len(ids) for ids in literals)
+    short, long = ("text", "text_pair") if len(texts["text"]) <= len(texts["text_pair"]) else ("text_pair", "text")
+    if len(texts[short]) + len(texts[long]) > room:
+        keep = min(len(texts[short]), room // 2)
+        texts[short], texts[long] = texts[short][:keep], texts[long][: room - keep]
+    return [
+        i
+        for (_, name, *_), literal in zip(pieces, literals, strict=True)
+        for i in literal + (texts[name] if name else [])
+    ]
 
 
 def score_label_words_plainly(run_dir: Path, texts: list[str], max_length: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -201,6 +229,7 @@ class ModelCfg:  # the fields of qlora_pipeline.config.ModelConfig, without its 
     compute_dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    pair_template: str = "auto"
 
 
 def cfg(**overrides: Any) -> Any:  # typed Any: load_model is annotated with the real ModelConfig
@@ -215,6 +244,64 @@ def forward(loaded: LoadedModel, texts: list[str] = TEXTS) -> torch.Tensor:
 
 def quantized_bytes(model: torch.nn.Module) -> bytes:
     return b"".join(t.cpu().numpy().tobytes() for _, t in sorted(model.state_dict().items()) if t.dtype == torch.uint8)
+
+
+# ---- a few optimizer steps of the recipe on small frames ------------------------------------------------------
+
+ACCUMULATION_ROWS = 24  # 3 optimizer steps of 8 examples: one epoch, and as many examples for every process count
+
+
+# In the Trainer's seed-42 order of 24 rows, these positives put 2|0, 3|0 and 2|0 of them into the two micro-batches of
+# 4 of each optimizer step: a mean per micro-batch then differs from the step's mean (test_accumulation checks that).
+ACCUMULATION_POSITIVES = {4, 6, 12, 14, 15, 17, 23}
+
+
+def accumulation_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, scored): 24 short reviews, 7 positive (balanced class weights 0.71 / 1.71), and 8 texts whose
+    probabilities are compared after training."""
+    words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
+    texts = [f"{words[i % 12]}{words[(i * 5) % 12]}{words[(i * 7) % 12] * (1 + i % 4)}" for i in range(32)]
+    labels = [int(i in ACCUMULATION_POSITIVES or (i >= ACCUMULATION_ROWS and i % 2 == 0)) for i in range(32)]
+    frame = pd.DataFrame({"text": texts, "label": labels})
+    return frame.head(ACCUMULATION_ROWS), frame.tail(8)
+
+
+def accumulation_config(head: str, class_weights: str, batch: int, accumulation: int, *extra: str) -> Any:
+    """The tiny QLoRA config with `batch` x `accumulation` per process: dropout 0 and batches in sampler order (no
+    length grouping), so only the arithmetic of the loss can tell the batch shapes apart."""
+    from qlora_pipeline.config import load_config
+
+    return load_config(
+        "qlora_tiny_lm_label" if head == "lm_label" else "qlora_tiny",
+        [
+            *extra,
+            f"training.batch_size={batch}",
+            f"training.gradient_accumulation_steps={accumulation}",
+            f"training.class_weights={class_weights}",
+            "training.max_steps=3",
+            "training.warmup_ratio=0",
+            "training.lora_dropout=0",
+            "training.group_by_length=false",
+            "training.eval_steps=100",  # neither evaluates nor checkpoints within the 3 steps
+            "training.max_length=32",
+        ],
+    )
+
+
+def train_briefly(config: Any, work_dir: Path) -> tuple[list[float], np.ndarray]:
+    """Three optimizer steps of `recipe.train` on `accumulation_frames()`: the loss logged at each step, and the
+    class probabilities of the scored texts afterwards."""
+    from qlora_pipeline.finetune import recipe
+    from qlora_pipeline.finetune.scoring import predict_proba
+    from qlora_pipeline.training import checkpoints
+
+    train, scored = accumulation_frames()
+    tuned = recipe.setup(config, 2, config.experiment.seed, ["negative", "positive"])
+    marker = checkpoints.marker_callback("test", "run_000")
+    recipe.train(tuned, config, train, scored, config.experiment.seed, work_dir, marker=marker)
+    losses = [row["loss"] for row in tuned.log_history if "loss" in row]
+    proba = predict_proba(tuned.loaded, tuned.label_words, scored["text"].tolist(), 32, 8)
+    return losses, proba
 
 
 # ---- the dashboard in a real browser ------------------------------------------------------------------------

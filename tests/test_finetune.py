@@ -94,11 +94,6 @@ def test_target_modules_matching_nothing_list_the_linear_layers(
     assert "q_proj" in errors[0] and "down_proj" in errors[0]
 
 
-def test_unknown_optimizer_is_refused_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(fast_args(tmp_path, "training.optimizer=adamw_turbo")) == 2
-    assert "training.optimizer 'adamw_turbo' is not a Trainer optimizer" in capsys.readouterr().err
-
-
 def test_lora_rank_zero_is_refused_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--config", "qlora_tiny", "--set", "training.lora_r=0"]) == 2
     assert "training.lora_r must be >= 1" in capsys.readouterr().err

@@ -296,6 +296,26 @@ def test_multiclass_pair_run_predictions_reproduce_its_test_predictions(
     assert {"prob_a", "prob_b", "prob_c"} <= set(predicted.columns)
 
 
+def test_a_qlora_pair_run_records_its_pair_template_and_a_plain_script_scores_it_alike(qlora_pair_run: Path) -> None:
+    from qlora_pipeline.config import DEFAULT_PAIR_TEMPLATE
+
+    labels = json.loads((qlora_pair_run / "models" / "all" / "lora_adapter" / "labels.json").read_text())
+    assert labels["pair_encoding"] == {"by": "template", "template": DEFAULT_PAIR_TEMPLATE}  # tiny Qwen: no own
+    record = json.loads((qlora_pair_run / "config.json").read_text())
+    assert record["config"]["model"]["pair_template"] == "auto"
+    assert any("joined by the template" in note for note in record["training"]["notes"])
+    original = pd.read_csv(qlora_pair_run / "pairs" / "test" / "predictions.csv").head(8)
+    with_adapter, _ = score_plainly(qlora_pair_run, original["text"].tolist(), original["text_pair"].tolist(), 32)
+    np.testing.assert_allclose(with_adapter, original[["prob_a", "prob_b", "prob_c"]].to_numpy(), rtol=0, atol=1e-5)
+
+
+def test_an_embeddings_pair_run_records_its_pair_encoding(pair_run: Path) -> None:
+    from qlora_pipeline.config import DEFAULT_PAIR_TEMPLATE
+
+    record = json.loads((pair_run / "config.json").read_text())
+    assert record["embedding"]["pair_encoding"] == {"by": "template", "template": DEFAULT_PAIR_TEMPLATE}
+
+
 def test_a_pair_run_needs_the_second_texts(pair_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails_with(capsys, ["--run", str(pair_run), "--text", "好"], "text pairs")
 

@@ -105,11 +105,14 @@ def test_pairs_reach_the_model_with_segment_ids() -> None:
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
     from qlora_pipeline.finetune.scoring import Examples as _Examples
+    from qlora_pipeline.models.pairs import PairEncoding, resolve
 
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     frame = pd.DataFrame({"text": ["the book was great", "awful"], "text_pair": ["buy it", "never again"]})
     frame["label"] = [1, 0]
-    examples = _Examples(tokenizer, frame, MAX_LENGTH, None)
+    encoding = resolve(tokenizer, "auto")
+    assert encoding == PairEncoding(None)  # BERT marks pairs itself: model.pair_template auto keeps its encoding
+    examples = _Examples(tokenizer, frame, MAX_LENGTH, None, encoding)
     batch = DataCollatorWithPadding(tokenizer)([examples[0], examples[1]])  # what the Trainer hands the model
     expected = tokenizer(frame["text"].tolist(), frame["text_pair"].tolist(), padding=True, return_tensors="pt")
     torch.testing.assert_close(batch["input_ids"], expected["input_ids"])

@@ -29,7 +29,9 @@ import torch
 
 from qlora_pipeline.embeddings.cache import EmbeddingCache, text_key, weights_fingerprint
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.models.loading import LoadedModel, ModelIdentity, load_model, resolve_identity
+from qlora_pipeline.models.device import release_memory
+from qlora_pipeline.models.loading import LoadedModel, ModelIdentity, load_model, resolve_identity, would_not_fit
+from qlora_pipeline.models.pairs import encode as model_inputs
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import EmbeddingConfig, ModelConfig
@@ -101,12 +103,19 @@ class Encoder:
         return limit if isinstance(limit, int) else None
 
 
-def apply_prompt(texts: Sequence[str], cfg: EmbeddingConfig) -> list[str]:
-    """Wrap texts in the instruction template (Qwen3-Embedding style) when an instruction is set."""
+def instruction_around(cfg: EmbeddingConfig) -> tuple[str, str]:
+    """What the instruction template (Qwen3-Embedding style) puts before and after a text, or a joined pair (one
+    query); nothing without an instruction."""
     if not cfg.instruction:
-        return list(texts)
+        return "", ""
     # str.replace, not str.format: review texts may contain braces.
     head, tail = cfg.prompt_template.replace("{instruction}", cfg.instruction).split("{text}", 1)
+    return head, tail
+
+
+def apply_prompt(texts: Sequence[str], cfg: EmbeddingConfig) -> list[str]:
+    """Wrap texts in the instruction template when an instruction is set."""
+    head, tail = instruction_around(cfg)
     return [f"{head}{text}{tail}" for text in texts]
 
 
@@ -139,6 +148,7 @@ def cache_settings(model: LoadedModel | ModelIdentity, cfg: EmbeddingConfig) -> 
         "compute_dtype": model.compute_dtype,
         "device": model.device,
         "prompt": apply_prompt(["{text}"], cfg)[0],
+        "pairs": model.pair_encoding.record(),  # vectors of pairs joined another way are never served
         "pooling": cfg.pooling,
         "max_length": cfg.max_length,
         "normalize": cfg.normalize,
@@ -297,9 +307,17 @@ def _tokenize(
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """Tokenize one window once (batches are then only padded, not re-tokenized) and order it by token count:
     batches of similar lengths pad ~1-8% of positions instead of ~50% in arrival order."""
-    prompts = apply_prompt([texts[i] for i in window], cfg)
     second = [pairs[i] for i in window] if pairs is not None else None
-    encoded = loaded.tokenizer(prompts, second, truncation=True, max_length=cfg.max_length)
+    # Texts, or pairs joined as model.pair_template says, inside the instruction: as fine-tuning and predict read them.
+    encoded = model_inputs(
+        loaded.tokenizer,
+        [texts[i] for i in window],
+        second,
+        cfg.max_length,
+        loaded.pair_encoding,
+        setting="embedding.max_length",
+        around=instruction_around(cfg),
+    )
     names = list(encoded.keys())
     tokens = [{name: encoded[name][i] for name in names} for i in range(len(window))]
     order = sorted(range(len(window)), key=lambda i: len(tokens[i]["input_ids"]))
@@ -434,6 +452,8 @@ def embed_splits(
             "seconds": round(result.seconds, 3),
             "real_to_padded_tokens": round(result.real_tokens / max(result.padded_tokens, 1), 4),
         }
+    if any("text_pair" in frame for frame in frames.values()):
+        record["pair_encoding"] = encoder.identity.pair_encoding.record()
     record["model_loaded"] = encoder.loaded
     return vectors, record
 
@@ -443,13 +463,25 @@ def quantization_fidelity(
 ) -> dict[str, Any]:
     """Mean cosine between `quantized` (the run's vectors of `frame`'s texts) and the same model's unquantized
     vectors of those texts at the same `compute_dtype`: what quantization alone costs on this model and data.
-    The unquantized model is loaded only when its vectors of these texts are not all cached."""
+    The unquantized model is loaded only when its vectors of these texts are not all cached, once the quantized one
+    is gone (the caller drops it), and dropped again afterwards; when it would not fit in the memory free now, the
+    check is skipped with the reason in the record."""
     import dataclasses
 
     reference_cfg = dataclasses.replace(model_cfg, quantization="none", compute_dtype=compute_dtype)
     reference = Encoder(reference_cfg, cfg, seed)
     texts, pairs = split_texts(frame)
-    vectors = encode(texts, reference.model, cfg, pairs=pairs, cache=reference.cache).vectors
+    keys = input_keys(texts, pairs)
+    found = reference.cache.lookup(keys) if reference.cache is not None else {}
+    if distinct_misses(keys, found):
+        too_big = would_not_fit(reference_cfg, compute_dtype)  # collects what the quantized model left first
+        if too_big is not None:
+            log.warning("quantization fidelity skipped: %s", too_big)
+            return {"texts": len(frame), "skipped": too_big}
+    vectors = encode(texts, reference.model, cfg, pairs=pairs, cache=reference.cache, found=found).vectors
+    loaded = reference.loaded
+    reference.release()
+    release_memory(reference.identity.device)
     cosines = _cosines(quantized, vectors)
     log.info("quantization fidelity: mean cosine %.4f to full precision on %d texts", cosines.mean(), len(frame))
     return {
@@ -457,7 +489,7 @@ def quantization_fidelity(
         "mean_cosine": round(float(cosines.mean()), 6),
         "min_cosine": round(float(cosines.min()), 6),
         "reference": f"{reference.identity.quantization}, {reference.identity.compute_dtype}",
-        "model_loaded": reference.loaded,
+        "model_loaded": loaded,
     }
 
 

@@ -8,13 +8,16 @@ reasons unrelated to the text, so such words are refused by name with their toke
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qlora_pipeline.errors import UserError
+from qlora_pipeline.models import pairs as pairs_module
+
+if TYPE_CHECKING:
+    from qlora_pipeline.models.pairs import PairEncoding
 
 
 @dataclass(frozen=True)
@@ -62,56 +65,33 @@ def resolve(tokenizer: Any, words: list[str] | None, label_names: list[str], tem
 
 
 def encode(
-    tokenizer: Any, words: LabelWords, texts: list[str], pairs: list[str] | None, max_length: int
+    tokenizer: Any,
+    words: LabelWords,
+    texts: list[str],
+    pairs: list[str] | None,
+    max_length: int,
+    pair_encoding: PairEncoding | None = None,
 ) -> list[list[int]]:
     """Token ids of each filled-in prompt, at most `max_length` long. The template's text is kept whole and the
     texts are truncated (a pair shares the room, the shorter keeping up to half), so the label word always
-    follows the same prompt ending. Pieces are tokenized apart, the same way in training and prediction."""
-    parsed = list(string.Formatter().parse(words.template))
-    fields = [name for _, name, _, _ in parsed if name is not None]
+    follows the same prompt ending. Pieces are tokenized apart, the same way in training and prediction
+    (`models.pairs.fill`). A pair goes into the prompt's {text} and {text_pair}; a prompt with {text} alone takes the
+    pair joined by `pair_encoding`'s template (model.pair_template) there."""
+    pieces = pairs_module.parse(words.template)
+    fields = [name for _, name in pieces if name is not None]
     if pairs is None and "text_pair" in fields:
         raise UserError("training.prompt_template uses {text_pair} but the data has no text_pair column")
     if pairs is not None and "text_pair" not in fields:
-        raise UserError("the data has text pairs: put {text_pair} in training.prompt_template as well as {text}")
-    bos = tokenizer.bos_token_id
-    prefix = [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
-    literals = [tokenizer.encode(literal, add_special_tokens=False) if literal else [] for literal, *_ in parsed]
-    room = max_length - len(prefix) - sum(len(ids) for ids in literals)
-    if room < len(fields):
-        raise UserError(
-            f"training.max_length {max_length} leaves no room for the text: training.prompt_template alone is "
-            f"{max_length - room} tokens; raise max_length or shorten the template"
-        )
-    columns = {"text": texts, "text_pair": pairs}
-    encoded = {
-        name: tokenizer(columns[name], add_special_tokens=False)["input_ids"] for name in set(fields) if columns[name]
-    }
-    rows = []
-    for index in range(len(texts)):
-        values = {name: list(encoded[name][index]) for name in encoded}
-        _truncate(values, room)
-        ids = list(prefix)
-        for (_, name, _, _), literal in zip(parsed, literals, strict=True):
-            ids += literal
-            if name is not None:
-                ids += values[name]
-        rows.append(ids)
-    return rows
-
-
-def _truncate(values: dict[str, list[int]], room: int) -> None:
-    """Fit the texts into `room` tokens: one text is cut at the end; of two, the shorter keeps up to half."""
-    total = sum(len(ids) for ids in values.values())
-    if total <= room:
-        return
-    if len(values) == 1:
-        (name,) = values
-        del values[name][room:]
-        return
-    short, long = sorted(values, key=lambda name: (len(values[name]), name))
-    keep = min(len(values[short]), room // 2)
-    del values[short][keep:]
-    del values[long][room - keep :]
+        if pair_encoding is None or pair_encoding.template is None:
+            raise UserError(
+                "the data has text pairs: put {text_pair} in training.prompt_template as well as {text}, or set "
+                "model.pair_template to a template (the tokenizer's own pair encoding cannot sit inside a prompt)"
+            )
+        joined = pairs_module.parse(pair_encoding.template)
+        pieces = [part for piece in pieces for part in ([piece] if piece[1] != "text" else [(piece[0], None), *joined])]
+    columns = {"text": texts, **({"text_pair": pairs} if pairs is not None else {})}
+    # No special tokens after the prompt: the label word's logit is read at the prompt's last token.
+    return pairs_module.fill(tokenizer, pieces, columns, max_length, too_short="training.max_length", suffix=False)
 
 
 def class_logits(model: Any, inputs: dict[str, Any], token_ids: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,12 @@ from qlora_pipeline.models.loading import (
 )
 from qlora_pipeline.training.checkpoints import checkpoint_step
 from qlora_pipeline.training.log import peak_rss_mb, reproducible_log
-from qlora_pipeline.training.lora import add_lora, check_target_modules, prepare_for_training
+from qlora_pipeline.training.lora import (
+    add_lora,
+    check_target_modules,
+    check_trainable_float32,
+    prepare_for_training,
+)
 from qlora_pipeline.training.trainer import (
     close_progress,
     eval_metrics,
@@ -68,6 +73,7 @@ class FineTuned:
     trainable_parameters: int
     total_parameters: int
     label_words: lm_label.LabelWords | None = None  # head lm_label: the prompt and the class tokens
+    pairs: bool = False  # trained on text pairs (joined as loaded.pair_encoding says)
     log_history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # timings, throughput, memory, notes: config.json
     notes: list[str] = field(default_factory=list)
@@ -96,9 +102,9 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
         in_full = [head, *([POOLER] if _has_module(loaded.model, POOLER) else [])]
     check_max_length(loaded, train.max_length, "training.max_length")
     targets = check_target_modules(loaded.model, train.target_modules, head)
-    model = add_lora(
-        prepare_for_training(loaded, train), train, targets, in_full, seed, causal_lm=train.head == "lm_label"
-    )
+    prepared = prepare_for_training(loaded, train, in_full)
+    model = add_lora(prepared, train, targets, in_full, seed, causal_lm=train.head == "lm_label")
+    check_trainable_float32(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(
         "LoRA r=%d on %s, %s trained in full; trainable %d of %d parameters (%.2f%%)",
@@ -112,7 +118,7 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
     loaded = dataclasses.replace(loaded, model=model)
     tuned = FineTuned(loaded, head, in_full, trainable, total, label_words=words)  # model notes: config.json
     if POOLER in in_full:
-        tuned.notes.append(f"the encoder's {POOLER} is trained in full with the {head}, in full precision")
+        tuned.notes.append(f"the encoder's {POOLER} is trained in full with the {head}, in float32")
     if words is not None:
         tuned.notes.append(
             "lm_label head: class scores are the LM logits of "
@@ -201,8 +207,13 @@ def train(
     timings, throughput and memory in `summary`."""
     train_cfg, tokenizer = config.training, tuned.loaded.tokenizer
     loss_fn = make_loss(tuned, train_cfg, train_split["label"].to_numpy(), data_weights)
-    train_set = Examples(tokenizer, train_split, train_cfg.max_length, tuned.label_words)
-    eval_set = Examples(tokenizer, validation, train_cfg.max_length, tuned.label_words)
+    pair_encoding = tuned.loaded.pair_encoding
+    tuned.pairs = "text_pair" in train_split
+    if tuned.pairs and pair_encoding.describe() not in tuned.notes:
+        tuned.notes.append(pair_encoding.describe())
+        log.info(tuned.notes[-1])
+    train_set = Examples(tokenizer, train_split, train_cfg.max_length, tuned.label_words, pair_encoding)
+    eval_set = Examples(tokenizer, validation, train_cfg.max_length, tuned.label_words, pair_encoding)
     # The Trainer switches deterministic algorithms on for the whole process (full_determinism, set up when it is
     # built): switched back afterwards, so a notebook that trains and then predicts is not left on slower kernels.
     deterministic_before = torch.are_deterministic_algorithms_enabled()
@@ -260,6 +271,7 @@ def make_trainer(
         callbacks=training_callbacks(train_cfg, marker),
         loss_fn=loss_fn,
         logits_fn=class_logits_fn(tuned.label_words),
+        per_micro_batch=train_cfg.loss_normalization == "micro_batch",
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
     return trainer
@@ -344,6 +356,8 @@ def save(tuned: FineTuned, out_dir: Path, label_names: list[str], threshold: dic
         "unquantized_modules": UNQUANTIZED_MODULES if quantized and tuned.trained_in_full else None,
         "threshold": cut,
         "lm_label": None if tuned.label_words is None else tuned.label_words.to_dict(),
+        # How a pair became one input (model.pair_template): a plain script joins its pairs the same way.
+        "pair_encoding": tuned.loaded.pair_encoding.record() if tuned.pairs else None,
     }
     text = json.dumps(labels, indent=2, ensure_ascii=False) + "\n"
     (target / "labels.json").write_text(text, encoding="utf-8")

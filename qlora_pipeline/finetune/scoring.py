@@ -12,10 +12,12 @@ import numpy as np
 import torch
 
 from qlora_pipeline.finetune import lm_label
+from qlora_pipeline.models import pairs as pairs_module
 from qlora_pipeline.progress import Progress
 
 if TYPE_CHECKING:
     from qlora_pipeline.models.loading import LoadedModel
+    from qlora_pipeline.models.pairs import PairEncoding
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,16 @@ def pair_column(frame: Any) -> list[str] | None:
 class Examples(torch.utils.data.Dataset[dict[str, Any]]):
     """Tokenized texts, or text pairs as one sequence (unpadded; the collator pads per batch), with labels."""
 
-    def __init__(self, tokenizer: Any, frame: Any, max_length: int, words: lm_label.LabelWords | None) -> None:
-        encoded = encode_texts(tokenizer, frame["text"].tolist(), pair_column(frame), max_length, words)
+    def __init__(
+        self,
+        tokenizer: Any,
+        frame: Any,
+        max_length: int,
+        words: lm_label.LabelWords | None,
+        pair_encoding: PairEncoding,
+    ) -> None:
+        texts, pairs = frame["text"].tolist(), pair_column(frame)
+        encoded = encode_texts(tokenizer, texts, pairs, max_length, words, pair_encoding)
         # Every model input the tokenizer gives: input_ids and attention_mask, and for BERT-style encoders the
         # token_type_ids that mark a pair's second text (scoring passes them too, so training must).
         names = list(encoded.keys())
@@ -46,13 +56,18 @@ class Examples(torch.utils.data.Dataset[dict[str, Any]]):
 
 
 def encode_texts(
-    tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int, words: lm_label.LabelWords | None
+    tokenizer: Any,
+    texts: list[str],
+    pairs: list[str] | None,
+    max_length: int,
+    words: lm_label.LabelWords | None,
+    pair_encoding: PairEncoding,
 ) -> dict[str, list[list[int]]]:
-    """Unpadded `input_ids` and `attention_mask` per text (or pair): as one sequence for a classification head,
-    inside the prompt for lm_label."""
+    """Unpadded `input_ids` and `attention_mask` per text (or pair, joined as `pair_encoding` says): as one sequence
+    for a classification head, inside the prompt for lm_label."""
     if words is None:
-        return dict(tokenizer(texts, pairs, truncation=True, max_length=max_length))
-    ids = lm_label.encode(tokenizer, words, texts, pairs, max_length)
+        return pairs_module.encode(tokenizer, texts, pairs, max_length, pair_encoding, setting="training.max_length")
+    ids = lm_label.encode(tokenizer, words, texts, pairs, max_length, pair_encoding)
     return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
 
 
@@ -82,7 +97,7 @@ def predict_proba(
     model.eval()
     device = next(model.parameters()).device
     logits_of = class_logits_fn(words)
-    encoded = encode_texts(tokenizer, texts, pairs, max_length, words)
+    encoded = encode_texts(tokenizer, texts, pairs, max_length, words, loaded.pair_encoding)
     order = list(range(len(texts)))
     if by_length:
         order.sort(key=lambda i: len(encoded["input_ids"][i]))

@@ -74,3 +74,30 @@ def cpu_threads(count: int | None) -> Iterator[None]:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes a new model could take now: free GPU memory (after emptying the CUDA cache) or the CPU's available
+    memory (Linux /proc/meminfo); None where it cannot be told."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def release_memory(device: str) -> None:
+    """Collect dropped models and hand the CUDA allocator's cached blocks back (so the next model finds them)."""
+    import gc
+
+    gc.collect()
+    if device == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +22,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.models.device import DTYPES, dtype_name, resolve_compute_dtype, resolve_device
+from qlora_pipeline.models import pairs
+from qlora_pipeline.models.device import DTYPES, dtype_name, free_memory, resolve_compute_dtype, resolve_device
+from qlora_pipeline.models.pairs import PairEncoding
 from qlora_pipeline.models.tiny import BUILTIN_PREFIX, TINY_QWEN3, resolve_model_path
 
 if TYPE_CHECKING:
@@ -38,6 +42,7 @@ POOLER = "pooler"
 # Loaded in full precision for sequence classification, to be trained in full: bitsandbytes' skip list, where a
 # name matches as a prefix, a regex from the start or a suffix ("bert.pooler.dense" by the pattern).
 UNQUANTIZED_MODULES = [*HEAD_NAMES, rf"(.*\.)?{POOLER}"]
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FIX_HINT = f"point model.name_or_path at a local model directory or at {BUILTIN_PREFIX}{TINY_QWEN3}"
 
 
@@ -51,7 +56,9 @@ class LoadedModel:
     source: str  # resolved local path or hub id
     revision: str | None  # hub commit hash when known, else the requested revision
     notes: list[str] = field(default_factory=list)
-    new_weights: tuple[str, ...] = ()  # parameters the checkpoint lacked, freshly initialised (a new head)
+    new_weights: tuple[str, ...] = ()  # parameters freshly initialised: missing from the checkpoint, or mismatched
+    load_report: dict[str, list[str]] = field(default_factory=dict)  # missing / unexpected / mismatched keys
+    pair_encoding: PairEncoding = PairEncoding(None)  # how text pairs are joined (model.pair_template, resolved)
 
 
 class _KernelProbeFilter(logging.Filter):
@@ -99,6 +106,15 @@ def quiet_library_warnings() -> Iterator[None]:
         yield
 
 
+class _LoadReportFilter(logging.Filter):
+    """Drops transformers' LOAD REPORT table (missing / unexpected / mismatched keys): `load_model` reports the same
+    keys itself from the loading info, in config.json, the report, and a warning for each one that is a surprise
+    (everything but the new head), rather than a table that lists an expected new head as MISSING on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
 # Library log lines that report nothing a user can act on, by the logger that writes them (message prefixes).
 HARMLESS_LIBRARY_LOGS = {
     # Checkpoints saved less than a second apart (a small model, fast steps) have equal mtimes; the Trainer then
@@ -141,17 +157,20 @@ def quiet_library_logs() -> Iterator[None]:
 
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
-    """No "Loading weights" progress bar and no LOAD REPORT table of missing keys on stderr while a model loads:
-    the freshly initialised weights (a new classification head) are a note in config.json instead."""
+    """No "Loading weights" progress bar, and no LOAD REPORT table (see `_LoadReportFilter`), while a model loads;
+    every other warning of the load passes. Both are undone when the load ends: no verbosity, warnings filter or
+    logger state is left changed."""
     from transformers.utils import logging as hf_logging
 
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
+    bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    report = logging.getLogger("transformers.modeling_utils")
+    quiet = _LoadReportFilter()
+    report.addFilter(quiet)
     try:
         yield
     finally:
-        hf_logging.set_verbosity(verbosity)
+        report.removeFilter(quiet)
         if bar:
             hf_logging.enable_progress_bar()
 
@@ -267,11 +286,13 @@ class ModelIdentity:
     device: str
     max_positions: int | None  # the model's position limit (config.json max_position_embeddings)
     notes: tuple[str, ...] = ()
+    pair_encoding: PairEncoding = PairEncoding(None)  # as LoadedModel.pair_encoding
 
 
-def resolve_identity(cfg: ModelConfig) -> ModelIdentity:
+def resolve_identity(cfg: ModelConfig, *, resolve_pairs: bool = True) -> ModelIdentity:
     """Resolve `cfg` as `load_model` does (path, device, quantization, compute dtype, hub commit) from the
-    config file alone. Cheap: no weights are read (a built-in model is built on first use)."""
+    config file alone, and model.pair_template (`auto` reads the tokenizer's files; `resolve_pairs` False leaves it to
+    the caller). Cheap: no weights are read (a built-in model is built on first use)."""
     import json
 
     notes: list[str] = []
@@ -300,7 +321,19 @@ def resolve_identity(cfg: ModelConfig) -> ModelIdentity:
         device=device,
         max_positions=limit if isinstance(limit, int) else None,
         notes=tuple(notes),
+        # `load_model` resolves it from the tokenizer it loads anyway
+        pair_encoding=_pair_encoding(source, cfg) if resolve_pairs else PairEncoding(None),
     )
+
+
+def _pair_encoding(source: str, cfg: ModelConfig) -> PairEncoding:
+    """model.pair_template resolved; `auto` reads the tokenizer (its files only, no weights)."""
+    if cfg.pair_template != "auto":
+        return pairs.resolve(None, cfg.pair_template)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return pairs.resolve(tokenizer, cfg.pair_template)
 
 
 def load_model(
@@ -319,7 +352,7 @@ def load_model(
     import_bitsandbytes()  # before transformers imports it: its kernel probe is quiet then
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    identity = resolve_identity(cfg)
+    identity = resolve_identity(cfg, resolve_pairs=False)
     notes, source, device = list(identity.notes), identity.source, identity.device
     quantization, dtype = identity.quantization_kind, DTYPES[identity.compute_dtype]
 
@@ -355,14 +388,19 @@ def load_model(
             dtype=dtype,
             device_map={"": target},
             output_loading_info=True,
+            # A weight whose shape differs from the checkpoint's (a classifier trained for another label count) is
+            # drawn fresh and reported below, instead of stopping the load.
+            ignore_mismatched_sizes=True,
             **extra,
         )
     if quantization == "4bit" and device == "cpu":
         _keep_cpu_4bit_weights_unpacked(model, notes)
-    new_weights = tuple(sorted(info.get("missing_keys", ())))
+    report = load_report(info)
+    new_weights = tuple(sorted([*report["missing"], *(m.split(":")[0] for m in report["mismatched"])]))
     if new_weights:
         shown = ", ".join(new_weights[:4]) + (f" and {len(new_weights) - 4} more" if len(new_weights) > 4 else "")
-        notes.append(f"not in the checkpoint, initialised under seed {seed}: {shown}")
+        notes.append(f"not in the checkpoint (or of another shape), initialised under seed {seed}: {shown}")
+    _warn_about_surprises(report, task, source)
     if model.config.pad_token_id is None:  # sequence classification pools at the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id
     label, revision = identity.quantization, identity.revision
@@ -379,6 +417,83 @@ def load_model(
         revision=revision,
         notes=notes,
         new_weights=new_weights,
+        load_report=report,
+        pair_encoding=pairs.resolve(tokenizer, cfg.pair_template),
+    )
+
+
+def load_report(info: dict[str, Any]) -> dict[str, list[str]]:
+    """`from_pretrained`'s loading info as sorted key lists (a mismatch as "key: checkpoint shape -> model shape")."""
+    mismatched = [f"{key}: {list(ckpt)} -> {list(model)}" for key, ckpt, model in info.get("mismatched_keys", ())]
+    return {
+        "missing": sorted(info.get("missing_keys", ())),
+        "unexpected": sorted(info.get("unexpected_keys", ())),
+        "mismatched": sorted(mismatched),
+    }
+
+
+# What a task leaves out of the checkpoint on purpose: a sequence-classification model's new head (and a BERT
+# pooler the checkpoint lacks) is drawn fresh; the pretraining heads (a causal LM's lm_head, BERT's cls.*) are unused
+# by an encoder or a classifier.
+_EXPECTED_NEW = {"sequence_classification": re.compile(rf"^(.*\.)?({'|'.join(HEAD_NAMES)}|{POOLER})\.")}
+_EXPECTED_UNUSED = {
+    "encoder": re.compile(r"^(lm_head|cls)\."),
+    "sequence_classification": re.compile(r"^(lm_head|cls)\."),
+}
+
+
+def _warn_about_surprises(report: dict[str, list[str]], task: Task, source: str) -> None:
+    """A console warning for each weight the task did not expect: a base weight drawn fresh (missing from the
+    checkpoint, or of another shape), or a checkpoint weight that nothing loaded."""
+    new, unused = _EXPECTED_NEW.get(task), _EXPECTED_UNUSED.get(task)
+    fresh = [k for k in report["missing"] + report["mismatched"] if new is None or not new.match(k)]
+    left = [k for k in report["unexpected"] if unused is None or not unused.match(k)]
+    for keys, what in (
+        (fresh, "freshly initialised, not loaded from the checkpoint"),
+        (left, "in the checkpoint but unused by the model"),
+    ):
+        if keys:
+            shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+            log.warning(
+                "%s: %d weight(s) %s: %s; check that the checkpoint matches its config (config.json lists them)",
+                source,
+                len(keys),
+                what,
+                shown,
+            )
+
+
+def checkpoint_parameters(cfg: ModelConfig) -> int | None:
+    """Parameters in the checkpoint's safetensors files, from their headers (nothing is loaded); None for a checkpoint
+    in another format."""
+    from safetensors import safe_open
+
+    folder = _config_file(resolve_model_path(cfg.name_or_path), cfg).parent
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is no dict)
+                total += math.prod(handle.get_slice(key).get_shape())
+    return total
+
+
+def would_not_fit(cfg: ModelConfig, dtype: str, margin: float = 1.2) -> str | None:
+    """Why the model of `cfg`, loaded unquantized in `dtype`, would not fit in the memory free on its device now
+    (parameters x bytes per parameter x `margin` for buffers and activations); None when it fits or cannot be told."""
+    count = checkpoint_parameters(cfg)
+    device = resolve_device(cfg)
+    free = free_memory(device)
+    if count is None or free is None:
+        return None
+    needed = count * DTYPE_BYTES[dtype] * margin
+    if needed <= free:
+        return None
+    return (
+        f"the unquantized model ({count / 1e9:.2f} B parameters in {dtype}, about {needed / 2**30:.1f} GiB) would "
+        f"not fit in the {free / 2**30:.1f} GiB free on {device}"
     )
 
 

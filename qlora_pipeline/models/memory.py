@@ -136,7 +136,7 @@ def weight_parts(model: Any, work: Workload) -> tuple[dict[str, int], list[Any],
         if LORA_PREFIX in name:
             parts["lora"] += count * 4
         elif SAVED_COPY in name:
-            parts["trained_copies"] += count * other_bytes
+            parts["trained_copies"] += count * 4  # trained in float32 (training.lora.use_training_precision)
         elif id(param) in in_linear:
             module = in_linear[id(param)]
             parts["weights_quantized"] += quantized_linear_bytes(

@@ -112,6 +112,7 @@ def what_ran_section(
             ["model files", f"`{model['source']}`"],
         ]
         rows += [["note", note] for note in model.get("notes", [])]
+        rows += load_report_rows(model.get("load_report") or {})
     if exp.get("mode") == "qlora":
         return ["## What ran", "", *table(["setting", "value"], rows + training_rows(config, training))]
     if exp.get("mode") == "sft":
@@ -128,6 +129,22 @@ def what_ran_section(
         ["threshold tuning", clf.get("threshold_metric", "none")],
     ]
     return ["## What ran", "", *table(["setting", "value"], rows)]
+
+
+def load_report_rows(report: dict[str, list[str]]) -> list[list[str]]:
+    """from_pretrained's missing, unexpected and mismatched keys (config.json has them all)."""
+    names = {
+        "missing": "weights not in the checkpoint (drawn fresh)",
+        "mismatched": "weights of another shape in the checkpoint (drawn fresh)",
+        "unexpected": "checkpoint weights left unused",
+    }
+    rows = []
+    for key, what in names.items():
+        found = report.get(key) or []
+        if found:
+            shown = ", ".join(f"`{k}`" for k in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            rows.append([what, f"{len(found)}: {shown}"])
+    return rows
 
 
 def models_text(exp: dict[str, Any]) -> str:
@@ -205,7 +222,9 @@ def embedding_rows(embedding: dict[str, Any]) -> list[list[str]]:
     if embedding.get("model_loaded") is False:  # absent in runs older than the key: say nothing
         also = " (and the fidelity sample's unquantized ones)" if fidelity and not fidelity.get("model_loaded") else ""
         rows.append(["model loading", f"skipped: every vector{also} was in the embedding cache"])
-    if fidelity:
+    if fidelity and fidelity.get("skipped"):
+        rows.append(["quantization fidelity", f"skipped: {fidelity['skipped']}"])
+    elif fidelity:
         rows.append(
             [
                 "quantization fidelity",

@@ -3,6 +3,7 @@ modules checked against the model's linear layers, and the adapter's random matr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,22 +16,53 @@ if TYPE_CHECKING:
     from qlora_pipeline.models.loading import LoadedModel
 
 
-def prepare_for_training(loaded: LoadedModel, train: TrainingConfig) -> Any:
-    """A quantized base through peft's `prepare_model_for_kbit_training` (layer norms in float32, input gradients
-    for checkpointing); gradient checkpointing when asked for."""
+def prepare_for_training(loaded: LoadedModel, train: TrainingConfig, in_full: Sequence[str] = ()) -> Any:
+    """The base at the precision it trains and scores in (`use_training_precision`: what trains is float32; `in_full`
+    names the modules trained in full, the head and a BERT pooler); gradient checkpointing when asked for (a
+    quantized base through peft's `prepare_model_for_kbit_training`, which also sets up input gradients for it)."""
+    model = use_training_precision(loaded, in_full, gradient_checkpointing=train.gradient_checkpointing)
+    if loaded.quantization == "none" and train.gradient_checkpointing:
+        with quiet_library_warnings():
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def use_training_precision(loaded: LoadedModel, in_full: Sequence[str], *, gradient_checkpointing: bool = False) -> Any:
+    """Everything that trains is float32, whatever the base's dtype; training and `qlora predict` both call this,
+    so prediction computes as the run did.
+
+    A quantized base goes through peft's `prepare_model_for_kbit_training`: every parameter that is not 4-bit (layer
+    norms, embeddings, the head) in float32. An unquantized base keeps its dtype (bfloat16 on most GPUs: half the
+    memory), and only the modules trained in full (`in_full`: the head, BERT's pooler) become float32, each casting
+    its input to float32; the LoRA matrices peft adds are float32 already (`autocast_adapter_dtype`). On a GPU the
+    Trainer's bf16/fp16 autocast then runs their matmuls in half precision, with float32 weights and updates."""
     from peft import prepare_model_for_kbit_training
 
     model = loaded.model
-    with quiet_library_warnings():
-        if loaded.quantization != "none":
+    if loaded.quantization != "none":
+        with quiet_library_warnings():
             return prepare_model_for_kbit_training(
                 model,
-                use_gradient_checkpointing=train.gradient_checkpointing,
+                use_gradient_checkpointing=gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant variant is deprecated
             )
-        if train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for path, module in model.named_modules():
+        if path.rsplit(".", 1)[-1] in in_full and any(p.dtype != torch.float32 for p in module.parameters()):
+            module.float()
+            module.register_forward_pre_hook(_float32_inputs)
     return model
+
+
+def _float32_inputs(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def check_trainable_float32(model: Any) -> None:
+    """Every trainable parameter is float32 (see `use_training_precision`): a bare bfloat16 weight would lose
+    updates smaller than its 8-bit mantissa can hold."""
+    half = sorted(name for name, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32)
+    if half:
+        raise RuntimeError(f"trainable parameters not in float32: {half[:5]}")
 
 
 def add_lora(

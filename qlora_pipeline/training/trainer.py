@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.evaluation.metrics import accuracy_macro_f1
@@ -25,25 +26,69 @@ log = logging.getLogger(__name__)
 
 
 def make_trainer_class() -> type:
+    import transformers
     from transformers import Trainer
 
+    if "loss_is_scaled_for_ga" not in vars(Trainer):  # pyproject asks for >= 5.19; an install that bypassed it
+        raise UserError(
+            f"transformers {transformers.__version__} is too old: QLoRA training needs >= 5.19, whose Trainer reads "
+            "loss_is_scaled_for_ga (gradient accumulation would be off by its factor); pip install -U transformers"
+        )
+
     class ClassificationTrainer(Trainer):
-        """Trainer whose loss is ours: class-weighted cross-entropy or focal loss, a mean over the batch, on the
-        class logits that `logits_fn(model, inputs)` returns (the head's output, or label-word logits)."""
+        """Trainer whose loss is ours: class-weighted cross-entropy or focal loss (`losses.ClassLoss`) on the class
+        logits that `logits_fn(model, inputs)` returns (the head's output, or label-word logits).
 
-        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+        The loss of an optimizer step is the weighted mean over all of its examples, Σ w_i l_i / Σ w_i, summed over
+        every accumulation micro-batch and every process: the Trainer fetches a step's micro-batches together
+        (`get_batch_samples`), where Σ w_i is taken from the labels (and summed across processes), and each
+        micro-batch then contributes Σ_its w_i l_i / Σ w_i. So 8 x 1, 4 x 2 and 2 processes x 4 give one loss and
+        one gradient, as transformers does for token losses with `num_items_in_batch`. transformers >= 5.19
+        reads `loss_is_scaled_for_ga` (pyproject pins it): True, the loss is not divided again. (Under DDP the
+        sampler still repeats a few examples to fill the last uneven batch, as DDP does for any loss.)
 
-        def __init__(self, *args: Any, loss_fn: Any, logits_fn: Any, **kwargs: Any) -> None:
+        `training.loss_normalization: micro_batch` keeps 0.1.0's loss instead, each micro-batch's own weighted
+        mean divided by the accumulation steps, so that its archived runs reproduce."""
+
+        loss_is_scaled_for_ga = True  # normalised over the whole step here: training_step must not divide it
+
+        def __init__(self, *args: Any, loss_fn: Any, logits_fn: Any, per_micro_batch: bool = False, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.loss_fn = loss_fn
             self.logits_fn = logits_fn
+            self.per_micro_batch = per_micro_batch
+            if per_micro_batch:
+                self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the steps
+            # The model never sees num_items_in_batch (the loss is ours): the Trainer then skips counting labels.
+            self.model_accepts_loss_kwargs = False
+            self._step_weight: float | None = None
+
+        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list[Any], Any]:
+            """The micro-batches of one optimizer step, and Σ w_i over them and over all processes."""
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            total = torch.zeros((), dtype=torch.float64)
+            for batch in batches:
+                total += self.loss_fn.example_weights(batch["labels"].cpu()).double().sum()
+            if self.accelerator.num_processes > 1:  # every process fetches once per optimizer step
+                total = self.accelerator.reduce(total.to(self.accelerator.device), reduction="sum").cpu()
+            self._step_weight = float(total)
+            return batches, num_items
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
             labels = inputs.pop("labels")
             logits = self.logits_fn(model, inputs)
-            loss = self.loss_fn(logits.float(), labels)
+            scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            if self.per_micro_batch:
+                loss = self.loss_fn.micro_batch_mean(scores, labels)
+            elif model.training and self._step_weight is not None:
+                # This micro-batch's share of the step's weighted mean; times the processes because DDP averages
+                # their gradients (and the Trainer averages their logged losses).
+                weighted, _ = self.loss_fn.terms(scores, labels)
+                loss = weighted.sum() * (self.accelerator.num_processes / self._step_weight)
+            else:  # evaluation: this batch's weighted mean
+                loss = self.loss_fn(scores, labels)
             return (loss, {"logits": logits}) if return_outputs else loss  # evaluation reads "logits"
 
     return ClassificationTrainer
@@ -51,6 +96,7 @@ def make_trainer_class() -> type:
 
 def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path, seed: int, notes: list[str]) -> Any:
     """Trainer settings; checkpoints go to `out_dir` (the run's checkpoints/)."""
+    import transformers
     from transformers import TrainingArguments
     from transformers.training_args import OptimizerNames
 
@@ -58,9 +104,10 @@ def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path
     bf16 = cuda and loaded.compute_dtype == "bfloat16"  # mixed precision follows the compute dtype on a GPU;
     fp16 = cuda and loaded.compute_dtype == "float16"  # CPUs train in float32
     known = sorted(name.value for name in OptimizerNames)
-    if train.optimizer not in known:
+    if train.optimizer not in known:  # the config checks its own list (config.TRAINER_OPTIMIZERS); another release
         raise UserError(
-            f"training.optimizer {train.optimizer!r} is not a Trainer optimizer; choose one of: {', '.join(known)}"
+            f"training.optimizer {train.optimizer!r} is not an optimizer of the installed transformers "
+            f"{transformers.__version__}; choose one of: {', '.join(known)}"
         )
     # Paging moves optimizer state to CPU memory under GPU memory pressure; on a CPU there is nothing to page and
     # bitsandbytes runs the same 32-bit AdamW update unpaged. Same math, so the requested optimizer is kept (no
