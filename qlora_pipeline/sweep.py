@@ -232,32 +232,47 @@ def metrics_of(run_dir: Path, metric: str) -> tuple[float | None, float | None]:
 # ---- the study ----------------------------------------------------------------------------------------------
 
 
-class _FirstOfEachEncoder:
-    """With several jobs, the first point of each encoder setting runs before the other points of that setting
-    start, so that they read its cached vectors instead of computing them again at the same time."""
+class _Turn:
+    """A point's place at its encoder setting's gate: `finished(True)` once its run succeeded."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._done: dict[str, threading.Event] = {}
+        self.succeeded = False
+
+    def finished(self, succeeded: bool) -> None:
+        self.succeeded = succeeded
+
+
+class _FirstOfEachEncoder:
+    """With several jobs, the first point of each encoder setting runs before the other points of that setting
+    start, so that they read its cached vectors instead of computing them again at the same time. A first point
+    that fails (say, in its config checks, before encoding anything) hands the lead to the next one waiting."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._state: dict[str, str] = {}  # encoder setting -> "leading" (a point encodes) | "done" (one succeeded)
 
     @contextmanager
-    def gate(self, group: str | None) -> Iterator[None]:
+    def gate(self, group: str | None) -> Iterator[_Turn]:
+        turn = _Turn()
         if group is None:
-            yield
+            yield turn
             return
-        with self._lock:
-            event = self._done.get(group)
-            first = event is None
-            if event is None:
-                event = self._done[group] = threading.Event()
-        if not first:
-            event.wait()
-            yield
-            return
+        with self._changed:
+            while self._state.get(group) == "leading":
+                self._changed.wait()
+            leads = group not in self._state
+            if leads:
+                self._state[group] = "leading"
         try:
-            yield
+            yield turn
         finally:
-            event.set()
+            if leads:
+                with self._changed:
+                    if turn.succeeded:
+                        self._state[group] = "done"
+                    else:
+                        del self._state[group]  # the next point waiting leads in its place
+                    self._changed.notify_all()
 
 
 class _Objective:
@@ -284,8 +299,9 @@ class _Objective:
         config = point_config(self.base, params)
         log.info("sweep %s: %s", name, settings_text(params))
         try:
-            with self.gates.gate(encoder_group(config)):
+            with self.gates.gate(encoder_group(config)) as turn:
                 outcome = self.runner(config, self.sweep_dir / name)
+                turn.finished(outcome.state == "succeeded")
         except KeyboardInterrupt:
             trial.set_user_attr("outcome", "interrupted")
             raise
