@@ -66,8 +66,7 @@ def run_experiment(
     if not path.DATA_PARALLEL:
         raise UserError(
             f"experiment.mode {config.experiment.mode} runs in one process, but {distributed.world_size()} were "
-            "launched (torchrun / accelerate launch); run it with plain `qlora run` (the qlora and sft modes "
-            "train data-parallel)"
+            "launched (torchrun / accelerate launch); run it with plain `qlora run`"
         )
     from qlora_pipeline.models.device import resolve_device
     from qlora_pipeline.models.tiny import resolve_model_path

@@ -232,7 +232,7 @@ def test_resume_in_embeddings_mode_is_refused_before_a_run_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["run", "--config", "quick_test", "--output-dir", str(tmp_path), "--resume", "auto"]) == 2
-    assert "--resume applies to experiment.mode qlora" in capsys.readouterr().err
+    assert "--resume applies to the training modes qlora and sft" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # no run directory was allocated
 
 

@@ -46,11 +46,18 @@ def torchrun(*args: str, processes: int = 2, cache: Path | None = None) -> subpr
     )
 
 
+def failure(done: subprocess.CompletedProcess[str]) -> str:
+    """What a failed launch printed: the first lines of every rank's traceback (a crash on one rank shows on the
+    others only as a closed connection), then the end of stderr."""
+    ranks = [line for line in done.stderr.splitlines() if line.startswith("[rank") and "]:" in line]
+    return "\n".join(ranks[:60]) + "\n...\n" + done.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     root = tmp_path_factory.mktemp("ddp")
     done = torchrun("run", "--config", CONFIG, "--output-dir", str(root), *overrides(*SETTINGS))
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure(done)
     return root / "run_001", done
 
 
@@ -128,7 +135,7 @@ def test_a_two_process_run_resumed_on_two_processes_matches_the_uninterrupted_on
     root = run_dir.parent
     resume = str(run_dir / "checkpoints" / "checkpoint-2")
     done = torchrun("run", "--config", CONFIG, "--output-dir", str(root), *overrides(*SETTINGS), "--resume", resume)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure(done)
     resumed = root / "run_002"
     assert sorted(p.name for p in (resumed / "checkpoints" / "checkpoint-2").glob("rng_state_*")) == [
         "rng_state_0.pth",
@@ -157,7 +164,7 @@ def test_an_embeddings_run_on_two_processes_equals_the_one_process_run(tmp_path:
 
     args = ["run", "--config", "quick_test.yaml", *overrides(*EMBEDDING_SETTINGS)]
     done = torchrun(*args, "--output-dir", str(tmp_path / "two"), cache=tmp_path / "cache")
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, failure(done)
     assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
     two, one = tmp_path / "two" / "run_001", tmp_path / "one" / "run_001"
     assert sorted(p.name for p in two.parent.iterdir()) == ["run_001"]

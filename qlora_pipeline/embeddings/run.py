@@ -62,7 +62,7 @@ def preflight(config: Config, output_root: Path, resume: str | None) -> Path | N
     need to share their vectors. Nothing to resume."""
     check_heads(config.classifier)
     if resume not in (None, "none"):
-        raise UserError("--resume applies to experiment.mode qlora (embedding runs have no checkpoints)")
+        raise UserError("--resume applies to the training modes qlora and sft (embedding runs have no checkpoints)")
     processes = distributed.world_size()
     if processes > 1:
         if not config.embedding.cache:

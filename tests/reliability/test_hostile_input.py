@@ -125,8 +125,7 @@ OVERRIDES = st.lists(
 def config_show(path: Path, overrides: list[str]) -> tuple[int, str]:
     """`qlora config show PATH --set ...`: (exit code, stderr). Any exception other than the exits escapes."""
     argv = ["config", "show", str(path), "--format", "json"]
-    for item in overrides:
-        argv += ["--set", item]
+    argv += [f"--set={item}" for item in overrides]  # the = form: a value may start with '-' as a flag does
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)
@@ -140,7 +139,9 @@ def assert_config_or_one_line(code: int, err: str) -> None:
         assert "Traceback" not in err
 
 
-HYPOTHESIS = settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck))
+# Derandomized: every CI pass tries the same 250 examples, so a failure there is a finding, not a coin toss; run with
+# a random seed (derandomize off) to explore further.
+HYPOTHESIS = settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 @HYPOTHESIS
