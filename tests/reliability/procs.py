@@ -142,8 +142,15 @@ def start(
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             start_new_session=True,  # a signal the test sends reaches this process alone
+            # A shell that starts the test suite in the background makes it ignore SIGINT, and the children would
+            # inherit that (Python raises KeyboardInterrupt only where SIGINT had its default action at start).
+            preexec_fn=_default_sigint,
         )
     return Qlora(popen, stderr_file, hold_file)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def read_json(path: Path) -> Any:
