@@ -39,8 +39,7 @@ from qlora_pipeline.models.loading import (
     quiet_library_logs,
     quiet_library_warnings,
 )
-from qlora_pipeline.training.checkpoints import checkpoint_step
-from qlora_pipeline.training.log import peak_rss_mb, reproducible_log
+from qlora_pipeline.training.log import reproducible_log, training_summary
 from qlora_pipeline.training.lora import (
     add_lora,
     check_target_modules,
@@ -229,7 +228,18 @@ def train(
         if trainer is not None:  # an interrupted run: the progress bar ends, and the console is itself again
             close_progress(trainer)
     tuned.log_history = reproducible_log(trainer.state.log_history)
-    tuned.summary = training_summary(tuned, trainer, train_cfg, train_set, seconds, resume_from)
+    tuned.summary = training_summary(
+        trainer,
+        train_cfg,
+        notes=tuned.notes,
+        log_history=tuned.log_history,
+        parameters=(tuned.trainable_parameters, tuned.total_parameters),
+        counts={"train_tokens_per_epoch": sum(len(row["input_ids"]) for row in train_set.rows)},
+        seconds=seconds,
+        resume_from=resume_from,
+        best_metric_name=train_cfg.early_stopping_metric,
+        loss=train_cfg.loss,
+    )
     return tuned
 
 
@@ -275,62 +285,6 @@ def make_trainer(
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
     return trainer
-
-
-def training_summary(
-    tuned: FineTuned,
-    trainer: Any,
-    train_cfg: TrainingConfig,
-    train_set: Examples,
-    seconds: float,
-    resume_from: Path | None,
-) -> dict[str, Any]:
-    """Steps, best checkpoint, throughput, batch and memory, for training_summary.json and config.json; notes
-    for data-parallel training and early stopping."""
-    state, world = trainer.state, int(trainer.args.world_size)
-    steps_here = state.global_step - ((checkpoint_step(resume_from) or 0) if resume_from else 0)
-    # Under torchrun every process takes its own batch_size per micro-step: the optimizer sees world_size times more.
-    effective_batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * world
-    if world > 1:
-        tuned.notes.append(
-            f"data-parallel on {world} processes (DDP, {trainer.args.distributed_state.backend}): effective batch "
-            f"{effective_batch} = {train_cfg.batch_size} per process x {train_cfg.gradient_accumulation_steps} "
-            f"accumulation x {world}; a rerun reproduces with the same number of processes"
-        )
-    early_stopping = bool(train_cfg.early_stopping_patience)
-    if early_stopping:
-        stopped = state.global_step < state.max_steps
-        tuned.notes.append(
-            f"best checkpoint: step {state.best_global_step} (validation {train_cfg.early_stopping_metric} "
-            f"{state.best_metric:.4f}), restored for evaluation and saved"
-            + (f"; early stopping after {state.global_step} of {state.max_steps} steps" if stopped else "")
-        )
-    step_losses = [row["loss"] for row in tuned.log_history if "loss" in row]
-    summary = {
-        "optimizer_steps": state.global_step,
-        "best_step": state.best_global_step if early_stopping else None,
-        "best_metric": state.best_metric if early_stopping else None,
-        "epochs": round(float(state.epoch or 0), 4),
-        "train_loss": float(np.mean(step_losses)) if step_losses else None,  # mean per-step loss, resume-proof
-        "train_seconds": round(seconds, 3),
-        "samples_per_second": round(steps_here * effective_batch / seconds, 2),  # all processes together
-        "world_size": world,
-        "effective_batch_size": effective_batch,
-        "train_tokens_per_epoch": sum(len(row["input_ids"]) for row in train_set.rows),
-        "trainable_parameters": tuned.trainable_parameters,
-        "total_parameters": tuned.total_parameters,
-        "peak_rss_mb": peak_rss_mb(),
-        "loss": train_cfg.loss,
-        "notes": tuned.notes,
-    }
-    log.info(
-        "trained %d steps in %.1f s (%.1f samples/s), peak RSS %.0f MB",
-        steps_here,
-        seconds,
-        summary["samples_per_second"],
-        summary["peak_rss_mb"],
-    )
-    return summary
 
 
 # ---- save -----------------------------------------------------------------------------------------------

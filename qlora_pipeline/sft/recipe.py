@@ -20,22 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.models.loading import LoadedModel, check_max_length, load_model, quiet_library_warnings
 from qlora_pipeline.sft.generation import ADAPTER_DIR, SFT_FILE
 from qlora_pipeline.sft.prompts import IGNORE, Prompter, PromptFormat, encode_split, resolve_format
-from qlora_pipeline.training.checkpoints import checkpoint_step
-from qlora_pipeline.training.log import peak_rss_mb, reproducible_log
+from qlora_pipeline.training.log import reproducible_log, training_summary
 from qlora_pipeline.training.lora import add_lora, check_target_modules, prepare_for_training
 from qlora_pipeline.training.trainer import training_arguments, training_callbacks
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from qlora_pipeline.config import Config, TrainingConfig
+    from qlora_pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -201,64 +199,23 @@ def train(
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
     tuned.log_history = reproducible_log(trainer.state.log_history)
-    tuned.summary = training_summary(tuned, trainer, train_cfg, train_rows, seconds, resume_from)
-    return tuned
-
-
-def training_summary(
-    tuned: Tuned,
-    trainer: Any,
-    train_cfg: TrainingConfig,
-    train_rows: list[dict[str, list[int]]],
-    seconds: float,
-    resume_from: Path | None,
-) -> dict[str, Any]:
-    """Steps, best checkpoint, throughput, batch and memory, for training_summary.json and config.json."""
-    state, world = trainer.state, int(trainer.args.world_size)
-    steps_here = state.global_step - ((checkpoint_step(resume_from) or 0) if resume_from else 0)
-    effective_batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * world
-    if world > 1:
-        tuned.notes.append(
-            f"data-parallel on {world} processes (DDP, {trainer.args.distributed_state.backend}): effective batch "
-            f"{effective_batch} = {train_cfg.batch_size} per process x {train_cfg.gradient_accumulation_steps} "
-            f"accumulation x {world}; a rerun reproduces with the same number of processes"
-        )
-    early_stopping = bool(train_cfg.early_stopping_patience)
-    if early_stopping:
-        stopped = state.global_step < state.max_steps
-        tuned.notes.append(
-            f"best checkpoint: step {state.best_global_step} (validation loss {state.best_metric:.4f}), restored "
-            "for evaluation and saved"
-            + (f"; early stopping after {state.global_step} of {state.max_steps} steps" if stopped else "")
-        )
-    step_losses = [row["loss"] for row in tuned.log_history if "loss" in row]
-    summary = {
-        "optimizer_steps": state.global_step,
-        "best_step": state.best_global_step if early_stopping else None,
-        "best_metric": state.best_metric if early_stopping else None,
-        "epochs": round(float(state.epoch or 0), 4),
-        "train_loss": float(np.mean(step_losses)) if step_losses else None,  # mean per-step loss, resume-proof
-        "train_seconds": round(seconds, 3),
-        "samples_per_second": round(steps_here * effective_batch / seconds, 2),  # all processes together
-        "world_size": world,
-        "effective_batch_size": effective_batch,
-        "train_examples": len(train_rows),
-        "train_tokens_per_epoch": sum(len(row["input_ids"]) for row in train_rows),
-        "answer_tokens_per_epoch": sum(sum(t != IGNORE for t in row["labels"]) for row in train_rows),
-        "trainable_parameters": tuned.trainable_parameters,
-        "total_parameters": tuned.total_parameters,
-        "peak_rss_mb": peak_rss_mb(),
-        "loss": "answer-token cross-entropy",
-        "notes": tuned.notes,
-    }
-    log.info(
-        "trained %d steps in %.1f s (%.1f samples/s), peak RSS %.0f MB",
-        steps_here,
-        seconds,
-        summary["samples_per_second"],
-        summary["peak_rss_mb"],
+    tuned.summary = training_summary(
+        trainer,
+        train_cfg,
+        notes=tuned.notes,
+        log_history=tuned.log_history,
+        parameters=(tuned.trainable_parameters, tuned.total_parameters),
+        counts={
+            "train_examples": len(train_rows),
+            "train_tokens_per_epoch": sum(len(row["input_ids"]) for row in train_rows),
+            "answer_tokens_per_epoch": sum(sum(t != IGNORE for t in row["labels"]) for row in train_rows),
+        },
+        seconds=seconds,
+        resume_from=resume_from,
+        best_metric_name="loss",
+        loss="answer-token cross-entropy",
     )
-    return summary
+    return tuned
 
 
 # ---- save -----------------------------------------------------------------------------------------------
