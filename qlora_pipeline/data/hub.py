@@ -20,12 +20,19 @@ if TYPE_CHECKING:
 
 
 def load_hub(source: SourceConfig) -> SourceData:
+    parts, origin = load_hub_splits(source)
+    where = f"{source.dataset}" + (f" ({source.subset})" if source.subset else "")
+    return _from_datasets(parts, source, where, origin, keep_splits=source.splits is not None)
+
+
+def load_hub_splits(source: SourceConfig) -> tuple[dict[str, Any], str]:
+    """The source's hub splits as `datasets.Dataset`s ({our split: dataset}) and their origin for the record;
+    unreachable or missing ones stop the run with one line saying how to use a local copy."""
     import datasets
 
     assert source.dataset is not None  # the config refuses a hub source without a dataset id
-    wanted = source.splits or {"train": source.split}
     parts = {}
-    for ours, theirs in wanted.items():
+    for ours, theirs in (source.splits or {"train": source.split}).items():
         try:
             parts[ours] = datasets.load_dataset(source.dataset, source.subset, split=theirs, revision=source.revision)
         except (ConnectionError, FileNotFoundError) as exc:
@@ -37,11 +44,10 @@ def load_hub(source: SourceConfig) -> SourceData:
                 f"data source '{source.name}': {source.dataset} has no split '{theirs}' "
                 f"({str(exc).splitlines()[0]}); check split / splits"
             ) from exc
-    where = source.dataset + (f" ({source.subset})" if source.subset else "")
     origin = f"hub:{source.dataset}" + (f"/{source.subset}" if source.subset else "")
     if source.revision:
         origin += f"@{source.revision}"
-    return _from_datasets(parts, source, where, origin, keep_splits=source.splits is not None)
+    return parts, origin
 
 
 def unreachable_message(source: SourceConfig, exc: BaseException) -> str:

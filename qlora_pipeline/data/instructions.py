@@ -237,27 +237,10 @@ def _bundled(source: SourceConfig) -> _Source:
 
 
 def _hub(source: SourceConfig, sft: SftConfig) -> _Source:
-    import datasets
-
-    from qlora_pipeline.data.hub import unreachable_message
+    from qlora_pipeline.data.hub import load_hub_splits
 
     assert source.dataset is not None  # the config refuses a hub source without a dataset id
-    parts = {}
-    for ours, theirs in (source.splits or {"train": source.split}).items():
-        try:
-            parts[ours] = datasets.load_dataset(source.dataset, source.subset, split=theirs, revision=source.revision)
-        except (ConnectionError, FileNotFoundError) as exc:
-            raise DataError(unreachable_message(source, exc)) from exc
-        except ValueError as exc:
-            if "split" not in str(exc).lower():
-                raise
-            raise DataError(
-                f"data source '{source.name}': {source.dataset} has no split '{theirs}' "
-                f"({str(exc).splitlines()[0]}); check split / splits"
-            ) from exc
-    origin = f"hub:{source.dataset}" + (f"/{source.subset}" if source.subset else "")
-    if source.revision:
-        origin += f"@{source.revision}"
+    parts, origin = load_hub_splits(source)
     return _from_parts(parts, source, sft, source.dataset, origin, source.splits is not None)
 
 
