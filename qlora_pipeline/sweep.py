@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,6 +389,55 @@ def _queue_what_is_left(sweep_dir: Path, study: optuna.Study, base: Config) -> i
     return max(base.sweep.trials - len(finished), waiting)
 
 
+def _optimize(study: optuna.Study, objective: _Objective, trials: int, jobs: int) -> None:
+    """Run `trials` trials, `jobs` at a time, each taken from the study under one lock: optuna's own `n_jobs` loop
+    can hand one queued point to two threads at once on SQLite, which has no row locks. A point that failed or was
+    interrupted is told FAIL and the others go on; any other error (Ctrl-C included) is told FAIL, stops the taking
+    of new points, and is raised once the points already running have ended. A SystemExit leaves its trial
+    running, as a killed sweep would, for `resume` to retry."""
+    import optuna
+
+    taking = threading.Lock()
+    left = trials
+    stop = threading.Event()
+
+    def take() -> optuna.Trial | None:
+        nonlocal left
+        with taking:
+            if left == 0 or stop.is_set():
+                return None
+            left -= 1
+            return study.ask()
+
+    def work() -> None:
+        while (trial := take()) is not None:
+            try:
+                value = objective(trial)
+            except (PointFailed, PointInterrupted):
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            except (Exception, KeyboardInterrupt):
+                stop.set()
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            except BaseException:
+                stop.set()
+                raise
+            study.tell(trial, value)
+
+    if jobs == 1:
+        work()
+        return
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="sweep") as pool:
+        workers = [pool.submit(work) for _ in range(jobs)]
+        try:
+            for worker in workers:
+                worker.result()
+        except BaseException:
+            stop.set()  # Ctrl-C lands here, in the main thread: the points running end (their processes got it too)
+            raise
+
+
 def start_sweep(base: Config, output_root: str | Path | None = None, *, runner: Runner = run_point) -> SweepResult:
     """A new `sweep_NNN` under the output root, its study run to the end."""
     check_sweep(base)
@@ -424,9 +474,7 @@ def run_sweep(sweep_dir: Path, base: Config, *, runner: Runner = run_point) -> S
         log.info("sweep %s: %d point(s) to run, %d at a time", sweep_dir.name, remaining, base.sweep.jobs)
         try:
             if remaining > 0:
-                study.optimize(
-                    objective, n_trials=remaining, n_jobs=base.sweep.jobs, catch=(PointFailed, PointInterrupted)
-                )
+                _optimize(study, objective, remaining, base.sweep.jobs)
         except BaseException:
             write_record(sweep_dir, base, study, "interrupted")
             raise

@@ -156,14 +156,24 @@ from qlora_pipeline.embeddings.cache import EmbeddingCache
 root, worker = Path(sys.argv[1]), int(sys.argv[2])
 cache = EmbeddingCache(SETTINGS, root=root)
 keys = keys_of(range(worker * 300, worker * 300 + 600))  # half shared with the next worker
-for start in range(0, len(keys), 30):
-    part = keys[start : start + 30]
-    have = cache.lookup(part)
-    assert_right(have)
-    todo = [k for k in part if k not in have]
-    if todo:
-        cache.put(todo, np.stack([vector_of(k) for k in todo]))
-    assert_right(cache.lookup(keys[: start + 30]))
+
+
+def fill():
+    for start in range(0, len(keys), 30):
+        part = keys[start : start + 30]
+        have = cache.lookup(part)
+        assert_right(have)
+        todo = [k for k in part if k not in have]
+        if todo:
+            cache.put(todo, np.stack([vector_of(k) for k in todo]))
+        assert_right(cache.lookup(keys[: start + 30]))
+
+
+fill()
+while not (root.parent / "cleared").exists():  # keep filling while the test clears under us
+    fill()
+    time.sleep(0.02)
+fill()  # once more after the last clear: every key is in the cache at the end
 print("ok")
 """
 
@@ -194,12 +204,14 @@ def test_processes_filling_one_cache_at_once_while_it_is_cleared(tmp_path: Path)
             cleared_while_running += running > 0
             time.sleep(0.3)
         time.sleep(0.05)
+    (tmp_path / "cleared").touch()
     results = [w.communicate(timeout=300) for w in workers]
     assert [w.returncode for w in workers] == [0] * 4, [err[-2000:] for _, err in results]
     assert cleared_while_running == 2
     cache = EmbeddingCache(SETTINGS, root=root)
     found = cache.lookup(keys_of(range(1500)))
     assert_right(found)
+    assert len(found) == 1500  # the workers' last fill came after the last clear
     with sqlite3.connect(cache.folder / INDEX) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         indexed = db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]

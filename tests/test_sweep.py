@@ -114,6 +114,18 @@ def test_random_and_bayesian_points_stay_in_their_ranges_and_the_study_is_kept(m
     assert (result.sweep_dir / "metric_vs_settings.png").is_file()
 
 
+def test_parallel_jobs_run_each_grid_point_once(tmp_path: Path) -> None:
+    """Four jobs over 24 quick points: each point runs once (optuna's own n_jobs loop, on SQLite, handed one queued
+    point to two threads, which then wrote one trial directory twice)."""
+    values = [round(0.01 * (i + 1), 2) for i in range(24)]
+    config = base_config(grid={"classifier.C": values}, jobs=4)
+    calls: list[dict[str, Any]] = []
+    result = sweep.start_sweep(config, tmp_path, runner=stand_in(lambda c: c.classifier.C, calls))
+    assert sorted(call["classifier"]["C"] for call in calls) == values
+    assert [row["point"]["classifier.C"] for row in result.leaderboard] == sorted(values, reverse=True)
+    assert all(row["state"] == "succeeded" for row in result.leaderboard)
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit], ids=["interrupted", "killed"])
 def test_an_interrupted_sweep_resumes_with_the_points_left(stop: type[BaseException], tmp_path: Path) -> None:
     """Stopped during its second point (Ctrl-C; or killed outright, leaving that trial running in the study), the
