@@ -157,10 +157,12 @@ def test_an_interrupted_sweep_resumes_with_the_points_left(stop: type[BaseExcept
 
 
 def test_a_sweep_over_heads_encodes_once_and_ranks_its_points_on_validation(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three points in two parallel processes, one of them failing: the first point of the encoder setting
-    computes every vector, the other loads no model; the failure is recorded and the sweep goes on."""
+    computes every vector, the other loads no model; the failure is recorded and the sweep goes on. The sweep
+    starts from a cache of its own (the session's may hold some of these vectors already)."""
+    monkeypatch.setenv("QLORA_CACHE_DIR", str(tmp_path / "cache"))
     config_file = tmp_path / "heads.yaml"
     config_file.write_text(HEADS_SWEEP.format(heads="[[logreg], [nonexistent], [svm]]"), encoding="utf-8")
     args = ["sweep", "--config", str(config_file), "--jobs", "2", "--output-dir", str(tmp_path / "out")]
