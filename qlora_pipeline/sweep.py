@@ -10,7 +10,9 @@ The search is an Optuna study stored in `sweep_NNN/study.db` (SQLite): grid poin
 grid lists them (fixed parameters; Optuna's GridSampler would shuffle them and stops a study when its last point
 finishes, before re-queued ones), random points come from its RandomSampler, bayesian ones from TPE, seeded.
 `qlora sweep --resume sweep_NNN` reopens the study: finished points (succeeded or failed) stay, interrupted ones run
-again, and the rest of the budget is spent. Optuna's threads (`n_jobs`) each wait on one point's process.
+again, and the rest of the budget is spent. `sweep.jobs` threads each wait on one point's process; they take
+their trials from the study one at a time (`_optimize`), not through Optuna's `n_jobs`, which on SQLite can hand
+one queued point to two threads.
 
 Points that share an encoder setting (model, embedding, data and seed) share cached vectors: with several jobs
 the first point of each setting runs before the others of that setting start, so a sweep over heads encodes
