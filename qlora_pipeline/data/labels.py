@@ -20,8 +20,6 @@ from qlora_pipeline.errors import DataError
 if TYPE_CHECKING:
     from qlora_pipeline.config import SourceConfig
 
-BINARY_DEFAULT = BINARY_DEFAULT_NAMES
-
 
 @dataclass(frozen=True)
 class Labelled:
@@ -94,7 +92,7 @@ def apply_labels(values: pd.Series, source: SourceConfig, value_names: tuple[str
 
 
 def _binary_names(source: SourceConfig) -> tuple[str, ...]:
-    return tuple(source.label_names) if source.label_names else BINARY_DEFAULT
+    return tuple(source.label_names) if source.label_names else BINARY_DEFAULT_NAMES
 
 
 def _finish(
