@@ -66,27 +66,14 @@ def load_saved(source: SourceConfig, path: Path) -> SourceData:
     """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
     import datasets
 
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError as exc:
-        raise DataError(
-            f"data source '{source.name}': {path} is a folder but not one written by datasets' save_to_disk "
-            f"({str(exc).splitlines()[0]}); point path at a file or a save_to_disk folder"
-        ) from exc
+    loaded = read_saved(source, path)
     if isinstance(loaded, datasets.DatasetDict):
         if source.split_column is not None:
             raise DataError(
                 f"data source '{source.name}': {path} holds splits {list(loaded)}; "
                 "name them in splits instead of split_column"
             )
-        wanted = source.splits or {"train": source.split}
-        absent = sorted(set(wanted.values()) - set(loaded))
-        if absent:
-            raise DataError(
-                f"data source '{source.name}': {path} has no split {', '.join(map(repr, absent))}; "
-                f"its splits are {', '.join(loaded)} (check split / splits)"
-            )
-        parts = {ours: loaded[theirs] for ours, theirs in wanted.items()}
+        parts = saved_splits(source, path, loaded)
         return _from_datasets(parts, source, path.name, str(path.resolve()), keep_splits=source.splits is not None)
     if source.splits is not None and source.split_column is None:
         raise DataError(
@@ -94,6 +81,32 @@ def load_saved(source: SourceConfig, path: Path) -> SourceData:
             "set split_column to the column that names each row's split, or remove splits"
         )
     return _from_datasets({"train": loaded}, source, path.name, str(path.resolve()), keep_splits=False)
+
+
+def read_saved(source: SourceConfig, path: Path) -> Any:
+    """The `Dataset` or `DatasetDict` a save_to_disk folder holds; another folder is refused with one line."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except FileNotFoundError as exc:
+        raise DataError(
+            f"data source '{source.name}': {path} is a folder but not one written by datasets' save_to_disk "
+            f"({str(exc).splitlines()[0]}); point path at a file or a save_to_disk folder"
+        ) from exc
+
+
+def saved_splits(source: SourceConfig, path: Path, loaded: Any) -> dict[str, Any]:
+    """The splits `split` / `splits` name in a saved `DatasetDict`, as {our split: dataset}; an absent one is
+    refused, naming the splits there are."""
+    wanted = source.splits or {"train": source.split}
+    absent = sorted(set(wanted.values()) - set(loaded))
+    if absent:
+        raise DataError(
+            f"data source '{source.name}': {path} has no split {', '.join(map(repr, absent))}; "
+            f"its splits are {', '.join(loaded)} (check split / splits)"
+        )
+    return {ours: loaded[theirs] for ours, theirs in wanted.items()}
 
 
 def _from_datasets(

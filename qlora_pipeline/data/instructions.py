@@ -240,22 +240,11 @@ def _saved(source: SourceConfig, sft: SftConfig, path: Path) -> _Source:
     """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
     import datasets
 
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except FileNotFoundError as exc:
-        raise DataError(
-            f"data source '{source.name}': {path} is a folder but not one written by datasets' save_to_disk "
-            f"({str(exc).splitlines()[0]}); point path at a file or a save_to_disk folder"
-        ) from exc
+    from qlora_pipeline.data.hub import read_saved, saved_splits
+
+    loaded = read_saved(source, path)
     if isinstance(loaded, datasets.DatasetDict):
-        wanted = source.splits or {"train": source.split}
-        absent = sorted(set(wanted.values()) - set(loaded))
-        if absent:
-            raise DataError(
-                f"data source '{source.name}': {path} has no split {', '.join(map(repr, absent))}; "
-                f"its splits are {', '.join(loaded)} (check split / splits)"
-            )
-        parts = {ours: loaded[theirs] for ours, theirs in wanted.items()}
+        parts = saved_splits(source, path, loaded)
         return _from_parts(parts, source, sft, path.name, str(path.resolve()), source.splits is not None)
     return _from_parts({"train": loaded}, source, sft, path.name, str(path.resolve()), False)
 
