@@ -118,7 +118,7 @@ def prepare_instructions(cfg: DataConfig, sft: SftConfig, seed: int) -> Instruct
         log.warning(
             "%d validation/test prompts also appear in an earlier split (the sources' own splits share them)", overlap
         )
-    prompts = sampled["messages"].map(lambda m: "\n".join(turn_text(t) for t in m[: last_answer_index(m)]))
+    prompts = sampled["messages"].map(prompt_text)
     answers = sampled["messages"].map(lambda m: m[last_answer_index(m)]["content"])
     turns = sampled["messages"].map(lambda m: sum(t["role"] == "assistant" for t in m))
     summary = {
@@ -163,6 +163,11 @@ def last_answer_index(messages: list[dict[str, Any]]) -> int:
 def turn_text(turn: dict[str, Any]) -> str:
     """A message's text, an alpaca user turn's input included."""
     return turn["content"] + (f"\n\n{turn['input']}" if turn.get("input") else "")
+
+
+def prompt_text(messages: list[dict[str, Any]], separator: str = "\n") -> str:
+    """What the model is asked: the texts of the turns before the last answer, joined by `separator`."""
+    return separator.join(turn_text(t) for t in messages[: last_answer_index(messages)])
 
 
 # ---- sources ---------------------------------------------------------------------------------------------------
@@ -428,7 +433,7 @@ def _cut_after_last_answer(messages: list[dict[str, Any]]) -> list[dict[str, Any
 
 def prompt_keys(frame: pd.DataFrame) -> pd.Series:
     """What the model is asked (every turn before the last answer), normalised: records sharing it stay together."""
-    prompts = frame["messages"].map(lambda m: "\x1f".join(turn_text(t) for t in m[: last_answer_index(m)]))
+    prompts = frame["messages"].map(lambda m: prompt_text(m, "\x1f"))
     return normalized_key(prompts) if len(prompts) else prompts
 
 
