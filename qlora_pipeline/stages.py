@@ -39,16 +39,19 @@ def data_stage(config: Config, run: Run) -> PreparedData:
 
 
 def visualize_run(run_dir: Path, figures: bool) -> None:
-    """Figures and dashboard (when enabled), then each split's evaluation_summary.md linking them."""
+    """Figures and dashboard (when enabled), then each split's evaluation_summary.md linking them; the results
+    files are read once for all three."""
+    from qlora_pipeline.evaluation.results import collect_results
     from qlora_pipeline.reporting.summary import write_summaries
 
+    collected = collect_results(run_dir)
     if figures:
         from qlora_pipeline.reporting.dashboard import write_dashboard
         from qlora_pipeline.reporting.figures import plot_run
 
-        plot_run(run_dir)
-        write_dashboard(run_dir)
-    write_summaries(run_dir)
+        plot_run(run_dir, collected)
+        write_dashboard(run_dir, collected)
+    write_summaries(run_dir, collected)
 
 
 def archive_record(config: Config, run: Run, reproduce_of: Path | None) -> dict[str, Any]:

@@ -272,10 +272,13 @@ def build_page(
     )
 
 
-def write_dashboard(run_dir: Path) -> Path:
+def write_dashboard(run_dir: Path, collected: dict[str, dict[str, dict[str, Any]]] | None = None) -> Path:
+    """dashboard.html of a run (`collected`: its `collect_results`, when the caller has read them already)."""
+    if collected is None:
+        collected = collect_results(run_dir)
     logs = [run_dir / name for name in TRAINING_LOGS if (run_dir / name).is_file()]
     training = (logs[0].name, read_training_log(logs[0])) if logs else None
     path = run_dir / "dashboard.html"
-    page = build_page(collect_results(run_dir), f"Dashboard — {run_dir.name}", training, dashboard_tabs(run_dir))
+    page = build_page(collected, f"Dashboard — {run_dir.name}", training, dashboard_tabs(run_dir))
     path.write_text(page, encoding="utf-8")
     return path
