@@ -235,13 +235,10 @@ def build_page(
             parts += [
                 f"<h3>{html.escape(split)} (n = {results['heads'][results['primary_head']]['n']})</h3>",
                 metrics_table(results),
-                '<div class="grid">',
+                plots(specs, f"plot-{index}-{split}", figure_specs(results)),
+                "<h4>Most confidently wrong</h4>",
+                errors_table(results),
             ]
-            for name, spec in figure_specs(results).items():
-                plot_id = f"plot-{index}-{split}-{name}"
-                specs[plot_id] = spec
-                parts.append(f'<div class="plot" id="{plot_id}"></div>')
-            parts += ["</div>", "<h4>Most confidently wrong</h4>", errors_table(results)]
         sections.append(f'<section class="tab" id="tab-{index}">{"".join(parts)}</section>')
     tabs = [(str(i), d) for i, d in enumerate(datasets)]
     if collected:
