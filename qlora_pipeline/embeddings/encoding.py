@@ -15,10 +15,8 @@ are a fixed plan (window by window), which lets the processes of a torchrun job 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -32,6 +30,7 @@ from qlora_pipeline.errors import UserError
 from qlora_pipeline.models.device import release_memory
 from qlora_pipeline.models.loading import LoadedModel, ModelIdentity, load_model, resolve_identity, would_not_fit
 from qlora_pipeline.models.pairs import encode as model_inputs
+from qlora_pipeline.progress import Progress
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import EmbeddingConfig, ModelConfig
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 512  # vectors per cache write: an interrupt loses at most this many; writes stay few
-LOG_EVERY_S = 30.0  # without a terminal, progress is logged this often
 TOKENIZE_EVERY = 4096  # texts tokenized at a time: bounded memory; batches sorted by length within a window
 
 
@@ -269,7 +267,7 @@ def _computed(
     pending: list[np.ndarray] = []
     micro = [batch_size]  # forward size after out-of-memory halvings, kept for the rest of the encode
     number = 0  # the plan's batch number, the same on every process
-    with _progress(share) as advance, torch.inference_mode():
+    with Progress(share, "encoding", "text", logger=log) as progress, torch.inference_mode():
         try:
             for window in _plan(todo, TOKENIZE_EVERY):
                 ordered, tokens = _tokenize(window, texts, pairs, loaded, cfg)
@@ -295,7 +293,7 @@ def _computed(
                             if len(pending_keys) >= FLUSH_EVERY:
                                 cache.put(pending_keys, np.concatenate(pending))
                                 pending_keys, pending = [], []
-                    advance(len(batch))
+                    progress.advance(len(batch))
                     yield positions, np.stack([ready[k] if k in ready else next(fresh) for k in batch_keys])
         finally:  # keep what finished, even on an interrupt
             if cache is not None and pending_keys:
@@ -353,32 +351,6 @@ def _forward(
         tally.padded_tokens += inputs["attention_mask"].numel()
         done += len(inputs["input_ids"])
     return np.concatenate(parts)
-
-
-@contextmanager
-def _progress(total: int) -> Iterator[Callable[[int], None]]:
-    """A tqdm bar with texts/s on a terminal; otherwise an INFO line every LOG_EVERY_S seconds."""
-    if total == 0:
-        yield lambda n: None
-        return
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        with tqdm(total=total, unit="text", desc="encoding", leave=False) as bar:
-            yield bar.update
-        return
-    start = last = time.perf_counter()
-    count = 0
-
-    def advance(n: int) -> None:
-        nonlocal count, last
-        count += n
-        now = time.perf_counter()
-        if now - last >= LOG_EVERY_S:
-            last = now
-            log.info("encoding: %d / %d texts (%.0f texts/s)", count, total, count / (now - start))
-
-    yield advance
 
 
 def _version(name: str) -> str | None:
