@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from qlora_pipeline.models.device import release_memory
 from qlora_pipeline.models.loading import LoadedModel, ModelIdentity, load_model, resolve_identity, would_not_fit
 from qlora_pipeline.models.pairs import encode as model_inputs
 from qlora_pipeline.progress import Progress
+from qlora_pipeline.runs import package_versions
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import EmbeddingConfig, ModelConfig
@@ -150,7 +150,7 @@ def cache_settings(model: LoadedModel | ModelIdentity, cfg: EmbeddingConfig) -> 
         "pooling": cfg.pooling,
         "max_length": cfg.max_length,
         "normalize": cfg.normalize,
-        "versions": {name: _version(name) for name in ("torch", "transformers", "bitsandbytes")},
+        "versions": package_versions(("torch", "transformers", "bitsandbytes")),
     }
 
 
@@ -351,13 +351,6 @@ def _forward(
         tally.padded_tokens += inputs["attention_mask"].numel()
         done += len(inputs["input_ids"])
     return np.concatenate(parts)
-
-
-def _version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def check_max_length(encoder: Encoder, cfg: EmbeddingConfig) -> None:
