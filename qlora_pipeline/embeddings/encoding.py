@@ -111,12 +111,6 @@ def instruction_around(cfg: EmbeddingConfig) -> tuple[str, str]:
     return head, tail
 
 
-def apply_prompt(texts: Sequence[str], cfg: EmbeddingConfig) -> list[str]:
-    """Wrap texts in the instruction template when an instruction is set."""
-    head, tail = instruction_around(cfg)
-    return [f"{head}{text}{tail}" for text in texts]
-
-
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
     """Pool token states `[batch, seq, dim]` to `[batch, dim]`; correct under left and right padding."""
     if method == "mean":
@@ -145,7 +139,7 @@ def cache_settings(model: LoadedModel | ModelIdentity, cfg: EmbeddingConfig) -> 
         "quantization": model.quantization,
         "compute_dtype": model.compute_dtype,
         "device": model.device,
-        "prompt": apply_prompt(["{text}"], cfg)[0],
+        "prompt": "{text}".join(instruction_around(cfg)),  # the instruction template around a text
         "pairs": model.pair_encoding.record(),  # vectors of pairs joined another way are never served
         "pooling": cfg.pooling,
         "max_length": cfg.max_length,
