@@ -364,6 +364,7 @@ class SplitPlan:
 
     found: dict[str, dict[bytes, np.ndarray]] = field(default_factory=dict)
     todo: dict[str, list[int]] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)  # texts (not distinct ones) whose vector was found
 
     @property
     def complete(self) -> bool:
@@ -379,8 +380,9 @@ def plan_splits(frames: dict[str, Any], encoder: Encoder) -> SplitPlan:
     plan = SplitPlan()
     for name, frame in frames.items():
         keys = input_keys(*split_texts(frame))
-        plan.found[name] = encoder.cache.lookup(keys) if encoder.cache is not None else {}
-        plan.todo[name] = distinct_misses(keys, plan.found[name])
+        plan.found[name] = found = encoder.cache.lookup(keys) if encoder.cache is not None else {}
+        plan.todo[name] = distinct_misses(keys, found)
+        plan.hits[name] = sum(1 for key in keys if key in found)
     return plan
 
 
@@ -429,15 +431,16 @@ def quantization_fidelity(
 
     reference_cfg = dataclasses.replace(model_cfg, quantization="none", compute_dtype=compute_dtype)
     reference = Encoder(reference_cfg, cfg, seed)
-    texts, pairs = split_texts(frame)
-    keys = input_keys(texts, pairs)
-    found = reference.cache.lookup(keys) if reference.cache is not None else {}
-    if distinct_misses(keys, found):
+    plan = plan_splits({"fidelity": frame}, reference)
+    if not plan.complete:
         too_big = would_not_fit(reference_cfg, compute_dtype)  # collects what the quantized model left first
         if too_big is not None:
             log.warning("quantization fidelity skipped: %s", too_big)
             return {"texts": len(frame), "skipped": too_big}
-    vectors = encode(texts, reference.model, cfg, pairs=pairs, cache=reference.cache, found=found).vectors
+    texts, pairs = split_texts(frame)
+    vectors = encode(
+        texts, reference.model, cfg, pairs=pairs, cache=reference.cache, found=plan.found["fidelity"]
+    ).vectors
     loaded = reference.loaded
     reference.release()
     release_memory(reference.identity.device)

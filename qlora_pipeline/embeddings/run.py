@@ -31,7 +31,6 @@ from qlora_pipeline.embeddings.encoding import (
     check_max_length,
     embed_splits,
     fill_cache,
-    input_keys,
     plan_splits,
     quantization_fidelity,
     split_texts,
@@ -208,7 +207,7 @@ def record_shares(
     """Rank 0's record of a multi-process encode: hits as its first lookup found them, the time of the slowest
     process (plus reading back), tokens and vectors of all processes."""
     for name, frame in frames.items():
-        hits = sum(1 for key in input_keys(*split_texts(frame)) if key in plan.found[name])
+        hits = plan.hits[name]
         split = record["splits"][name]
         real, padded = (sum(getattr(share[name], f) for share in shares) for f in ("real_tokens", "padded_tokens"))
         split.update(
