@@ -21,15 +21,13 @@ import platform
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -90,7 +88,7 @@ def allocate_numbered_dir(root: str | Path, prefix: str, fix: str) -> Path:
         raise UserError(f"cannot create output root {root}: {exc.strerror}; {fix}") from exc
     if not os.access(root, os.W_OK | os.X_OK):
         raise UserError(f"output root {root} is not writable; {fix}")
-    pattern = RUN_PATTERN if prefix == "run" else re.compile(rf"^{re.escape(prefix)}_(\d+)$")
+    pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)$")
     taken = [int(m.group(1)) for p in root.iterdir() if (m := pattern.match(p.name))]
     number = max(taken, default=0) + 1
     while True:
@@ -172,9 +170,12 @@ def flatten(record: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(names: Sequence[str] = KEY_PACKAGES) -> dict[str, str | None]:
+    """{package: installed version, or None when it is not installed}."""
+    from importlib import metadata
+
     versions: dict[str, str | None] = {}
-    for name in KEY_PACKAGES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -184,6 +185,8 @@ def package_versions() -> dict[str, str | None]:
 
 def git_commit() -> dict[str, Any] | None:
     """The commit of the package's source checkout, when it is one (an installed wheel has none)."""
+    import subprocess
+
     source = Path(__file__).resolve().parent.parent
     if not (source / ".git").exists():
         return None

@@ -12,7 +12,7 @@ from qlora_pipeline.runs import Run, environment_info, now_iso, read_json, write
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
     from qlora_pipeline.data.prepare import PreparedData
-    from qlora_pipeline.models.loading import LoadedModel
+    from qlora_pipeline.models.loading import LoadedModel, ModelIdentity
 
 
 def seed_everything(seed: int) -> None:
@@ -39,16 +39,19 @@ def data_stage(config: Config, run: Run) -> PreparedData:
 
 
 def visualize_run(run_dir: Path, figures: bool) -> None:
-    """Figures and dashboard (when enabled), then each split's evaluation_summary.md linking them."""
+    """Figures and dashboard (when enabled), then each split's evaluation_summary.md linking them; the results
+    files are read once for all three."""
+    from qlora_pipeline.evaluation.results import collect_results
     from qlora_pipeline.reporting.summary import write_summaries
 
+    collected = collect_results(run_dir)
     if figures:
         from qlora_pipeline.reporting.dashboard import write_dashboard
         from qlora_pipeline.reporting.figures import plot_run
 
-        plot_run(run_dir)
-        write_dashboard(run_dir)
-    write_summaries(run_dir)
+        plot_run(run_dir, collected)
+        write_dashboard(run_dir, collected)
+    write_summaries(run_dir, collected)
 
 
 def archive_record(config: Config, run: Run, reproduce_of: Path | None) -> dict[str, Any]:
@@ -72,15 +75,22 @@ def update_record(run: Run, **fields: Any) -> None:
     write_json(run.dir / "config.json", record)
 
 
+def identity_record(model: LoadedModel | ModelIdentity) -> dict[str, Any]:
+    """Which model, in which setting: the first keys of config.json's model record."""
+    return {
+        "source": model.source,
+        "revision": model.revision,
+        "quantization": model.quantization,
+        "compute_dtype": model.compute_dtype,
+        "device": model.device,
+        "notes": list(model.notes),
+    }
+
+
 def model_record(loaded: LoadedModel) -> dict[str, Any]:
     """What was actually loaded, for config.json and the report."""
     return {
-        "source": loaded.source,
-        "revision": loaded.revision,
-        "quantization": loaded.quantization,
-        "compute_dtype": loaded.compute_dtype,
-        "device": loaded.device,
-        "notes": list(loaded.notes),
+        **identity_record(loaded),
         # from_pretrained's report: weights drawn fresh (missing, or another shape) and checkpoint weights unused
         "load_report": dict(loaded.load_report),
     }

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from qlora_pipeline import progress
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import EmbeddingConfig, ModelConfig
 from qlora_pipeline.embeddings import encoding as embeddings
@@ -178,7 +179,7 @@ def test_cache_info_and_clear(
 def test_progress_is_logged_without_a_terminal(
     loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(embeddings, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     with caplog.at_level(logging.INFO, logger="qlora_pipeline.embeddings.encoding"):
         encode(TEXTS[:20], loaded, EMB)
     assert "encoding: 8 / 20 texts" in caplog.text and "texts/s" in caplog.text

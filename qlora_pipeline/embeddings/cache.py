@@ -135,8 +135,18 @@ def record_dtype(dim: int) -> np.dtype:
     return np.dtype([("key", "V32"), ("crc", "<u4"), ("vector", "<f4", (dim,))])
 
 
-def record_crc(key: bytes, vector: bytes) -> int:
+def record_crc(key: bytes | memoryview, vector: bytes | memoryview) -> int:
     return zlib.crc32(vector, zlib.crc32(key))
+
+
+def pack_records(keys: Sequence[bytes], vectors: np.ndarray) -> np.ndarray:
+    """Records (key, CRC, little-endian float32 vector) of one vector per key, as segments store them."""
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")
+    records = np.zeros(len(keys), dtype=record_dtype(vectors.shape[1]))
+    records["key"] = [np.void(k) for k in keys]
+    records["vector"] = vectors
+    records["crc"] = [record_crc(k, v.tobytes()) for k, v in zip(keys, vectors, strict=True)]
+    return records
 
 
 class EmbeddingCache:
@@ -198,7 +208,7 @@ class EmbeddingCache:
         size, crcs = records.dtype.itemsize, records["crc"].tolist()
         for i in np.flatnonzero(intact).tolist():
             at = i * size
-            if zlib.crc32(raw[at + KEY_BYTES + 4 : at + size], zlib.crc32(raw[at : at + KEY_BYTES])) != crcs[i]:
+            if record_crc(raw[at : at + KEY_BYTES], raw[at + KEY_BYTES + 4 : at + size]) != crcs[i]:
                 intact[i] = False
         vectors = records["vector"].astype(np.float32)
         damaged = [key for key, ok in zip(keys, intact.tolist(), strict=True) if not ok]
@@ -218,10 +228,7 @@ class EmbeddingCache:
             raise ValueError(f"put needs one 2-D vector per key, got {len(keys)} keys and shape {vectors.shape}")
         if not len(keys):
             return None
-        records = np.zeros(len(keys), dtype=record_dtype(vectors.shape[1]))
-        records["key"] = [np.void(k) for k in keys]
-        records["vector"] = vectors
-        records["crc"] = [record_crc(k, v.tobytes()) for k, v in zip(keys, vectors, strict=True)]
+        records = pack_records(keys, vectors)
         with self._lock:
             written = self._with_index(True, lambda index: self._append(index, list(keys), records))
         if written is None:
@@ -310,11 +317,7 @@ class EmbeddingCache:
             if content is None:
                 log.warning("embedding cache: %s is truncated or corrupt; deleted, its vectors are recomputed", name)
             else:
-                records = np.zeros(len(content[0]), dtype=record_dtype(content[1].shape[1]))
-                records["key"] = [np.void(k) for k in content[0]]
-                records["vector"] = content[1]
-                records["crc"] = [record_crc(k, v.tobytes()) for k, v in zip(content[0], content[1], strict=True)]
-                self._append(index, content[0], records)
+                self._append(index, content[0], pack_records(*content))
             (self.folder / name).unlink(missing_ok=True)
 
     def _close(self) -> None:

@@ -15,12 +15,9 @@ are a fixed plan (window by window), which lets the processes of a torchrun job 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +29,8 @@ from qlora_pipeline.errors import UserError
 from qlora_pipeline.models.device import release_memory
 from qlora_pipeline.models.loading import LoadedModel, ModelIdentity, load_model, resolve_identity, would_not_fit
 from qlora_pipeline.models.pairs import encode as model_inputs
+from qlora_pipeline.progress import Progress
+from qlora_pipeline.runs import package_versions
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import EmbeddingConfig, ModelConfig
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 512  # vectors per cache write: an interrupt loses at most this many; writes stay few
-LOG_EVERY_S = 30.0  # without a terminal, progress is logged this often
 TOKENIZE_EVERY = 4096  # texts tokenized at a time: bounded memory; batches sorted by length within a window
 
 
@@ -113,12 +111,6 @@ def instruction_around(cfg: EmbeddingConfig) -> tuple[str, str]:
     return head, tail
 
 
-def apply_prompt(texts: Sequence[str], cfg: EmbeddingConfig) -> list[str]:
-    """Wrap texts in the instruction template when an instruction is set."""
-    head, tail = instruction_around(cfg)
-    return [f"{head}{text}{tail}" for text in texts]
-
-
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
     """Pool token states `[batch, seq, dim]` to `[batch, dim]`; correct under left and right padding."""
     if method == "mean":
@@ -147,12 +139,12 @@ def cache_settings(model: LoadedModel | ModelIdentity, cfg: EmbeddingConfig) -> 
         "quantization": model.quantization,
         "compute_dtype": model.compute_dtype,
         "device": model.device,
-        "prompt": apply_prompt(["{text}"], cfg)[0],
+        "prompt": "{text}".join(instruction_around(cfg)),  # the instruction template around a text
         "pairs": model.pair_encoding.record(),  # vectors of pairs joined another way are never served
         "pooling": cfg.pooling,
         "max_length": cfg.max_length,
         "normalize": cfg.normalize,
-        "versions": {name: _version(name) for name in ("torch", "transformers", "bitsandbytes")},
+        "versions": package_versions(("torch", "transformers", "bitsandbytes")),
     }
 
 
@@ -269,7 +261,7 @@ def _computed(
     pending: list[np.ndarray] = []
     micro = [batch_size]  # forward size after out-of-memory halvings, kept for the rest of the encode
     number = 0  # the plan's batch number, the same on every process
-    with _progress(share) as advance, torch.inference_mode():
+    with Progress(share, "encoding", "text", logger=log) as progress, torch.inference_mode():
         try:
             for window in _plan(todo, TOKENIZE_EVERY):
                 ordered, tokens = _tokenize(window, texts, pairs, loaded, cfg)
@@ -295,7 +287,7 @@ def _computed(
                             if len(pending_keys) >= FLUSH_EVERY:
                                 cache.put(pending_keys, np.concatenate(pending))
                                 pending_keys, pending = [], []
-                    advance(len(batch))
+                    progress.advance(len(batch))
                     yield positions, np.stack([ready[k] if k in ready else next(fresh) for k in batch_keys])
         finally:  # keep what finished, even on an interrupt
             if cache is not None and pending_keys:
@@ -355,39 +347,6 @@ def _forward(
     return np.concatenate(parts)
 
 
-@contextmanager
-def _progress(total: int) -> Iterator[Callable[[int], None]]:
-    """A tqdm bar with texts/s on a terminal; otherwise an INFO line every LOG_EVERY_S seconds."""
-    if total == 0:
-        yield lambda n: None
-        return
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        with tqdm(total=total, unit="text", desc="encoding", leave=False) as bar:
-            yield bar.update
-        return
-    start = last = time.perf_counter()
-    count = 0
-
-    def advance(n: int) -> None:
-        nonlocal count, last
-        count += n
-        now = time.perf_counter()
-        if now - last >= LOG_EVERY_S:
-            last = now
-            log.info("encoding: %d / %d texts (%.0f texts/s)", count, total, count / (now - start))
-
-    yield advance
-
-
-def _version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
 def check_max_length(encoder: Encoder, cfg: EmbeddingConfig) -> None:
     """A max_length above the model's position limit would index past its position table (BERT's 512 learned
     positions) or run past the lengths it was trained on (rotary decoders)."""
@@ -405,6 +364,7 @@ class SplitPlan:
 
     found: dict[str, dict[bytes, np.ndarray]] = field(default_factory=dict)
     todo: dict[str, list[int]] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)  # texts (not distinct ones) whose vector was found
 
     @property
     def complete(self) -> bool:
@@ -420,8 +380,9 @@ def plan_splits(frames: dict[str, Any], encoder: Encoder) -> SplitPlan:
     plan = SplitPlan()
     for name, frame in frames.items():
         keys = input_keys(*split_texts(frame))
-        plan.found[name] = encoder.cache.lookup(keys) if encoder.cache is not None else {}
-        plan.todo[name] = distinct_misses(keys, plan.found[name])
+        plan.found[name] = found = encoder.cache.lookup(keys) if encoder.cache is not None else {}
+        plan.todo[name] = distinct_misses(keys, found)
+        plan.hits[name] = sum(1 for key in keys if key in found)
     return plan
 
 
@@ -470,15 +431,16 @@ def quantization_fidelity(
 
     reference_cfg = dataclasses.replace(model_cfg, quantization="none", compute_dtype=compute_dtype)
     reference = Encoder(reference_cfg, cfg, seed)
-    texts, pairs = split_texts(frame)
-    keys = input_keys(texts, pairs)
-    found = reference.cache.lookup(keys) if reference.cache is not None else {}
-    if distinct_misses(keys, found):
+    plan = plan_splits({"fidelity": frame}, reference)
+    if not plan.complete:
         too_big = would_not_fit(reference_cfg, compute_dtype)  # collects what the quantized model left first
         if too_big is not None:
             log.warning("quantization fidelity skipped: %s", too_big)
             return {"texts": len(frame), "skipped": too_big}
-    vectors = encode(texts, reference.model, cfg, pairs=pairs, cache=reference.cache, found=found).vectors
+    texts, pairs = split_texts(frame)
+    vectors = encode(
+        texts, reference.model, cfg, pairs=pairs, cache=reference.cache, found=plan.found["fidelity"]
+    ).vectors
     loaded = reference.loaded
     reference.release()
     release_memory(reference.identity.device)

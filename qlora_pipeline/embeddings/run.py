@@ -31,7 +31,6 @@ from qlora_pipeline.embeddings.encoding import (
     check_max_length,
     embed_splits,
     fill_cache,
-    input_keys,
     plan_splits,
     quantization_fidelity,
     split_texts,
@@ -41,14 +40,21 @@ from qlora_pipeline.evaluation.baseline import BASELINE, baseline_texts, fit_bas
 from qlora_pipeline.evaluation.metrics import predictions_frame
 from qlora_pipeline.evaluation.per_dataset import Scores, check_dataset, empty_scores, fill, head_name, ordered
 from qlora_pipeline.evaluation.results import evaluate_split
-from qlora_pipeline.evaluation.trained_head import tune_threshold
+from qlora_pipeline.evaluation.trained_head import TrainedHead, tune_threshold
 from qlora_pipeline.runs import write_json
-from qlora_pipeline.stages import data_stage, model_record, seed_everything, update_record, visualize_run
+from qlora_pipeline.stages import (
+    data_stage,
+    identity_record,
+    model_record,
+    seed_everything,
+    update_record,
+    visualize_run,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from qlora_pipeline.config import Config
+    from qlora_pipeline.config import ClassifierConfig, Config
     from qlora_pipeline.data.split import Splits
     from qlora_pipeline.runs import Run
 
@@ -130,9 +136,7 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
         ]
         if tune:
             for head in heads:
-                positive = head.predict_proba(vectors["validation"])[:, 1]
-                metric, target = config.classifier.threshold_metric, config.classifier.target_precision
-                head.threshold = tune_threshold(labels["validation"], positive, metric, target)
+                tune_head(head, vectors["validation"], labels["validation"], config.classifier)
                 log.info("head %s: threshold %.4f tuned on validation", head.name, head.threshold)
         if config.classifier.baseline:
             heads.append(fit_baseline(baseline_texts(splits.train), labels["train"], seed))
@@ -142,7 +146,7 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
     per_dataset = {}  # experiment.per_dataset: {head_per_dataset: scores}, see `fit_per_dataset`
     if config.experiment.per_dataset:
         with run.stage("per_dataset"):
-            per_dataset = fit_per_dataset(config, run, splits, vectors, prepared.class_weights is not None)
+            per_dataset = fit_per_dataset(config, run, splits, vectors, prepared.class_weights is not None, tune)
 
     with run.stage("evaluation"):
         metrics: dict[str, Any] = {}
@@ -203,7 +207,7 @@ def record_shares(
     """Rank 0's record of a multi-process encode: hits as its first lookup found them, the time of the slowest
     process (plus reading back), tokens and vectors of all processes."""
     for name, frame in frames.items():
-        hits = sum(1 for key in input_keys(*split_texts(frame)) if key in plan.found[name])
+        hits = plan.hits[name]
         split = record["splits"][name]
         real, padded = (sum(getattr(share[name], f) for share in shares) for f in ("real_tokens", "padded_tokens"))
         split.update(
@@ -216,18 +220,18 @@ def record_shares(
     record["computed_per_process"] = [sum(tally.computed for tally in share.values()) for share in shares]
 
 
+def tune_head(head: TrainedHead, features: np.ndarray, labels: np.ndarray, cfg: ClassifierConfig) -> None:
+    """Set a binary head's decision threshold, tuned on validation vectors and labels."""
+    positive = head.predict_proba(features)[:, 1]
+    head.threshold = tune_threshold(labels, positive, cfg.threshold_metric, cfg.target_precision)
+
+
 def encoder_record(encoder: Encoder) -> dict[str, Any]:
     """config.json's model record: what was loaded, or, when nothing had to be computed, what would have been."""
     if encoder.loaded:
         return model_record(encoder.model())
-    identity = encoder.identity
     return {
-        "source": identity.source,
-        "revision": identity.revision,
-        "quantization": identity.quantization,
-        "compute_dtype": identity.compute_dtype,
-        "device": identity.device,
-        "notes": list(identity.notes),
+        **identity_record(encoder.identity),
         "loaded": False,  # every vector this run needs was in the embedding cache
     }
 
@@ -236,16 +240,15 @@ def encoder_record(encoder: Encoder) -> dict[str, Any]:
 
 
 def fit_per_dataset(
-    config: Config, run: Run, splits: Splits, vectors: dict[str, np.ndarray], weighted: bool
+    config: Config, run: Run, splits: Splits, vectors: dict[str, np.ndarray], weighted: bool, tune: bool
 ) -> dict[str, Scores]:
-    """Every classifier head fitted again on each dataset's train rows alone (its threshold tuned on that
-    dataset's validation rows; `weighted`: data.balance class weights, from that dataset's train rows) and saved in
-    models/<dataset>/, where `qlora predict --dataset` finds it. Returns {<head>_per_dataset: scores}, each dataset's
-    rows of every evaluation split scored by its own model."""
+    """Every classifier head fitted again on each dataset's train rows alone (with `tune`, as `needed_splits`
+    decided it, its threshold tuned on that dataset's validation rows; `weighted`: data.balance class weights, from
+    that dataset's train rows) and saved in models/<dataset>/, where `qlora predict --dataset` finds it. Returns
+    {<head>_per_dataset: scores}, each dataset's rows of every evaluation split scored by its own model."""
     from qlora_pipeline.data.balance import class_weights
 
     seed, classes = config.experiment.seed, len(splits.label_names)
-    tune = classes == 2 and config.classifier.threshold_metric != "none"
     wanted = list(config.evaluation.splits)
     scores = {head_name(name): empty_scores(splits, wanted) for name in config.classifier.heads}
     for dataset in (source.name for source in config.data.sources):
@@ -257,9 +260,7 @@ def fit_per_dataset(
         for name in config.classifier.heads:
             head = fit_head(name, vectors["train"][rows["train"]], labels["train"], config.classifier, seed, weights)
             if tune:
-                positive = head.predict_proba(vectors["validation"][rows["validation"]])[:, 1]
-                metric, target = config.classifier.threshold_metric, config.classifier.target_precision
-                head.threshold = tune_threshold(labels["validation"], positive, metric, target)
+                tune_head(head, vectors["validation"][rows["validation"]], labels["validation"], config.classifier)
             head.save(run.dir / "models" / dataset)
             for split in wanted:
                 proba = head.predict_proba(vectors[split][rows[split]])

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import f1_score, precision_recall_curve, roc_curve
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 from qlora_pipeline.evaluation.calibration import reliability
-from qlora_pipeline.evaluation.metrics import proba_columns
+from qlora_pipeline.evaluation.metrics import accuracy_macro_f1, proba_columns
 
 CURVE_POINTS = 200
 SCORE_BINS = 20
@@ -88,14 +88,12 @@ def by_length(predictions: pd.DataFrame, buckets: int) -> list[dict[str, Any]]:
         part = predictions[codes.to_numpy() == bucket]
         if part.empty:
             continue
-        labels, prediction = part["label"].to_numpy(), part["prediction"].to_numpy()
         rows.append(
             {
                 # qcut buckets are (low, high] except the first; lengths are whole characters.
                 "chars": f"{int(edges[0]) if bucket == 0 else int(edges[bucket]) + 1}–{int(edges[bucket + 1])}",
                 "n": len(part),
-                "accuracy": float((labels == prediction).mean()),
-                "macro_f1": float(f1_score(labels, prediction, average="macro", zero_division=0)),
+                **accuracy_macro_f1(part["label"].to_numpy(), part["prediction"].to_numpy()),
             }
         )
     return rows

@@ -122,7 +122,6 @@ def bootstrap_block(
         "mcc": mcc_from_confusion(cm),
         "ece": calibration_error(weights, labels == prediction, proba.max(axis=1), ece_bins),
     }
-    onehot = np.eye(k)[labels]
     if k == 2:
         out["f1"] = per_class_f1[:, 1]
         out["precision"], out["recall"] = per_class_precision[:, 1], per_class_recall[:, 1]
@@ -133,6 +132,7 @@ def bootstrap_block(
         # sklearn's macro average runs over the classes present in labels or predictions, as macro_f1 does.
         out["precision"] = (per_class_precision * present).sum(axis=1) / present.sum(axis=1)
         out["recall"] = (per_class_recall * present).sum(axis=1) / present.sum(axis=1)
+        onehot = np.eye(k)[labels]
         out["brier"] = weights @ ((proba - onehot) ** 2).sum(axis=1) / n
         aucs, aps = zip(*(ranking_metrics(weights, labels == c, proba[:, c]) for c in range(k)), strict=True)
         out["roc_auc"] = np.mean(aucs, axis=0)

@@ -109,10 +109,10 @@ def shown_heads(metrics: dict[str, Any]) -> list[str]:
 @with_figure_fonts
 def plot_comparison(runs: list[RunSummary], split: str, path: Path) -> Path:
     import numpy as np
-    from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = figure.add_subplot()
+    from qlora_pipeline.reporting.figures import new_figure, save
+
+    figure, ax = new_figure(8, 4.5)
     width = 0.8 / len(runs)
     instructions = is_instruction_run(runs[0])
     names = TEXT_METRICS if instructions else COMPARED  # perplexity's scale would flatten the other bars
@@ -126,8 +126,7 @@ def plot_comparison(runs: list[RunSummary], split: str, path: Path) -> Path:
     label = "score (0-100; exact match a share)" if instructions else "score (brier, ece: lower is better)"
     ax.set(ylabel=label, title=f"Runs compared — {split}, all datasets")
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=min(len(runs), 4))
-    figure.savefig(path, dpi=110)
-    return path
+    return save(figure, path)
 
 
 def default_output(paths: list[Path]) -> Path:

@@ -235,13 +235,10 @@ def build_page(
             parts += [
                 f"<h3>{html.escape(split)} (n = {results['heads'][results['primary_head']]['n']})</h3>",
                 metrics_table(results),
-                '<div class="grid">',
+                plots(specs, f"plot-{index}-{split}", figure_specs(results)),
+                "<h4>Most confidently wrong</h4>",
+                errors_table(results),
             ]
-            for name, spec in figure_specs(results).items():
-                plot_id = f"plot-{index}-{split}-{name}"
-                specs[plot_id] = spec
-                parts.append(f'<div class="plot" id="{plot_id}"></div>')
-            parts += ["</div>", "<h4>Most confidently wrong</h4>", errors_table(results)]
         sections.append(f'<section class="tab" id="tab-{index}">{"".join(parts)}</section>')
     tabs = [(str(i), d) for i, d in enumerate(datasets)]
     if collected:
@@ -272,10 +269,13 @@ def build_page(
     )
 
 
-def write_dashboard(run_dir: Path) -> Path:
+def write_dashboard(run_dir: Path, collected: dict[str, dict[str, dict[str, Any]]] | None = None) -> Path:
+    """dashboard.html of a run (`collected`: its `collect_results`, when the caller has read them already)."""
+    if collected is None:
+        collected = collect_results(run_dir)
     logs = [run_dir / name for name in TRAINING_LOGS if (run_dir / name).is_file()]
     training = (logs[0].name, read_training_log(logs[0])) if logs else None
     path = run_dir / "dashboard.html"
-    page = build_page(collect_results(run_dir), f"Dashboard — {run_dir.name}", training, dashboard_tabs(run_dir))
+    page = build_page(collected, f"Dashboard — {run_dir.name}", training, dashboard_tabs(run_dir))
     path.write_text(page, encoding="utf-8")
     return path

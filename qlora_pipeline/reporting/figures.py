@@ -187,10 +187,11 @@ def plot_training_curves(log_path: Path, out_dir: Path) -> Path:
     return save(figure, out_dir / "training_curves.png")
 
 
-def plot_run(run_dir: Path) -> list[Path]:
-    """Every figure for a finished run: per dataset and split, per split across datasets, training curves."""
+def plot_run(run_dir: Path, collected: dict[str, dict[str, dict[str, Any]]] | None = None) -> list[Path]:
+    """Every figure for a finished run: per dataset and split, per split across datasets, training curves.
+    `collected`: the run's `collect_results`, when the caller has read them already."""
     paths = []
-    for split, per_dataset in collect_results(run_dir).items():
+    for split, per_dataset in (collect_results(run_dir) if collected is None else collected).items():
         for dataset, results in per_dataset.items():
             paths += plot_evaluation(results, inside(run_dir, dataset_folder(dataset), split))
         paths.append(plot_dataset_comparison(per_dataset, run_dir / "figures", split))

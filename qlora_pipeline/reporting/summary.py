@@ -53,10 +53,11 @@ def summary_markdown(results: dict[str, Any], figures: list[str]) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_summaries(run_dir: Path) -> list[Path]:
-    """evaluation_summary.md beside each results file, linking the figures already in that folder."""
+def write_summaries(run_dir: Path, collected: dict[str, dict[str, dict[str, Any]]] | None = None) -> list[Path]:
+    """evaluation_summary.md beside each results file, linking the figures already in that folder (`collected`:
+    the run's `collect_results`, when the caller has read them already)."""
     paths = []
-    for split in collect_results(run_dir).values():
+    for split in (collect_results(run_dir) if collected is None else collected).values():
         for results in split.values():
             folder = inside(run_dir, dataset_folder(results["dataset"]), results["split"])
             figures = sorted(p.name for p in folder.glob("*.png"))
