@@ -859,7 +859,6 @@ class OutputConfig:
         _check("tracking_uri", self.tracking_uri, self.tracking_uri != "", "null or a non-empty URI or path")
 
 
-SWEEP_METRICS = ("accuracy", "macro_f1", "roc_auc", "pr_auc", "mcc", "f1", "brier", "ece")
 LOWER_IS_BETTER = ("brier", "ece")
 
 
@@ -1038,15 +1037,7 @@ class Config:
         mode = self.experiment.mode
         if mode == "sft":
             return
-        counts = set()
-        for source in self.data.sources:
-            if source.label_names is not None:
-                counts.add(len(source.label_names))
-            elif source.labels.binary_rule is not None:
-                counts.add(len(BINARY_DEFAULT_NAMES))
-            elif source.labels.map is not None:
-                default = source.labels.default_class
-                counts.add(len(set(source.labels.map.values()) | ({default} if default else set())))
+        counts = {len(names) for source in self.data.sources if (names := source.class_names()) is not None}
         if len(counts) != 1:
             return  # unknown until the data is read (or sources that disagree, which the data stage names)
         (classes,) = counts

@@ -77,8 +77,6 @@ class Outcome:
 
     state: str  # succeeded | failed | interrupted
     run_dir: Path | None
-    validation: float | None = None
-    test: float | None = None
     error: str | None = None
 
 
