@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.errors import ConfigError, UserError
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -300,6 +300,13 @@ def encoding_problem(name: str) -> str | None:
     if not getattr(info, "_is_text_encoding", True):  # rot13, base64, zlib: codecs, but not text encodings
         return f"{name!r} is not a text encoding; use e.g. utf-8, gbk, gb18030, utf-16, big5, or auto"
     return None
+
+
+def check_encoding_option(encoding: str | None) -> None:
+    """A command's --encoding (None: not given), refused with UserError when Python cannot decode files with it."""
+    problem = encoding_problem(encoding) if encoding is not None else None
+    if problem:
+        raise UserError(f"--encoding {problem}")
 
 
 @dataclass

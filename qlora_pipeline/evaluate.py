@@ -117,12 +117,10 @@ def evaluate_file(
 def _read(path: Path, encoding: str | None) -> tuple[pd.DataFrame, Encoding | None, str]:
     import hashlib
 
-    from qlora_pipeline.config import encoding_problem
+    from qlora_pipeline.config import check_encoding_option
     from qlora_pipeline.data.sources import read_local_file
 
-    problem = encoding_problem(encoding) if encoding is not None else None
-    if problem:
-        raise UserError(f"--encoding {problem}")
+    check_encoding_option(encoding)
     raw = path.read_bytes()
     table, used = read_local_file(path, encoding, option="--encoding", data=raw)
     if table.empty:
