@@ -294,7 +294,16 @@ def _load_encoder(predictor: Predictor) -> Callable[[list[str], list[str] | None
         from qlora_pipeline.embeddings.encoding import cache_settings
 
         cache = EmbeddingCache(cache_settings(loaded, embedding))
-    return lambda texts, pairs: encode(texts, loaded, embedding, pairs=pairs, cache=cache).vectors
+    last: list[Any] = []  # the last inputs and their vectors: every head of a run scores the same texts
+
+    def encoder(texts: list[str], pairs: list[str] | None) -> np.ndarray:
+        if last and last[0] == texts and last[1] == pairs:
+            return last[2]
+        vectors = encode(texts, loaded, embedding, pairs=pairs, cache=cache).vectors
+        last[:] = [list(texts), None if pairs is None else list(pairs), vectors]
+        return vectors
+
+    return encoder
 
 
 def _compare_with_record(predictor: Predictor, loaded: Any) -> None:
