@@ -371,12 +371,12 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def reproduce_command(run_path: str, output_dir: str | None) -> int:
-    from qlora_pipeline.reproduce import check_original, check_processes, load_archived_config, locate_archive
+    from qlora_pipeline.reproduce import check_original, check_processes, load_archive, locate_archive
 
     run_dir, config_json = locate_archive(run_path)
     check_original(run_dir)
-    config = load_archived_config(config_json)
-    check_processes(run_dir, config_json)
+    config, record = load_archive(config_json)
+    check_processes(run_dir, record)
     return run_command(config, output_dir or str(run_dir.parent), reproduce_of=run_dir)
 
 

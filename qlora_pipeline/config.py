@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.errors import ConfigError, UserError
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -300,6 +300,13 @@ def encoding_problem(name: str) -> str | None:
     if not getattr(info, "_is_text_encoding", True):  # rot13, base64, zlib: codecs, but not text encodings
         return f"{name!r} is not a text encoding; use e.g. utf-8, gbk, gb18030, utf-16, big5, or auto"
     return None
+
+
+def check_encoding_option(encoding: str | None) -> None:
+    """A command's --encoding (None: not given), refused with UserError when Python cannot decode files with it."""
+    problem = encoding_problem(encoding) if encoding is not None else None
+    if problem:
+        raise UserError(f"--encoding {problem}")
 
 
 @dataclass
@@ -859,7 +866,6 @@ class OutputConfig:
         _check("tracking_uri", self.tracking_uri, self.tracking_uri != "", "null or a non-empty URI or path")
 
 
-SWEEP_METRICS = ("accuracy", "macro_f1", "roc_auc", "pr_auc", "mcc", "f1", "brier", "ece")
 LOWER_IS_BETTER = ("brier", "ece")
 
 
@@ -1038,15 +1044,7 @@ class Config:
         mode = self.experiment.mode
         if mode == "sft":
             return
-        counts = set()
-        for source in self.data.sources:
-            if source.label_names is not None:
-                counts.add(len(source.label_names))
-            elif source.labels.binary_rule is not None:
-                counts.add(len(BINARY_DEFAULT_NAMES))
-            elif source.labels.map is not None:
-                default = source.labels.default_class
-                counts.add(len(set(source.labels.map.values()) | ({default} if default else set())))
+        counts = {len(names) for source in self.data.sources if (names := source.class_names()) is not None}
         if len(counts) != 1:
             return  # unknown until the data is read (or sources that disagree, which the data stage names)
         (classes,) = counts

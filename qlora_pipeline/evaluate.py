@@ -93,7 +93,7 @@ def evaluate_file(
     frame, removed = _clean(predictor, frame, path)
     heads = saved_heads(predictor)
     with cpu_threads(predictor.config.model.cpu_threads):  # as the run trained and scored
-        predictions = {head: _score(predictor, head, frame) for head in heads}
+        predictions = _score(predictor, heads, frame)
     record = {
         "run": str(predictor.run_dir.resolve()),
         "file": str(path.resolve()),
@@ -117,12 +117,10 @@ def evaluate_file(
 def _read(path: Path, encoding: str | None) -> tuple[pd.DataFrame, Encoding | None, str]:
     import hashlib
 
-    from qlora_pipeline.config import encoding_problem
+    from qlora_pipeline.config import check_encoding_option
     from qlora_pipeline.data.sources import read_local_file
 
-    problem = encoding_problem(encoding) if encoding is not None else None
-    if problem:
-        raise UserError(f"--encoding {problem}")
+    check_encoding_option(encoding)
     raw = path.read_bytes()
     table, used = read_local_file(path, encoding, option="--encoding", data=raw)
     if table.empty:
@@ -261,18 +259,24 @@ def saved_heads(predictor: Predictor) -> list[str]:
     return [predictor.head, *others, *baseline]
 
 
-def _score(predictor: Predictor, head: str, frame: pd.DataFrame) -> pd.DataFrame:
-    """One head's predictions frame (as the run's evaluation builds it), each dataset by its own model."""
+def _score(predictor: Predictor, heads: list[str], frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Each head's predictions frame (as the run's evaluation builds it), each dataset by its own model. Heads take
+    turns on a dataset's rows, so the embedding heads, sharing the primary head's encoder, encode them once."""
     from qlora_pipeline.evaluation.metrics import predictions_frame
 
-    scorer_of = predictor if head == predictor.head else dataclasses.replace(predictor, head=head, _scorers={})
-    proba = np.zeros((len(frame), len(predictor.label_names)))
-    predicted = np.zeros(len(frame), dtype=int)
+    shape = (len(frame), len(predictor.label_names))
+    proba = {head: np.zeros(shape) for head in heads}
+    predicted = {head: np.zeros(len(frame), dtype=int) for head in heads}
+    scorers_of = {predictor.head: predictor}
     for name, rows in frame.groupby("dataset", sort=False):
         where = frame.index.get_indexer(rows.index)
-        pairs = rows["text_pair"].tolist() if "text_pair" in rows else None
-        proba[where], predicted[where] = scorer_of.scorer(str(name))(rows["text"].tolist(), pairs)
-    return predictions_frame(frame, proba, predicted, tuple(predictor.label_names))
+        texts, pairs = rows["text"].tolist(), rows["text_pair"].tolist() if "text_pair" in rows else None
+        for head in heads:
+            if head not in scorers_of:  # copied once the primary head has loaded the encoder the copies share
+                scorers_of[head] = dataclasses.replace(predictor, head=head, _scorers={})
+            proba[head][where], predicted[head][where] = scorers_of[head].scorer(str(name))(texts, pairs)
+    labels = tuple(predictor.label_names)
+    return {head: predictions_frame(frame, proba[head], predicted[head], labels) for head in heads}
 
 
 def _write(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_pipeline.errors import DataError, UserError
+from qlora_pipeline.predict_cli import input_lines, positive_int
 
 if TYPE_CHECKING:
     from qlora_pipeline.sft.generation import Generator
@@ -42,14 +43,14 @@ def add_generate_parsers(commands: Any) -> None:
     generate.add_argument("--out", help="--file: write JSON lines here (default: print them)")
     generate.add_argument("--history", action="store_true", help="--interactive: keep the conversation (multi-turn)")
     generate.add_argument("--json", action="store_true", help="print a JSON line per answer instead of plain text")
-    generate.add_argument("--max-new-tokens", type=_positive, help="most tokens per answer (default: the run's)")
+    generate.add_argument("--max-new-tokens", type=positive_int, help="most tokens per answer (default: the run's)")
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (seeded)")
     generate.add_argument("--temperature", type=_positive_float, help="sampling temperature (default: the run's)")
     generate.add_argument("--top-p", type=_probability, help="sampling nucleus mass (default: the run's)")
     generate.add_argument("--top-k", type=_non_negative, help="sampling: keep the k likeliest tokens; 0 keeps all")
     generate.add_argument("--seed", type=_non_negative, help="sampling seed (default: the run's experiment.seed)")
     generate.add_argument("--no-adapter", action="store_true", help="answer with the base model alone (to compare)")
-    generate.add_argument("--batch-size", type=_positive, help="prompts per forward pass (default: the run's)")
+    generate.add_argument("--batch-size", type=positive_int, help="prompts per forward pass (default: the run's)")
     generate.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], help="where the model runs (default: the run's model.device)"
     )
@@ -62,13 +63,6 @@ def add_generate_parsers(commands: Any) -> None:
     export.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="saved weights (default float32)"
     )
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {number}")
-    return number
 
 
 def _non_negative(value: str) -> int:
@@ -211,12 +205,7 @@ def interactive(generator: Generator, args: argparse.Namespace, options: dict[st
     """One line in, one answer out, until EOF. Blank lines are skipped; with --history the turns accumulate."""
     prompt = sys.stdin.isatty()
     history: list[dict[str, Any]] = []
-    while True:
-        if prompt:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            return 0
+    for line in input_lines(prompt):
         text = line.rstrip("\n")
         if not text.strip():
             continue
@@ -228,3 +217,4 @@ def interactive(generator: Generator, args: argparse.Namespace, options: dict[st
             print(json.dumps({"prompt": text, "answer": answer.text, "stopped": answer.stopped}, ensure_ascii=False))
         else:
             print(answer.text, flush=True)
+    return 0

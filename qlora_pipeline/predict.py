@@ -38,7 +38,7 @@ import pandas as pd
 from qlora_pipeline.errors import DataError, UserError
 from qlora_pipeline.evaluation.baseline import BASELINE, baseline_texts
 from qlora_pipeline.integrity import CHECKSUMS, verify_checksums, verify_manifest
-from qlora_pipeline.reproduce import load_archived_config
+from qlora_pipeline.reproduce import load_archive
 from qlora_pipeline.runs import dataset_folder, read_json, run_state
 
 if TYPE_CHECKING:
@@ -67,6 +67,8 @@ class Predictor:
     # not by length; an embeddings run reads (and fills) the embedding cache as the run did.
     by_length: bool = True
     use_cache: bool = False
+    # How the run's model loaded (config.json's `model`: device, quantization, compute_dtype), to compare a load with.
+    recorded_model: dict[str, Any] = field(default_factory=dict, repr=False)
     _scorers: dict[Path, Scorer] = field(default_factory=dict, repr=False)
     _encoder: Any = field(default=None, repr=False)
     _verified: set[Path] = field(default_factory=set, repr=False)  # model folders checked against their checksums
@@ -169,7 +171,7 @@ def load_predictor(
         if not (run / name).is_file():
             raise UserError(f"{run} has no {name}: not a finished qlora run directory")
     verify_manifest(run, ["config.json", "data_summary.json"])  # what decides how texts are scored
-    config = load_archived_config(run / "config.json")
+    config, record = load_archive(run / "config.json")
     mode = config.experiment.mode
     if mode == "sft":
         raise UserError(
@@ -199,6 +201,7 @@ def load_predictor(
         batch_size=batch_size or _default_batch_size(config, as_the_run_scored),
         by_length=not as_the_run_scored,
         use_cache=as_the_run_scored and config.embedding.cache,
+        recorded_model=record.get("model") or {},
     )
     _check_model_files(predictor, predictor.model_dir(dataset))
     if dataset is not None:
@@ -282,7 +285,7 @@ def _load_encoder(predictor: Predictor) -> Callable[[list[str], list[str] | None
 
     config = predictor.config
     loaded = load_model(config.model, task="encoder", seed=config.experiment.seed)
-    _compare_with_record(predictor.run_dir, loaded)
+    _compare_with_record(predictor, loaded)
     embedding = replace(config.embedding, batch_size=predictor.batch_size)
     check_max_length(loaded, embedding.max_length, "embedding.max_length")
     cache = None
@@ -291,13 +294,22 @@ def _load_encoder(predictor: Predictor) -> Callable[[list[str], list[str] | None
         from qlora_pipeline.embeddings.encoding import cache_settings
 
         cache = EmbeddingCache(cache_settings(loaded, embedding))
-    return lambda texts, pairs: encode(texts, loaded, embedding, pairs=pairs, cache=cache).vectors
+    last: list[Any] = []  # the last inputs and their vectors: every head of a run scores the same texts
+
+    def encoder(texts: list[str], pairs: list[str] | None) -> np.ndarray:
+        if last and last[0] == texts and last[1] == pairs:
+            return last[2]
+        vectors = encode(texts, loaded, embedding, pairs=pairs, cache=cache).vectors
+        last[:] = [list(texts), None if pairs is None else list(pairs), vectors]
+        return vectors
+
+    return encoder
 
 
-def _compare_with_record(run_dir: Path, loaded: Any) -> None:
+def _compare_with_record(predictor: Predictor, loaded: Any) -> None:
     """Warn when the model loads differently from the run (another device, or quantization or dtype after a
     fallback): the same weights, but float results that can differ slightly from the run's."""
-    recorded = read_json(run_dir / "config.json").get("model") or {}
+    recorded = predictor.recorded_model
     for key in ("device", "quantization", "compute_dtype"):
         if recorded.get(key) not in (None, getattr(loaded, key)):
             log.warning(
@@ -331,7 +343,7 @@ def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
                 f"{adapter}/labels.json scores tokens {words.token_ids} for {words.words}, but this model's "
                 f"tokenizer gives {again.token_ids}: predict with the base model the run was trained on"
             )
-    _compare_with_record(predictor.run_dir, loaded)
+    _compare_with_record(predictor, loaded)
     trained = labels.get("pair_encoding")
     if trained is not None and trained != loaded.pair_encoding.record():
         raise UserError(

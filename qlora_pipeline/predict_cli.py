@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from qlora_pipeline.errors import DataError, UserError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import pandas as pd
 
     from qlora_pipeline.predict import Predictor
@@ -71,7 +73,7 @@ def add_predict_parser(commands: Any) -> None:
     )
     predict.add_argument(
         "--batch-size",
-        type=_positive,
+        type=positive_int,
         help="texts per forward pass (default: the run's embedding batch size; QLoRA runs: 4x its training batch)",
     )
 
@@ -84,7 +86,8 @@ def add_encoding_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive(value: str) -> int:
+def positive_int(value: str) -> int:
+    """argparse type: an integer of 1 or more."""
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {number}")
@@ -144,7 +147,7 @@ def interactive(predictor: Predictor, args: argparse.Namespace) -> int:
             f": one {kind} per line, Ctrl-D to end",
             file=sys.stderr,
         )
-    for number, line in enumerate(_lines(prompt), start=1):
+    for number, line in enumerate(input_lines(prompt), start=1):
         text, _, pair = line.rstrip("\n").partition("\t")
         if not text.strip():
             print(f"line {number}: empty, skipped", file=sys.stderr)
@@ -162,7 +165,8 @@ def interactive(predictor: Predictor, args: argparse.Namespace) -> int:
     return 0
 
 
-def _lines(prompt: bool) -> Any:
+def input_lines(prompt: bool) -> Iterator[str]:
+    """Lines of stdin until EOF, each after a `> ` prompt on stderr when `prompt` (a terminal)."""
     while True:
         if prompt:
             print("> ", end="", file=sys.stderr, flush=True)
@@ -174,14 +178,12 @@ def _lines(prompt: bool) -> Any:
 
 def read_table(path: Path, text_column: str, pair_column: str | None, encoding: str | None = None) -> pd.DataFrame:
     """The file's text columns as strings (empty where missing), read as the data layer reads a local source."""
-    from qlora_pipeline.config import encoding_problem
+    from qlora_pipeline.config import check_encoding_option
     from qlora_pipeline.data.sources import read_table as read_file
 
     if not path.is_file():
         raise UserError(f"input file {path} does not exist")
-    problem = encoding_problem(encoding) if encoding is not None else None
-    if problem:
-        raise UserError(f"--encoding {problem}")
+    check_encoding_option(encoding)
     table = read_file(path, encoding, option="--encoding")
     for column, flag in ((text_column, "--text-column"), (pair_column, "--text-pair-column")):
         if column is not None and column not in table.columns:

@@ -30,6 +30,11 @@ def locate_archive(path: str | Path) -> tuple[Path, Path]:
 
 def load_archived_config(config_json: Path) -> Config:
     """The config a run archived; settings it predates take the values it ran with (`config.upgrade_archived`)."""
+    return load_archive(config_json)[0]
+
+
+def load_archive(config_json: Path) -> tuple[Config, dict[str, Any]]:
+    """The config a run archived (as `load_archived_config`) and config.json's whole record, read once."""
     from qlora_pipeline.config import Config, upgrade_archived
 
     try:
@@ -40,7 +45,7 @@ def load_archived_config(config_json: Path) -> Config:
         raise UserError(f"{config_json} is not a qlora run archive (no 'config' key)")
     if not isinstance(record["config"], dict):
         raise UserError(f"{config_json}: 'config' is not a mapping of sections")
-    return Config.from_dict(upgrade_archived(record["config"]))
+    return Config.from_dict(upgrade_archived(record["config"])), record
 
 
 def check_original(run_dir: Path) -> None:
@@ -56,12 +61,12 @@ def check_original(run_dir: Path) -> None:
     verify_manifest(run_dir)
 
 
-def check_processes(run_dir: Path, config_json: Path) -> None:
+def check_processes(run_dir: Path, record: dict[str, Any]) -> None:
     """A QLoRA run reproduces on as many processes as trained it (torchrun / accelerate launch): the batch of an
-    optimizer step and each process's share of the data depend on that number. Refused before anything runs."""
+    optimizer step and each process's share of the data depend on that number. Refused before anything runs.
+    `record`: the run's config.json (`load_archive`)."""
     from qlora_pipeline.distributed import world_size
 
-    record = read_json(config_json)  # valid: `load_archived_config` read it first
     trained_on = (record.get("training") or {}).get("world_size", 1)
     if trained_on != world_size():
         launch = "plain `qlora reproduce`" if trained_on == 1 else f"torchrun --nproc_per_node {trained_on}"

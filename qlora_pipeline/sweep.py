@@ -77,8 +77,6 @@ class Outcome:
 
     state: str  # succeeded | failed | interrupted
     run_dir: Path | None
-    validation: float | None = None
-    test: float | None = None
     error: str | None = None
 
 
@@ -517,8 +515,9 @@ def leaderboard(base: Config, study: optuna.Study) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=rank)
 
 
-def write_record(sweep_dir: Path, base: Config, study: optuna.Study, state: str) -> list[dict[str, Any]]:
-    """sweep.json (state, points) and the leaderboard as markdown and CSV: rewritten after every point."""
+def write_record(sweep_dir: Path, base: Config, study: optuna.Study, state: str) -> tuple[list[dict[str, Any]], str]:
+    """sweep.json (state, points) and the leaderboard as markdown and CSV: rewritten after every point. Returns the
+    leaderboard's rows and its markdown."""
     rows = leaderboard(base, study)
     record = read_json(sweep_dir / RECORD, optional=True) or {"sweep": sweep_dir.name, "config": base.to_dict()}
     record.update(state=state, updated_at=now_iso(), metric=base.sweep.metric, points=rows)
@@ -543,8 +542,9 @@ def write_record(sweep_dir: Path, base: Config, study: optuna.Study, state: str)
             writer.writerow(
                 [i, row["trial"], row["run"], *values, row["validation"], row["test"], row["state"], row["error"]]
             )
-    (sweep_dir / "leaderboard.md").write_text(leaderboard_markdown(sweep_dir, base, rows, state), encoding="utf-8")
-    return rows
+    markdown = leaderboard_markdown(sweep_dir, base, rows, state)
+    (sweep_dir / "leaderboard.md").write_text(markdown, encoding="utf-8")
+    return rows, markdown
 
 
 def leaderboard_markdown(sweep_dir: Path, base: Config, rows: list[dict[str, Any]], state: str) -> str:
@@ -599,7 +599,7 @@ def settings_text(point: dict[str, Any]) -> str:
 
 
 def finish(sweep_dir: Path, base: Config, study: optuna.Study) -> SweepResult:
-    rows = write_record(sweep_dir, base, study, "finished")
+    rows, _ = write_record(sweep_dir, base, study, "finished")
     succeeded = [row for row in rows if row["state"] == "succeeded"]
     if succeeded:
         plot_sweep(base, succeeded, sweep_dir / "metric_vs_settings.png")
@@ -611,8 +611,7 @@ def finish(sweep_dir: Path, base: Config, study: optuna.Study) -> SweepResult:
             compare(with_runs, sweep_dir / "compare_best_vs_rest.md")
         except UserError as exc:  # the points are different tasks (a swept data setting changed the labels)
             log.warning("sweep %s: no comparison of the points (%s)", sweep_dir.name, str(exc))
-    rows = write_record(sweep_dir, base, study, "finished")  # now linking the plot and the comparison
-    markdown = (sweep_dir / "leaderboard.md").read_text(encoding="utf-8")
+    rows, markdown = write_record(sweep_dir, base, study, "finished")  # now linking the plot and the comparison
     return SweepResult(sweep_dir, rows, succeeded[0] if succeeded else None, markdown)
 
 
