@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +35,6 @@ from qlora_pipeline.models.loading import (
     Task,
     check_max_length,
     load_model,
-    quiet_library_logs,
-    quiet_library_warnings,
 )
 from qlora_pipeline.training.log import reproducible_log, training_summary
 from qlora_pipeline.training.lora import (
@@ -47,9 +44,9 @@ from qlora_pipeline.training.lora import (
     prepare_for_training,
 )
 from qlora_pipeline.training.trainer import (
-    close_progress,
     eval_metrics,
     make_trainer_class,
+    run_trainer,
     training_arguments,
     training_callbacks,
 )
@@ -213,20 +210,9 @@ def train(
         log.info(tuned.notes[-1])
     train_set = Examples(tokenizer, train_split, train_cfg.max_length, tuned.label_words, pair_encoding)
     eval_set = Examples(tokenizer, validation, train_cfg.max_length, tuned.label_words, pair_encoding)
-    # The Trainer switches deterministic algorithms on for the whole process (full_determinism, set up when it is
-    # built): switched back afterwards, so a notebook that trains and then predicts is not left on slower kernels.
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
-    trainer = None
-    try:
-        trainer = make_trainer(tuned, train_cfg, work_dir, seed, train_set, eval_set, loss_fn, marker)
-        start = time.perf_counter()
-        with quiet_library_warnings(), quiet_library_logs():
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        seconds = time.perf_counter() - start
-    finally:
-        torch.use_deterministic_algorithms(deterministic_before)
-        if trainer is not None:  # an interrupted run: the progress bar ends, and the console is itself again
-            close_progress(trainer)
+    trainer, seconds = run_trainer(
+        lambda: make_trainer(tuned, train_cfg, work_dir, seed, train_set, eval_set, loss_fn, marker), resume_from
+    )
     tuned.log_history = reproducible_log(trainer.state.log_history)
     tuned.summary = training_summary(
         trainer,
@@ -266,11 +252,11 @@ def make_trainer(
     loss_fn: LossFn,
     marker: Any,
 ) -> Any:
-    """The HF Trainer with our loss and class logits, checkpointing into `work_dir`."""
-    from transformers import DataCollatorWithPadding, PrinterCallback
+    """The HF Trainer with our loss and class logits, checkpointing into `work_dir` (`run_trainer` trains it)."""
+    from transformers import DataCollatorWithPadding
 
     tokenizer = tuned.loaded.tokenizer
-    trainer = make_trainer_class()(
+    return make_trainer_class()(
         model=tuned.loaded.model,
         args=training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes),
         train_dataset=train_set,
@@ -283,8 +269,6 @@ def make_trainer(
         logits_fn=class_logits_fn(tuned.label_words),
         per_micro_batch=train_cfg.loss_normalization == "micro_batch",
     )
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
-    return trainer
 
 
 # ---- save -----------------------------------------------------------------------------------------------
