@@ -497,14 +497,28 @@ def would_not_fit(cfg: ModelConfig, dtype: str, margin: float = 1.2) -> str | No
     )
 
 
-def check_max_length(loaded: LoadedModel, max_length: int, setting: str) -> None:
+def position_limit(model: LoadedModel | ModelIdentity | Any) -> int | None:
+    """The model's position limit (config.json max_position_embeddings) of a loaded model, a resolved identity or a
+    transformers config; None when it has none."""
+    if isinstance(model, ModelIdentity):
+        return model.max_positions
+    hf_config = model.model.config if isinstance(model, LoadedModel) else model
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
+def check_positions(limit: int | None, max_length: int, setting: str, source: str) -> None:
     """A max_length (`setting` names it) above the model's position limit would index past its position table
     (BERT's 512 learned positions) or run past the lengths it was trained on (rotary decoders)."""
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and max_length > limit:
+    if limit is not None and max_length > limit:
         raise UserError(
-            f"{setting} is {max_length} but {loaded.source} has {limit} positions; set {setting} to {limit} or less"
+            f"{setting} is {max_length} but {source} has {limit} positions; set {setting} to {limit} or less"
         )
+
+
+def check_max_length(model: LoadedModel | ModelIdentity, max_length: int, setting: str) -> None:
+    """`check_positions` against the limit of a loaded model or of its resolved identity."""
+    check_positions(position_limit(model), max_length, setting, model.source)
 
 
 def _keep_cpu_4bit_weights_unpacked(model: Any, notes: list[str]) -> None:

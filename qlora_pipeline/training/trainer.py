@@ -96,21 +96,28 @@ def make_trainer_class() -> type:
     return ClassificationTrainer
 
 
-def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path, seed: int, notes: list[str]) -> Any:
-    """Trainer settings; checkpoints go to `out_dir` (the run's checkpoints/)."""
+def check_optimizer(name: str) -> None:
+    """training.optimizer is an optimizer of the installed transformers (the config checks its own list,
+    config.TRAINER_OPTIMIZERS; another release may differ)."""
     import transformers
-    from transformers import TrainingArguments
     from transformers.training_args import OptimizerNames
 
+    known = sorted(option.value for option in OptimizerNames)
+    if name not in known:
+        raise UserError(
+            f"training.optimizer {name!r} is not an optimizer of the installed transformers "
+            f"{transformers.__version__}; choose one of: {', '.join(known)}"
+        )
+
+
+def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path, seed: int, notes: list[str]) -> Any:
+    """Trainer settings; checkpoints go to `out_dir` (the run's checkpoints/)."""
+    from transformers import TrainingArguments
+
+    check_optimizer(train.optimizer)
     cuda = loaded.device == "cuda"
     bf16 = cuda and loaded.compute_dtype == "bfloat16"  # mixed precision follows the compute dtype on a GPU;
     fp16 = cuda and loaded.compute_dtype == "float16"  # CPUs train in float32
-    known = sorted(name.value for name in OptimizerNames)
-    if train.optimizer not in known:  # the config checks its own list (config.TRAINER_OPTIMIZERS); another release
-        raise UserError(
-            f"training.optimizer {train.optimizer!r} is not an optimizer of the installed transformers "
-            f"{transformers.__version__}; choose one of: {', '.join(known)}"
-        )
     # Paging moves optimizer state to CPU memory under GPU memory pressure; on a CPU there is nothing to page and
     # bitsandbytes runs the same 32-bit AdamW update unpaged. Same math, so the requested optimizer is kept (no
     # switch to adamw_torch) and the difference is recorded.
