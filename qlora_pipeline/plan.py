@@ -624,7 +624,7 @@ def _memory_plan(config: Config, plan: Plan, model: Any, arch: Any, targets: lis
         )
     if device != "cuda":
         return
-    needed = int(peak * memory.FRAGMENTATION) + memory.CUDA_OVERHEAD_BYTES
+    needed = memory.needed_on_gpu(peak)
     plan.facts["memory"]["needed_on_gpu"] = needed
     gpu = visible_gpu()
     if gpu is None:
