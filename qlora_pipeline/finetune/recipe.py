@@ -36,7 +36,7 @@ from qlora_pipeline.models.loading import (
     check_max_length,
     load_model,
 )
-from qlora_pipeline.training.log import reproducible_log, training_summary
+from qlora_pipeline.training.log import ADAPTER_DIR, reproducible_log, training_summary
 from qlora_pipeline.training.lora import (
     add_lora,
     check_target_modules,
@@ -57,8 +57,6 @@ if TYPE_CHECKING:
     from qlora_pipeline.config import Config, TrainingConfig
 
 log = logging.getLogger(__name__)
-
-ADAPTER_DIR = "lora_adapter"
 
 
 @dataclass

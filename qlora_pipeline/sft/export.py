@@ -27,7 +27,8 @@ from typing import Literal
 import torch
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.sft.generation import ADAPTER_DIR, SFT_FILE, run_config
+from qlora_pipeline.sft.generation import SFT_FILE, run_config
+from qlora_pipeline.training.log import ADAPTER_DIR
 
 log = logging.getLogger(__name__)
 

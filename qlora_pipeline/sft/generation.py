@@ -26,6 +26,7 @@ from qlora_pipeline.data.instructions import ROLES
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.runs import read_json
 from qlora_pipeline.sft.prompts import Prompter, PromptFormat
+from qlora_pipeline.training.log import ADAPTER_DIR
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config, GenerationConfig
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Prompt = str | dict[str, Any] | list[dict[str, Any]]
-ADAPTER_DIR = "lora_adapter"  # in models/all/ of a run
 SFT_FILE = "sft.json"  # beside the adapter: the prompt format, so generation renders prompts as training did
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", SFT_FILE)
 _EMPTY_THINKING = re.compile(r"^\s*<think>\s*</think>\s*")  # Qwen3 answers open with one when not thinking

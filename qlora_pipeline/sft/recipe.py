@@ -23,9 +23,9 @@ import torch
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.models.loading import LoadedModel, check_max_length, load_model
-from qlora_pipeline.sft.generation import ADAPTER_DIR, SFT_FILE
+from qlora_pipeline.sft.generation import SFT_FILE
 from qlora_pipeline.sft.prompts import IGNORE, Prompter, PromptFormat, encode_split, resolve_format
-from qlora_pipeline.training.log import reproducible_log, training_summary
+from qlora_pipeline.training.log import ADAPTER_DIR, reproducible_log, training_summary
 from qlora_pipeline.training.lora import add_lora, check_target_modules, prepare_for_training
 from qlora_pipeline.training.trainer import run_trainer, training_arguments, training_callbacks
 
