@@ -341,15 +341,12 @@ def _meta_model(config: Config, found: _Model, num_labels: int) -> tuple[Any, st
         ) from exc
     head = None
     if mode == "qlora":
-        from qlora_pipeline.models.loading import HEAD_NAMES
+        from qlora_pipeline.training.lora import classification_head, output_layer_name
 
         if train.head == "lm_label":
-            output = model.get_output_embeddings()
-            head = next((n for n, m in model.named_modules() if m is output), "lm_head").rsplit(".", 1)[-1]
+            head = (output_layer_name(model) or "lm_head").rsplit(".", 1)[-1]
         else:
-            head = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
-            if head is None:
-                raise UserError(f"model {name!r} has no classification head named {' or '.join(HEAD_NAMES)}")
+            head = classification_head(model, name)
     return model, head, not encoder
 
 
@@ -366,8 +363,7 @@ def _lora_plan(
     import torch
 
     from qlora_pipeline.finetune import lm_label
-    from qlora_pipeline.models.loading import POOLER
-    from qlora_pipeline.training.lora import add_lora, check_target_modules
+    from qlora_pipeline.training.lora import add_lora, check_target_modules, trained_in_full
 
     train = config.training
     resolved = None
@@ -386,7 +382,7 @@ def _lora_plan(
     except UserError as exc:
         plan.problem(exc)
         return model, [], resolved
-    in_full = [] if train.head == "lm_label" else [head, *([POOLER] if _has_module(model, POOLER) else [])]
+    in_full = [] if train.head == "lm_label" else trained_in_full(model, head)
     with torch.device("meta"):
         wrapped = add_lora(model, train, targets, in_full, config.experiment.seed, causal_lm=train.head == "lm_label")
     trainable, total = wrapped.get_nb_trainable_parameters()
@@ -398,10 +394,6 @@ def _lora_plan(
     )
     adapted = sorted({n.rsplit(".", 1)[-1] for n, m in wrapped.named_modules() if hasattr(m, "lora_A")})
     return wrapped, adapted, resolved
-
-
-def _has_module(model: Any, name: str) -> bool:
-    return any(path.rsplit(".", 1)[-1] == name for path, _ in model.named_modules())
 
 
 def sft_part(config: Config, plan: Plan) -> None:

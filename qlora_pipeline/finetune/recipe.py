@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.finetune import lm_label
@@ -28,7 +27,6 @@ from qlora_pipeline.finetune.losses import LossFn, classification_loss, loss_wei
 from qlora_pipeline.finetune.scoring import Examples, class_logits_fn
 from qlora_pipeline.integrity import record_checksums
 from qlora_pipeline.models.loading import (
-    HEAD_NAMES,
     POOLER,
     UNQUANTIZED_MODULES,
     LoadedModel,
@@ -41,7 +39,10 @@ from qlora_pipeline.training.lora import (
     add_lora,
     check_target_modules,
     check_trainable_float32,
+    classification_head,
+    output_layer_name,
     prepare_for_training,
+    trained_in_full,
 )
 from qlora_pipeline.training.trainer import (
     eval_metrics,
@@ -89,11 +90,8 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
         )
         in_full: list[str] = []  # the LM head stays as it is
     else:
-        head, words = _classification_head(loaded), None
-        # A new classification head is trained in full and saved beside the adapter; so is a BERT-style pooler, the
-        # dense layer between the encoder and the classifier (new when the checkpoint lacks it, else pretrained for
-        # another task). peft then puts no LoRA on it, whatever target_modules says.
-        in_full = [head, *([POOLER] if _has_module(loaded.model, POOLER) else [])]
+        head, words = classification_head(loaded.model, loaded.source), None
+        in_full = trained_in_full(loaded.model, head)
     check_max_length(loaded, train.max_length, "training.max_length")
     targets = check_target_modules(loaded.model, train.target_modules, head)
     prepared = prepare_for_training(loaded, train, in_full)
@@ -145,13 +143,6 @@ def load_base(config: Config, num_labels: int, seed: int) -> LoadedModel:
         ) from exc
 
 
-def _classification_head(loaded: LoadedModel) -> str:
-    found = next((n for n in HEAD_NAMES if isinstance(getattr(loaded.model, n, None), torch.nn.Module)), None)
-    if found is None:
-        raise UserError(f"model {loaded.source!r} has no classification head named {' or '.join(HEAD_NAMES)}")
-    return found
-
-
 def _lm_head(loaded: LoadedModel) -> str:
     """The name of the causal LM's output layer. Refused for encoders (BERT and kin load a masked-LM head whose
     logits at the last token are no next-word prediction) and when the LM head's weights were not in the
@@ -165,8 +156,7 @@ def _lm_head(loaded: LoadedModel) -> str:
             f"model {source!r} is an encoder ({model.config.model_type}), and training.head lm_label needs a causal "
             f"(decoder) LM that predicts the word after the prompt; {fix}"
         )
-    output = model.get_output_embeddings()
-    name = next((n for n, module in model.named_modules() if module is output), None)
+    name = output_layer_name(model)
     if name is None:
         raise UserError(f"model {source!r} has no output embedding layer to score label words with; {fix}")
     if any(key.startswith(name + ".") for key in loaded.new_weights):
@@ -175,10 +165,6 @@ def _lm_head(loaded: LoadedModel) -> str:
             f"has nothing to score label words with; {fix}"
         )
     return name.rsplit(".", 1)[-1]
-
-
-def _has_module(model: torch.nn.Module, name: str) -> bool:
-    return any(path.rsplit(".", 1)[-1] == name for path, _ in model.named_modules())
 
 
 # ---- train ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from qlora_pipeline.models.loading import LoadedModel, check_max_length, load_mo
 from qlora_pipeline.sft.generation import SFT_FILE
 from qlora_pipeline.sft.prompts import IGNORE, Prompter, PromptFormat, encode_split, resolve_format
 from qlora_pipeline.training.log import ADAPTER_DIR, reproducible_log, training_summary
-from qlora_pipeline.training.lora import add_lora, check_target_modules, prepare_for_training
+from qlora_pipeline.training.lora import add_lora, check_target_modules, output_layer_name, prepare_for_training
 from qlora_pipeline.training.trainer import run_trainer, training_arguments, training_callbacks
 
 if TYPE_CHECKING:
@@ -100,8 +100,7 @@ def load_base(config: Config, seed: int) -> LoadedModel:
 
 def lm_head_name(loaded: LoadedModel) -> str:
     """The output layer's name (it gets no adapter: peft's all-linear leaves it out too)."""
-    output = loaded.model.get_output_embeddings()
-    name = next((n for n, module in loaded.model.named_modules() if module is output), None)
+    name = output_layer_name(loaded.model)
     if name is None:
         raise UserError(f"model {loaded.source!r} has no output embedding layer to generate with")
     if any(key.startswith(name + ".") for key in loaded.new_weights):
