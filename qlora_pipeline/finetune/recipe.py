@@ -125,22 +125,21 @@ def load_base(config: Config, num_labels: int, seed: int) -> LoadedModel:
     """The base for the head: the causal LM for lm_label, else a `num_labels` sequence-classification model."""
     lm = config.training.head == "lm_label"
     task: Task = "causal_lm" if lm else "sequence_classification"
-    try:
-        return load_model(config.model, task=task, num_labels=None if lm else num_labels, seed=seed)
-    except ValueError as exc:  # transformers' Auto class has no class for this architecture
-        if "Unrecognized configuration class" not in str(exc):
-            raise
-        name = config.model.name_or_path
-        if lm:
-            raise UserError(
-                f"model.name_or_path {name!r}: its architecture has no causal-LM class in transformers, which "
-                "training.head lm_label needs; use training.head classification (encoders such as BERT)"
-            ) from exc
-        raise UserError(
+    name = config.model.name_or_path
+    if lm:
+        unsupported = (
+            f"model.name_or_path {name!r}: its architecture has no causal-LM class in transformers, which "
+            "training.head lm_label needs; use training.head classification (encoders such as BERT)"
+        )
+    else:
+        unsupported = (
             f"model.name_or_path {name!r}: its architecture has no sequence-classification class in transformers; "
             "set training.head: lm_label to score label words with its causal LM, choose a base with a "
             "*ForSequenceClassification class (Qwen, Llama, BERT, ...), or use experiment.mode embeddings"
-        ) from exc
+        )
+    return load_model(
+        config.model, task=task, num_labels=None if lm else num_labels, seed=seed, unsupported=unsupported
+    )
 
 
 def _lm_head(loaded: LoadedModel) -> str:

@@ -342,9 +342,12 @@ def load_model(
     num_labels: int | None = None,
     *,
     seed: int = 0,
+    unsupported: str | None = None,
 ) -> LoadedModel:
     """Load tokenizer + model for `task`: "encoder" (base model, hidden states for embeddings),
     "causal_lm" (QLoRA on the LM head) or "sequence_classification" (QLoRA with a `num_labels` head).
+    `unsupported`: the UserError message when transformers has no class of `task` for the model's architecture
+    (without it, transformers' ValueError propagates).
 
     Deterministic: freshly initialised weights (a classification head) are drawn under `seed` in a forked
     RNG, so the caller's random state is untouched; NF4 quantization itself has no randomness.
@@ -381,18 +384,23 @@ def load_model(
     target = f"cuda:{gpu}" if device == "cuda" else "cpu"
     with torch.random.fork_rng(devices=[gpu] if device == "cuda" else []), _quiet_loading():
         torch.manual_seed(seed)
-        model, info = auto_class.from_pretrained(
-            source,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype,
-            device_map={"": target},
-            output_loading_info=True,
-            # A weight whose shape differs from the checkpoint's (a classifier trained for another label count) is
-            # drawn fresh and reported below, instead of stopping the load.
-            ignore_mismatched_sizes=True,
-            **extra,
-        )
+        try:
+            model, info = auto_class.from_pretrained(
+                source,
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
+                dtype=dtype,
+                device_map={"": target},
+                output_loading_info=True,
+                # A weight whose shape differs from the checkpoint's (a classifier trained for another label count)
+                # is drawn fresh and reported below, instead of stopping the load.
+                ignore_mismatched_sizes=True,
+                **extra,
+            )
+        except ValueError as exc:  # transformers' Auto class has no class of this task for the architecture
+            if unsupported is None or "Unrecognized configuration class" not in str(exc):
+                raise
+            raise UserError(unsupported) from exc
     if quantization == "4bit" and device == "cpu":
         _keep_cpu_4bit_weights_unpacked(model, notes)
     report = load_report(info)

@@ -87,15 +87,11 @@ def setup(config: Config, seed: int) -> Tuned:
 
 
 def load_base(config: Config, seed: int) -> LoadedModel:
-    try:
-        return load_model(config.model, task="causal_lm", seed=seed)
-    except ValueError as exc:  # transformers' Auto class has no causal-LM class for this architecture
-        if "Unrecognized configuration class" not in str(exc):
-            raise
-        raise UserError(
-            f"model.name_or_path {config.model.name_or_path!r}: its architecture has no causal-LM class in "
-            "transformers, and experiment.mode sft trains a model to write answers; choose a decoder (Qwen, Llama, ...)"
-        ) from exc
+    unsupported = (
+        f"model.name_or_path {config.model.name_or_path!r}: its architecture has no causal-LM class in "
+        "transformers, and experiment.mode sft trains a model to write answers; choose a decoder (Qwen, Llama, ...)"
+    )
+    return load_model(config.model, task="causal_lm", seed=seed, unsupported=unsupported)
 
 
 def lm_head_name(loaded: LoadedModel) -> str:
