@@ -33,7 +33,14 @@ from qlora_pipeline.evaluation.trained_head import tune_threshold
 from qlora_pipeline.finetune import recipe
 from qlora_pipeline.finetune.scoring import pair_column, predict_proba
 from qlora_pipeline.runs import write_json
-from qlora_pipeline.stages import data_stage, model_record, seed_everything, update_record, visualize_run
+from qlora_pipeline.stages import (
+    data_stage,
+    model_record,
+    resume_checkpoints,
+    seed_everything,
+    update_record,
+    visualize_run,
+)
 from qlora_pipeline.training import checkpoints
 from qlora_pipeline.training.log import TRAINING_LOG, TRAINING_SUMMARY, write_training_log
 from qlora_pipeline.training.trainer import check_early_stopping_metric
@@ -76,14 +83,8 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
         update_record(run, model=model_record(tuned.loaded))
 
     with run.stage("training"):
-        work_dir = run.dir / checkpoints.CHECKPOINTS_DIR
-        if resume_from is not None:
-            update_record(run, resumed_from=str(resume_from))
-            tuned.notes.append(f"resumed from {resume_from} (its checkpoints copied into checkpoints/)")
-            resume_from = checkpoints.adopt(resume_from, work_dir)
-        # Under torchrun: the other ranks wait here until the checkpoints to resume from are copied.
-        distributed.agree(prepared.summary["fingerprint"], "data fingerprint")
         fingerprint = prepared.summary["fingerprint"]
+        work_dir, resume_from = resume_checkpoints(run, resume_from, tuned.notes, fingerprint)
         marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name, fingerprint)
         validation = splits.get("validation")
         recipe.train(
@@ -101,15 +102,10 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
         write_json(run.dir / TRAINING_SUMMARY, tuned.summary)
         update_record(run, training=tuned.summary)
 
-    def score(frame: pd.DataFrame) -> np.ndarray:
-        texts, train = frame["text"].tolist(), config.training
-        pairs = pair_column(frame)
-        return predict_proba(tuned.loaded, tuned.label_words, texts, train.max_length, train.batch_size, pairs)
-
     threshold, scored = None, {}  # scored: split -> probabilities, computed once for calibration and evaluation
     if len(label_names) == 2 and config.training.threshold_metric != "none":
         with run.stage("calibration"):
-            scored = {name: score(splits.get(name)) for name in ("validation", "test")}
+            scored = {name: score_frame(tuned, config, splits.get(name)) for name in ("validation", "test")}
             threshold = calibrate(tuned, config, {name: (splits.get(name), p) for name, p in scored.items()})
             tuned.summary["threshold"] = threshold
             write_json(run.dir / TRAINING_SUMMARY, tuned.summary)
@@ -128,7 +124,7 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
         metrics: dict[str, Any] = {}
         for split in config.evaluation.splits:
             frame = splits.get(split)
-            proba = scored[split] if split in scored else score(frame)
+            proba = scored[split] if split in scored else score_frame(tuned, config, frame)
             base_proba = baseline.predict_proba(baseline_texts(frame))
             predicted = proba.argmax(axis=1) if threshold is None else (proba[:, 1] >= threshold["value"]).astype(int)
             predictions = {HEAD_NAME: predictions_frame(frame, proba, predicted, splits.label_names)}
