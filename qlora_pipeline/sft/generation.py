@@ -158,8 +158,7 @@ class Generator:
         return [r for r in results if r is not None]
 
     def stop_ids(self) -> list[int]:
-        eos = self.loaded.tokenizer.eos_token_id
-        return list(dict.fromkeys([*self.prompt.stop_token_ids, *([eos] if eos is not None else [])]))
+        return stop_ids(self.prompt.stop_token_ids, self.loaded.tokenizer)
 
     def _decode(self, new_tokens: list[int]) -> Answer:
         stops = set(self.stop_ids())
@@ -167,6 +166,12 @@ class Generator:
         kept = new_tokens if end is None else new_tokens[:end]
         text = self.loaded.tokenizer.decode(kept, skip_special_tokens=True)
         return Answer(_EMPTY_THINKING.sub("", text).strip(), len(kept), end is not None)
+
+
+def stop_ids(stop_token_ids: Sequence[int], tokenizer: Any) -> list[int]:
+    """The tokens that end an answer: the prompt format's stop tokens, then the tokenizer's eos (once each)."""
+    eos = tokenizer.eos_token_id
+    return list(dict.fromkeys([*stop_token_ids, *([eos] if eos is not None else [])]))
 
 
 # ---- a finished run -------------------------------------------------------------------------------------
