@@ -217,10 +217,6 @@ def _bnb_config(
 def resolve_quantization(cfg: ModelConfig, device: str, notes: list[str]) -> Literal["4bit", "8bit", "none"]:
     """What `model.quantization` becomes on `device` (auto resolved; an explicit 4bit/8bit that bitsandbytes cannot
     do there is a UserError); a decision beyond the config is appended to `notes`."""
-    return _resolve_quantization(cfg, device, notes)
-
-
-def _resolve_quantization(cfg: ModelConfig, device: str, notes: list[str]) -> Literal["4bit", "8bit", "none"]:
     if cfg.quantization == "none":
         return "none"
     problem = bitsandbytes_problem(device)
@@ -303,7 +299,7 @@ def resolve_identity(cfg: ModelConfig, *, resolve_pairs: bool = True) -> ModelId
     device = resolve_device(cfg)
     if cfg.device == "auto":
         notes.append(f"device auto → {device}")
-    quantization = _resolve_quantization(cfg, device, notes)
+    quantization = resolve_quantization(cfg, device, notes)
     dtype = resolve_compute_dtype(cfg, device, quantization)
     if cfg.compute_dtype == "auto":
         bf16_cpu = device == "cpu" and dtype == torch.bfloat16
