@@ -23,7 +23,7 @@ import numpy as np
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.finetune import lm_label
-from qlora_pipeline.finetune.losses import LossFn, classification_loss, loss_weights
+from qlora_pipeline.finetune.losses import ClassLoss, classification_loss, loss_weights
 from qlora_pipeline.finetune.scoring import Examples, class_logits_fn
 from qlora_pipeline.integrity import record_checksums
 from qlora_pipeline.models.loading import (
@@ -214,7 +214,7 @@ def train(
 
 def make_loss(
     tuned: FineTuned, train_cfg: TrainingConfig, labels: np.ndarray, data_weights: dict[int, float] | None
-) -> LossFn:
+) -> ClassLoss:
     """Cross-entropy or focal loss, with the class weights `training.class_weights` (or `data.balance`) asks for."""
     words = tuned.label_words
     num_labels = len(words.words) if words is not None else int(tuned.loaded.model.config.num_labels)
@@ -232,7 +232,7 @@ def make_trainer(
     seed: int,
     train_set: Examples,
     eval_set: Examples,
-    loss_fn: LossFn,
+    loss_fn: ClassLoss,
     marker: Any,
 ) -> Any:
     """The HF Trainer with our loss and class logits, checkpointing into `work_dir` (`run_trainer` trains it)."""

@@ -126,7 +126,7 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
             frame = splits.get(split)
             proba = scored[split] if split in scored else score_frame(tuned, config, frame)
             base_proba = baseline.predict_proba(baseline_texts(frame))
-            predicted = proba.argmax(axis=1) if threshold is None else (proba[:, 1] >= threshold["value"]).astype(int)
+            predicted = predicted_classes(proba, threshold)
             predictions = {HEAD_NAME: predictions_frame(frame, proba, predicted, splits.label_names)}
             if tuned.label_words is not None:  # lm_label: the base model's label-word scores, before any training
                 zero = zero_shot_proba(tuned, config, frame)
@@ -203,6 +203,11 @@ def calibrate(tuned: Any, config: Config, scored: dict[str, tuple[pd.DataFrame, 
     return record
 
 
+def predicted_classes(proba: np.ndarray, threshold: dict[str, Any] | None) -> np.ndarray:
+    """The predicted classes: P(positive) at or above the calibrated threshold (`calibrate`), else the argmax."""
+    return proba.argmax(axis=1) if threshold is None else (proba[:, 1] >= threshold["value"]).astype(int)
+
+
 # ---- the zero-shot baseline (lm_label) and one model per dataset (experiment.per_dataset) --------------------
 
 
@@ -273,8 +278,7 @@ def train_per_dataset(config: Config, run: Run, prepared: PreparedData, zero_sho
             records[dataset] = {"train_rows": len(own.train), **tuned.summary}
             for split in wanted:
                 proba = scored[split]
-                cut = None if threshold is None else threshold["value"]
-                predicted = proba.argmax(axis=1) if cut is None else (proba[:, 1] >= cut).astype(int)
+                predicted = predicted_classes(proba, threshold)
                 fill(scores[head_name(HEAD_NAME)], split, splits.get(split), dataset, proba, predicted)
                 if zero_shot and tuned.label_words is not None:
                     zero = zero_shot_proba(tuned, config, own.get(split))
