@@ -8,6 +8,7 @@ fine-tuned model as the primary head and the TF-IDF baseline beside it, so repor
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,33 +119,16 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
     if config.experiment.per_dataset:
         per_dataset = train_per_dataset(config, run, prepared, zero_shot=False)
 
+    def pooled(split: str, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        proba = scored[split] if split in scored else score_frame(tuned, config, frame)
+        heads = {HEAD_NAME: predictions_frame(frame, proba, predicted_classes(proba, threshold), splits.label_names)}
+        if tuned.label_words is not None:  # lm_label: the base model's label-word scores, before any training
+            zero = zero_shot_proba(tuned, config, frame)
+            heads[ZERO_SHOT] = predictions_frame(frame, zero, zero.argmax(axis=1), splits.label_names)
+        return heads
+
     with run.stage("evaluation"):
-        baseline = fit_baseline(baseline_texts(splits.train), splits.train["label"].to_numpy(), seed)
-        baseline.save(run.dir / "models" / "all")
-        metrics: dict[str, Any] = {}
-        for split in config.evaluation.splits:
-            frame = splits.get(split)
-            proba = scored[split] if split in scored else score_frame(tuned, config, frame)
-            base_proba = baseline.predict_proba(baseline_texts(frame))
-            predicted = predicted_classes(proba, threshold)
-            predictions = {HEAD_NAME: predictions_frame(frame, proba, predicted, splits.label_names)}
-            if tuned.label_words is not None:  # lm_label: the base model's label-word scores, before any training
-                zero = zero_shot_proba(tuned, config, frame)
-                predictions[ZERO_SHOT] = predictions_frame(frame, zero, zero.argmax(axis=1), splits.label_names)
-            predictions[baseline.name] = predictions_frame(
-                frame, base_proba, baseline.predict(base_proba), splits.label_names
-            )
-            own = {
-                name: predictions_frame(frame, *scores[split], splits.label_names)
-                for name, scores in per_dataset.items()
-            }
-            predictions = ordered(predictions, own, first_pooled=True)
-            metrics[split] = evaluate_split(run.dir, split, predictions, label_names, config.evaluation, seed)
-        summary: dict[str, Any] = {"primary_head": HEAD_NAME, "splits": metrics}
-        if threshold is not None:
-            summary["threshold_calibration"] = threshold  # the qlora head's predictions above use it
-        summary.update(lift_record(metrics, HEAD_NAME))
-        write_json(run.dir / "metrics.json", summary)
+        metrics = evaluate_run(config, run, prepared, pooled, per_dataset, HEAD_NAME, threshold)
 
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
@@ -201,6 +185,40 @@ def calibrate(tuned: Any, config: Config, scored: dict[str, tuple[pd.DataFrame, 
     )
     log.info(tuned.notes[-1])
     return record
+
+
+def evaluate_run(
+    config: Config,
+    run: Run,
+    prepared: PreparedData,
+    pooled: Callable[[str, pd.DataFrame], dict[str, pd.DataFrame]] | None,
+    per_dataset: dict[str, Scores],
+    primary: str,
+    threshold: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every evaluation split scored by the pooled model's heads (`pooled(split, frame)`; None: no pooled model), the
+    per-dataset adapters and the TF-IDF baseline (fitted and saved here), in `ordered`'s order; metrics.json with
+    `primary` as the primary head and the calibrated `threshold` the pooled head used."""
+    splits, seed = prepared.splits, config.experiment.seed
+    baseline = fit_baseline(baseline_texts(splits.train), splits.train["label"].to_numpy(), seed)
+    baseline.save(run.dir / "models" / "all")
+    metrics: dict[str, Any] = {}
+    for split in config.evaluation.splits:
+        frame = splits.get(split)
+        heads = pooled(split, frame) if pooled is not None else {}
+        base_proba = baseline.predict_proba(baseline_texts(frame))
+        heads[baseline.name] = predictions_frame(frame, base_proba, baseline.predict(base_proba), splits.label_names)
+        own = {
+            name: predictions_frame(frame, *scores[split], splits.label_names) for name, scores in per_dataset.items()
+        }
+        predictions = ordered(heads, own, first_pooled=pooled is not None)
+        metrics[split] = evaluate_split(run.dir, split, predictions, list(splits.label_names), config.evaluation, seed)
+    summary: dict[str, Any] = {"primary_head": primary, "splits": metrics}
+    if threshold is not None:
+        summary["threshold_calibration"] = threshold  # the pooled head's predictions above use it
+    summary.update(lift_record(metrics, primary))
+    write_json(run.dir / "metrics.json", summary)
+    return metrics
 
 
 def predicted_classes(proba: np.ndarray, threshold: dict[str, Any] | None) -> np.ndarray:
@@ -292,28 +310,9 @@ def train_per_dataset(config: Config, run: Run, prepared: PreparedData, zero_sho
 def execute_per_dataset_only(config: Config, run: Run, prepared: PreparedData) -> dict[str, Any]:
     """experiment.pooled false: the per-dataset adapters alone (the primary head), the zero-shot scores of lm_label
     runs and the TF-IDF baseline beside them, evaluated as `execute` evaluates the pooled model."""
-    splits, seed = prepared.splits, config.experiment.seed
-    label_names = list(splits.label_names)
     per_dataset = train_per_dataset(config, run, prepared, zero_shot=config.training.head == "lm_label")
     with run.stage("evaluation"):
-        baseline = fit_baseline(baseline_texts(splits.train), splits.train["label"].to_numpy(), seed)
-        baseline.save(run.dir / "models" / "all")
-        metrics: dict[str, Any] = {}
-        for split in config.evaluation.splits:
-            frame = splits.get(split)
-            base_proba = baseline.predict_proba(baseline_texts(frame))
-            predictions = {
-                name: predictions_frame(frame, *scores[split], splits.label_names)
-                for name, scores in per_dataset.items()
-            }
-            predictions[baseline.name] = predictions_frame(
-                frame, base_proba, baseline.predict(base_proba), splits.label_names
-            )
-            metrics[split] = evaluate_split(run.dir, split, predictions, label_names, config.evaluation, seed)
-        primary = head_name(HEAD_NAME)
-        write_json(
-            run.dir / "metrics.json", {"primary_head": primary, "splits": metrics, **lift_record(metrics, primary)}
-        )
+        metrics = evaluate_run(config, run, prepared, None, per_dataset, head_name(HEAD_NAME))
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
     return metrics
