@@ -87,24 +87,17 @@ def _preflight(config: Config, plan: Plan) -> None:
     try:
         if config.experiment.mode == "qlora":
             from qlora_pipeline.finetune.run import check_per_dataset_launch
+            from qlora_pipeline.training.trainer import check_optimizer
 
             if config.experiment.per_dataset:
                 check_per_dataset_launch(None)
-            _check_optimizer(config.training.optimizer)
+            check_optimizer(config.training.optimizer)
         else:
             from qlora_pipeline.embeddings.classifiers import check_heads
 
             check_heads(config.classifier)
     except UserError as exc:
         plan.problem(exc)
-
-
-def _check_optimizer(name: str) -> None:
-    from transformers.training_args import OptimizerNames
-
-    known = sorted(option.value for option in OptimizerNames)
-    if name not in known:
-        raise UserError(f"training.optimizer {name!r} is not a Trainer optimizer; choose one of: {', '.join(known)}")
 
 
 # ---- the hub -------------------------------------------------------------------------------------------------
@@ -272,6 +265,7 @@ def _model_files(config: Config, plan: Plan) -> _Model | None:
 
 
 def _model_plan(config: Config, plan: Plan, prepared: PreparedData | None, found: _Model) -> None:
+    from qlora_pipeline.models.loading import check_positions, position_limit
     from qlora_pipeline.models.memory import Architecture
 
     mode = config.experiment.mode
@@ -286,10 +280,11 @@ def _model_plan(config: Config, plan: Plan, prepared: PreparedData | None, found
     )
     plan.facts["model_parameters"] = total
     max_length = config.training.max_length if mode == "qlora" else config.embedding.max_length
-    limit = getattr(hf, "max_position_embeddings", None)
     setting = "training.max_length" if mode == "qlora" else "embedding.max_length"
-    if isinstance(limit, int) and max_length > limit:
-        plan.problem(f"{setting} is {max_length} but {found.source} has {limit} positions; set {setting} to {limit}")
+    try:
+        check_positions(position_limit(hf), max_length, setting, found.source)
+    except UserError as exc:
+        plan.problem(exc)
     targets: list[str] = []
     words = None
     if mode == "qlora":
@@ -346,15 +341,12 @@ def _meta_model(config: Config, found: _Model, num_labels: int) -> tuple[Any, st
         ) from exc
     head = None
     if mode == "qlora":
-        from qlora_pipeline.models.loading import HEAD_NAMES
+        from qlora_pipeline.training.lora import classification_head, output_layer_name
 
         if train.head == "lm_label":
-            output = model.get_output_embeddings()
-            head = next((n for n, m in model.named_modules() if m is output), "lm_head").rsplit(".", 1)[-1]
+            head = (output_layer_name(model) or "lm_head").rsplit(".", 1)[-1]
         else:
-            head = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
-            if head is None:
-                raise UserError(f"model {name!r} has no classification head named {' or '.join(HEAD_NAMES)}")
+            head = classification_head(model, name)
     return model, head, not encoder
 
 
@@ -371,8 +363,7 @@ def _lora_plan(
     import torch
 
     from qlora_pipeline.finetune import lm_label
-    from qlora_pipeline.models.loading import POOLER
-    from qlora_pipeline.training.lora import add_lora, check_target_modules
+    from qlora_pipeline.training.lora import add_lora, check_target_modules, trained_in_full
 
     train = config.training
     resolved = None
@@ -391,7 +382,7 @@ def _lora_plan(
     except UserError as exc:
         plan.problem(exc)
         return model, [], resolved
-    in_full = [] if train.head == "lm_label" else [head, *([POOLER] if _has_module(model, POOLER) else [])]
+    in_full = [] if train.head == "lm_label" else trained_in_full(model, head)
     with torch.device("meta"):
         wrapped = add_lora(model, train, targets, in_full, config.experiment.seed, causal_lm=train.head == "lm_label")
     trainable, total = wrapped.get_nb_trainable_parameters()
@@ -405,20 +396,18 @@ def _lora_plan(
     return wrapped, adapted, resolved
 
 
-def _has_module(model: Any, name: str) -> bool:
-    return any(path.rsplit(".", 1)[-1] == name for path, _ in model.named_modules())
-
-
 def sft_part(config: Config, plan: Plan) -> None:
     """Mode sft: the instruction records read, cleaned and split, the model files and the prompt format resolved
     against the tokenizer, tokens per example and what truncation will cut, the steps. The memory estimate
     (`models/memory.py`) models the classification paths and is not made here."""
     from qlora_pipeline.data.instructions import prepare_instructions
     from qlora_pipeline.errors import DataError
+    from qlora_pipeline.models.loading import check_positions, position_limit
     from qlora_pipeline.sft.prompts import Prompter, encode_split, resolve_format
+    from qlora_pipeline.training.trainer import check_optimizer
 
     try:
-        _check_optimizer(config.training.optimizer)
+        check_optimizer(config.training.optimizer)
     except UserError as exc:
         plan.problem(exc)
     try:
@@ -442,9 +431,10 @@ def sft_part(config: Config, plan: Plan) -> None:
         return
     plan.add("", f"model: {config.model.name_or_path} ({found.where})")
     train = config.training
-    limit = getattr(found.hf_config, "max_position_embeddings", None)
-    if isinstance(limit, int) and train.max_length > limit:
-        plan.problem(f"training.max_length is {train.max_length} but the model has {limit} positions")
+    try:
+        check_positions(position_limit(found.hf_config), train.max_length, "training.max_length", found.source)
+    except UserError as exc:
+        plan.problem(exc)
     try:
         prompt = resolve_format(found.tokenizer, config.sft, found.source)
     except UserError as exc:
@@ -626,7 +616,7 @@ def _memory_plan(config: Config, plan: Plan, model: Any, arch: Any, targets: lis
         )
     if device != "cuda":
         return
-    needed = int(peak * memory.FRAGMENTATION) + memory.CUDA_OVERHEAD_BYTES
+    needed = memory.needed_on_gpu(peak)
     plan.facts["memory"]["needed_on_gpu"] = needed
     gpu = visible_gpu()
     if gpu is None:

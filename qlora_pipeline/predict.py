@@ -40,6 +40,7 @@ from qlora_pipeline.evaluation.baseline import BASELINE, baseline_texts
 from qlora_pipeline.integrity import CHECKSUMS, verify_checksums, verify_manifest
 from qlora_pipeline.reproduce import load_archive
 from qlora_pipeline.runs import dataset_folder, read_json, run_state
+from qlora_pipeline.training.log import ADAPTER_DIR
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -229,7 +230,7 @@ def _check_device(run: Path, device: str, explicit: bool) -> None:
 def _check_model_files(predictor: Predictor, folder: Path) -> None:
     """The model files are there, and match the checksums the run recorded when it saved them."""
     if predictor.mode == "qlora" and predictor.head != BASELINE:
-        needed = [folder / "lora_adapter" / name for name in ADAPTER_FILES]
+        needed = [folder / ADAPTER_DIR / name for name in ADAPTER_FILES]
     else:
         needed = [folder / f"{predictor.head}.joblib"]
     missing = [str(p.relative_to(predictor.run_dir)) for p in needed if not p.is_file()]
@@ -242,7 +243,7 @@ def _check_model_files(predictor: Predictor, folder: Path) -> None:
     if folder in predictor._verified:
         return
     if predictor.mode == "qlora" and predictor.head != BASELINE:  # every file PeftModel.from_pretrained may read
-        loaded = sorted(p for p in (folder / "lora_adapter").rglob("*") if p.is_file())
+        loaded = sorted(p for p in (folder / ADAPTER_DIR).rglob("*") if p.is_file())
     else:
         loaded = [p for p in (needed[0], needed[0].with_suffix(".ubj")) if p.is_file()]
     # The folder's checksums.json as the run left it (manifest.json), then each file as it was saved (checksums.json).
@@ -325,7 +326,7 @@ def _qlora_scorer(predictor: Predictor, folder: Path) -> Scorer:
     from qlora_pipeline.finetune.scoring import predict_proba
     from qlora_pipeline.models.loading import load_model, quiet_library_warnings
 
-    config, adapter = predictor.config, folder / "lora_adapter"
+    config, adapter = predictor.config, folder / ADAPTER_DIR
     labels = read_json(adapter / "labels.json")
     if labels["label_names"] != predictor.label_names:
         raise UserError(f"{adapter}/labels.json names {labels['label_names']}, the run {predictor.label_names}")

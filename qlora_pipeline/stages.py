@@ -4,10 +4,13 @@ record, figures + dashboard + summaries. Each path's `run.py` calls these in its
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
+from qlora_pipeline import distributed
 from qlora_pipeline.runs import Run, environment_info, now_iso, read_json, write_json
+from qlora_pipeline.training import checkpoints
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config
@@ -24,18 +27,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def data_stage(config: Config, run: Run) -> PreparedData:
-    """Seed everything, then load, clean and split; data_summary.json and the fingerprint in config.json."""
+class _Summarized(Protocol):
+    @property
+    def summary(self) -> dict[str, Any]: ...
+
+
+Data = TypeVar("Data", bound=_Summarized)
+
+
+@overload
+def data_stage(config: Config, run: Run) -> PreparedData: ...
+@overload
+def data_stage(config: Config, run: Run, prepare: Callable[[], Data]) -> Data: ...
+def data_stage(config: Config, run: Run, prepare: Callable[[], Any] | None = None) -> Any:
+    """Seed everything, then load, clean and split (`data.prepare.prepare_data`, or `prepare()`: a path's own data
+    with a `summary`); data_summary.json and the fingerprint in config.json."""
     from qlora_pipeline.data.prepare import prepare_data
 
     seed_everything(config.experiment.seed)
     with run.stage("data"):
-        prepared = prepare_data(config.data, config.experiment.seed)
+        prepared = prepare() if prepare is not None else prepare_data(config.data, config.experiment.seed)
         write_json(run.dir / "data_summary.json", prepared.summary)
         update_record(
             run, data={"fingerprint": prepared.summary["fingerprint"], "sources": prepared.summary["sources"]}
         )
     return prepared
+
+
+def resume_checkpoints(
+    run: Run, resume_from: Path | None, notes: list[str], fingerprint: str
+) -> tuple[Path, Path | None]:
+    """The run's checkpoints folder, and the checkpoint to resume from (`resume_from`, see
+    `checkpoints.resolve_resume`) once it is copied there, recorded in config.json and in `notes`. Under torchrun
+    the other ranks wait here, agreeing on the data `fingerprint`, until that copy is made."""
+    work_dir = run.dir / checkpoints.CHECKPOINTS_DIR
+    if resume_from is not None:
+        update_record(run, resumed_from=str(resume_from))
+        notes.append(f"resumed from {resume_from} (its checkpoints copied into checkpoints/)")
+        resume_from = checkpoints.adopt(resume_from, work_dir)
+    distributed.agree(fingerprint, "data fingerprint")
+    return work_dir, resume_from
 
 
 def visualize_run(run_dir: Path, figures: bool) -> None:

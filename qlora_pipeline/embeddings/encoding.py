@@ -25,9 +25,16 @@ import numpy as np
 import torch
 
 from qlora_pipeline.embeddings.cache import EmbeddingCache, text_key, weights_fingerprint
-from qlora_pipeline.errors import UserError
 from qlora_pipeline.models.device import release_memory
-from qlora_pipeline.models.loading import LoadedModel, ModelIdentity, load_model, resolve_identity, would_not_fit
+from qlora_pipeline.models.loading import (
+    LoadedModel,
+    ModelIdentity,
+    check_positions,
+    load_model,
+    position_limit,
+    resolve_identity,
+    would_not_fit,
+)
 from qlora_pipeline.models.pairs import encode as model_inputs
 from qlora_pipeline.progress import Progress
 from qlora_pipeline.runs import package_versions
@@ -95,10 +102,7 @@ class Encoder:
         self._loaded = None
 
     def max_positions(self) -> int | None:
-        if isinstance(self.identity, ModelIdentity):
-            return self.identity.max_positions
-        limit = getattr(self.identity.model.config, "max_position_embeddings", None)
-        return limit if isinstance(limit, int) else None
+        return position_limit(self.identity)
 
 
 def instruction_around(cfg: EmbeddingConfig) -> tuple[str, str]:
@@ -350,12 +354,7 @@ def _forward(
 def check_max_length(encoder: Encoder, cfg: EmbeddingConfig) -> None:
     """A max_length above the model's position limit would index past its position table (BERT's 512 learned
     positions) or run past the lengths it was trained on (rotary decoders)."""
-    limit = encoder.max_positions()
-    if limit is not None and cfg.max_length > limit:
-        raise UserError(
-            f"embedding.max_length is {cfg.max_length} but {encoder.identity.source} has {limit} positions; "
-            f"set embedding.max_length to {limit} or less"
-        )
+    check_positions(encoder.max_positions(), cfg.max_length, "embedding.max_length", encoder.identity.source)
 
 
 @dataclass

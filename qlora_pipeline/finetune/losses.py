@@ -87,9 +87,6 @@ class ClassLoss:
         return self(logits, labels)
 
 
-LossFn = ClassLoss
-
-
 def classification_loss(kind: str, weights: torch.Tensor | None, gamma: float = 2.0) -> ClassLoss:
     """The configured loss (`training.loss`, `training.focal_gamma`) with these class weights."""
     return ClassLoss(kind, weights, gamma)

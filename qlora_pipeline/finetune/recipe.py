@@ -15,41 +15,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.finetune import lm_label
-from qlora_pipeline.finetune.losses import LossFn, classification_loss, loss_weights
+from qlora_pipeline.finetune.losses import ClassLoss, classification_loss, loss_weights
 from qlora_pipeline.finetune.scoring import Examples, class_logits_fn
 from qlora_pipeline.integrity import record_checksums
 from qlora_pipeline.models.loading import (
-    HEAD_NAMES,
     POOLER,
     UNQUANTIZED_MODULES,
     LoadedModel,
     Task,
     check_max_length,
     load_model,
-    quiet_library_logs,
-    quiet_library_warnings,
 )
-from qlora_pipeline.training.log import reproducible_log, training_summary
+from qlora_pipeline.training.log import ADAPTER_DIR, reproducible_log, training_summary
 from qlora_pipeline.training.lora import (
     add_lora,
     check_target_modules,
     check_trainable_float32,
+    classification_head,
+    output_layer_name,
     prepare_for_training,
+    trained_in_full,
 )
 from qlora_pipeline.training.trainer import (
-    close_progress,
     eval_metrics,
     make_trainer_class,
+    run_trainer,
     training_arguments,
     training_callbacks,
 )
@@ -60,8 +58,6 @@ if TYPE_CHECKING:
     from qlora_pipeline.config import Config, TrainingConfig
 
 log = logging.getLogger(__name__)
-
-ADAPTER_DIR = "lora_adapter"
 
 
 @dataclass
@@ -94,11 +90,8 @@ def setup(config: Config, num_labels: int, seed: int, label_names: list[str] | N
         )
         in_full: list[str] = []  # the LM head stays as it is
     else:
-        head, words = _classification_head(loaded), None
-        # A new classification head is trained in full and saved beside the adapter; so is a BERT-style pooler, the
-        # dense layer between the encoder and the classifier (new when the checkpoint lacks it, else pretrained for
-        # another task). peft then puts no LoRA on it, whatever target_modules says.
-        in_full = [head, *([POOLER] if _has_module(loaded.model, POOLER) else [])]
+        head, words = classification_head(loaded.model, loaded.source), None
+        in_full = trained_in_full(loaded.model, head)
     check_max_length(loaded, train.max_length, "training.max_length")
     targets = check_target_modules(loaded.model, train.target_modules, head)
     prepared = prepare_for_training(loaded, train, in_full)
@@ -132,29 +125,21 @@ def load_base(config: Config, num_labels: int, seed: int) -> LoadedModel:
     """The base for the head: the causal LM for lm_label, else a `num_labels` sequence-classification model."""
     lm = config.training.head == "lm_label"
     task: Task = "causal_lm" if lm else "sequence_classification"
-    try:
-        return load_model(config.model, task=task, num_labels=None if lm else num_labels, seed=seed)
-    except ValueError as exc:  # transformers' Auto class has no class for this architecture
-        if "Unrecognized configuration class" not in str(exc):
-            raise
-        name = config.model.name_or_path
-        if lm:
-            raise UserError(
-                f"model.name_or_path {name!r}: its architecture has no causal-LM class in transformers, which "
-                "training.head lm_label needs; use training.head classification (encoders such as BERT)"
-            ) from exc
-        raise UserError(
+    name = config.model.name_or_path
+    if lm:
+        unsupported = (
+            f"model.name_or_path {name!r}: its architecture has no causal-LM class in transformers, which "
+            "training.head lm_label needs; use training.head classification (encoders such as BERT)"
+        )
+    else:
+        unsupported = (
             f"model.name_or_path {name!r}: its architecture has no sequence-classification class in transformers; "
             "set training.head: lm_label to score label words with its causal LM, choose a base with a "
             "*ForSequenceClassification class (Qwen, Llama, BERT, ...), or use experiment.mode embeddings"
-        ) from exc
-
-
-def _classification_head(loaded: LoadedModel) -> str:
-    found = next((n for n in HEAD_NAMES if isinstance(getattr(loaded.model, n, None), torch.nn.Module)), None)
-    if found is None:
-        raise UserError(f"model {loaded.source!r} has no classification head named {' or '.join(HEAD_NAMES)}")
-    return found
+        )
+    return load_model(
+        config.model, task=task, num_labels=None if lm else num_labels, seed=seed, unsupported=unsupported
+    )
 
 
 def _lm_head(loaded: LoadedModel) -> str:
@@ -170,8 +155,7 @@ def _lm_head(loaded: LoadedModel) -> str:
             f"model {source!r} is an encoder ({model.config.model_type}), and training.head lm_label needs a causal "
             f"(decoder) LM that predicts the word after the prompt; {fix}"
         )
-    output = model.get_output_embeddings()
-    name = next((n for n, module in model.named_modules() if module is output), None)
+    name = output_layer_name(model)
     if name is None:
         raise UserError(f"model {source!r} has no output embedding layer to score label words with; {fix}")
     if any(key.startswith(name + ".") for key in loaded.new_weights):
@@ -180,10 +164,6 @@ def _lm_head(loaded: LoadedModel) -> str:
             f"has nothing to score label words with; {fix}"
         )
     return name.rsplit(".", 1)[-1]
-
-
-def _has_module(model: torch.nn.Module, name: str) -> bool:
-    return any(path.rsplit(".", 1)[-1] == name for path, _ in model.named_modules())
 
 
 # ---- train ----------------------------------------------------------------------------------------------
@@ -213,20 +193,9 @@ def train(
         log.info(tuned.notes[-1])
     train_set = Examples(tokenizer, train_split, train_cfg.max_length, tuned.label_words, pair_encoding)
     eval_set = Examples(tokenizer, validation, train_cfg.max_length, tuned.label_words, pair_encoding)
-    # The Trainer switches deterministic algorithms on for the whole process (full_determinism, set up when it is
-    # built): switched back afterwards, so a notebook that trains and then predicts is not left on slower kernels.
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
-    trainer = None
-    try:
-        trainer = make_trainer(tuned, train_cfg, work_dir, seed, train_set, eval_set, loss_fn, marker)
-        start = time.perf_counter()
-        with quiet_library_warnings(), quiet_library_logs():
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        seconds = time.perf_counter() - start
-    finally:
-        torch.use_deterministic_algorithms(deterministic_before)
-        if trainer is not None:  # an interrupted run: the progress bar ends, and the console is itself again
-            close_progress(trainer)
+    trainer, seconds = run_trainer(
+        lambda: make_trainer(tuned, train_cfg, work_dir, seed, train_set, eval_set, loss_fn, marker), resume_from
+    )
     tuned.log_history = reproducible_log(trainer.state.log_history)
     tuned.summary = training_summary(
         trainer,
@@ -245,7 +214,7 @@ def train(
 
 def make_loss(
     tuned: FineTuned, train_cfg: TrainingConfig, labels: np.ndarray, data_weights: dict[int, float] | None
-) -> LossFn:
+) -> ClassLoss:
     """Cross-entropy or focal loss, with the class weights `training.class_weights` (or `data.balance`) asks for."""
     words = tuned.label_words
     num_labels = len(words.words) if words is not None else int(tuned.loaded.model.config.num_labels)
@@ -263,14 +232,14 @@ def make_trainer(
     seed: int,
     train_set: Examples,
     eval_set: Examples,
-    loss_fn: LossFn,
+    loss_fn: ClassLoss,
     marker: Any,
 ) -> Any:
-    """The HF Trainer with our loss and class logits, checkpointing into `work_dir`."""
-    from transformers import DataCollatorWithPadding, PrinterCallback
+    """The HF Trainer with our loss and class logits, checkpointing into `work_dir` (`run_trainer` trains it)."""
+    from transformers import DataCollatorWithPadding
 
     tokenizer = tuned.loaded.tokenizer
-    trainer = make_trainer_class()(
+    return make_trainer_class()(
         model=tuned.loaded.model,
         args=training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes),
         train_dataset=train_set,
@@ -283,8 +252,6 @@ def make_trainer(
         logits_fn=class_logits_fn(tuned.label_words),
         per_micro_batch=train_cfg.loss_normalization == "micro_batch",
     )
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
-    return trainer
 
 
 # ---- save -----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ fine-tuned model as the primary head and the TF-IDF baseline beside it, so repor
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,14 @@ from qlora_pipeline.evaluation.trained_head import tune_threshold
 from qlora_pipeline.finetune import recipe
 from qlora_pipeline.finetune.scoring import pair_column, predict_proba
 from qlora_pipeline.runs import write_json
-from qlora_pipeline.stages import data_stage, model_record, seed_everything, update_record, visualize_run
+from qlora_pipeline.stages import (
+    data_stage,
+    model_record,
+    resume_checkpoints,
+    seed_everything,
+    update_record,
+    visualize_run,
+)
 from qlora_pipeline.training import checkpoints
 from qlora_pipeline.training.log import TRAINING_LOG, TRAINING_SUMMARY, write_training_log
 from qlora_pipeline.training.trainer import check_early_stopping_metric
@@ -76,14 +84,8 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
         update_record(run, model=model_record(tuned.loaded))
 
     with run.stage("training"):
-        work_dir = run.dir / checkpoints.CHECKPOINTS_DIR
-        if resume_from is not None:
-            update_record(run, resumed_from=str(resume_from))
-            tuned.notes.append(f"resumed from {resume_from} (its checkpoints copied into checkpoints/)")
-            resume_from = checkpoints.adopt(resume_from, work_dir)
-        # Under torchrun: the other ranks wait here until the checkpoints to resume from are copied.
-        distributed.agree(prepared.summary["fingerprint"], "data fingerprint")
         fingerprint = prepared.summary["fingerprint"]
+        work_dir, resume_from = resume_checkpoints(run, resume_from, tuned.notes, fingerprint)
         marker = checkpoints.marker_callback(checkpoints.config_hash(config), run.name, fingerprint)
         validation = splits.get("validation")
         recipe.train(
@@ -101,15 +103,10 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
         write_json(run.dir / TRAINING_SUMMARY, tuned.summary)
         update_record(run, training=tuned.summary)
 
-    def score(frame: pd.DataFrame) -> np.ndarray:
-        texts, train = frame["text"].tolist(), config.training
-        pairs = pair_column(frame)
-        return predict_proba(tuned.loaded, tuned.label_words, texts, train.max_length, train.batch_size, pairs)
-
     threshold, scored = None, {}  # scored: split -> probabilities, computed once for calibration and evaluation
     if len(label_names) == 2 and config.training.threshold_metric != "none":
         with run.stage("calibration"):
-            scored = {name: score(splits.get(name)) for name in ("validation", "test")}
+            scored = {name: score_frame(tuned, config, splits.get(name)) for name in ("validation", "test")}
             threshold = calibrate(tuned, config, {name: (splits.get(name), p) for name, p in scored.items()})
             tuned.summary["threshold"] = threshold
             write_json(run.dir / TRAINING_SUMMARY, tuned.summary)
@@ -122,33 +119,16 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
     if config.experiment.per_dataset:
         per_dataset = train_per_dataset(config, run, prepared, zero_shot=False)
 
+    def pooled(split: str, frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        proba = scored[split] if split in scored else score_frame(tuned, config, frame)
+        heads = {HEAD_NAME: predictions_frame(frame, proba, predicted_classes(proba, threshold), splits.label_names)}
+        if tuned.label_words is not None:  # lm_label: the base model's label-word scores, before any training
+            zero = zero_shot_proba(tuned, config, frame)
+            heads[ZERO_SHOT] = predictions_frame(frame, zero, zero.argmax(axis=1), splits.label_names)
+        return heads
+
     with run.stage("evaluation"):
-        baseline = fit_baseline(baseline_texts(splits.train), splits.train["label"].to_numpy(), seed)
-        baseline.save(run.dir / "models" / "all")
-        metrics: dict[str, Any] = {}
-        for split in config.evaluation.splits:
-            frame = splits.get(split)
-            proba = scored[split] if split in scored else score(frame)
-            base_proba = baseline.predict_proba(baseline_texts(frame))
-            predicted = proba.argmax(axis=1) if threshold is None else (proba[:, 1] >= threshold["value"]).astype(int)
-            predictions = {HEAD_NAME: predictions_frame(frame, proba, predicted, splits.label_names)}
-            if tuned.label_words is not None:  # lm_label: the base model's label-word scores, before any training
-                zero = zero_shot_proba(tuned, config, frame)
-                predictions[ZERO_SHOT] = predictions_frame(frame, zero, zero.argmax(axis=1), splits.label_names)
-            predictions[baseline.name] = predictions_frame(
-                frame, base_proba, baseline.predict(base_proba), splits.label_names
-            )
-            own = {
-                name: predictions_frame(frame, *scores[split], splits.label_names)
-                for name, scores in per_dataset.items()
-            }
-            predictions = ordered(predictions, own, first_pooled=True)
-            metrics[split] = evaluate_split(run.dir, split, predictions, label_names, config.evaluation, seed)
-        summary: dict[str, Any] = {"primary_head": HEAD_NAME, "splits": metrics}
-        if threshold is not None:
-            summary["threshold_calibration"] = threshold  # the qlora head's predictions above use it
-        summary.update(lift_record(metrics, HEAD_NAME))
-        write_json(run.dir / "metrics.json", summary)
+        metrics = evaluate_run(config, run, prepared, pooled, per_dataset, HEAD_NAME, threshold)
 
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
@@ -205,6 +185,45 @@ def calibrate(tuned: Any, config: Config, scored: dict[str, tuple[pd.DataFrame, 
     )
     log.info(tuned.notes[-1])
     return record
+
+
+def evaluate_run(
+    config: Config,
+    run: Run,
+    prepared: PreparedData,
+    pooled: Callable[[str, pd.DataFrame], dict[str, pd.DataFrame]] | None,
+    per_dataset: dict[str, Scores],
+    primary: str,
+    threshold: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Every evaluation split scored by the pooled model's heads (`pooled(split, frame)`; None: no pooled model), the
+    per-dataset adapters and the TF-IDF baseline (fitted and saved here), in `ordered`'s order; metrics.json with
+    `primary` as the primary head and the calibrated `threshold` the pooled head used."""
+    splits, seed = prepared.splits, config.experiment.seed
+    baseline = fit_baseline(baseline_texts(splits.train), splits.train["label"].to_numpy(), seed)
+    baseline.save(run.dir / "models" / "all")
+    metrics: dict[str, Any] = {}
+    for split in config.evaluation.splits:
+        frame = splits.get(split)
+        heads = pooled(split, frame) if pooled is not None else {}
+        base_proba = baseline.predict_proba(baseline_texts(frame))
+        heads[baseline.name] = predictions_frame(frame, base_proba, baseline.predict(base_proba), splits.label_names)
+        own = {
+            name: predictions_frame(frame, *scores[split], splits.label_names) for name, scores in per_dataset.items()
+        }
+        predictions = ordered(heads, own, first_pooled=pooled is not None)
+        metrics[split] = evaluate_split(run.dir, split, predictions, list(splits.label_names), config.evaluation, seed)
+    summary: dict[str, Any] = {"primary_head": primary, "splits": metrics}
+    if threshold is not None:
+        summary["threshold_calibration"] = threshold  # the pooled head's predictions above use it
+    summary.update(lift_record(metrics, primary))
+    write_json(run.dir / "metrics.json", summary)
+    return metrics
+
+
+def predicted_classes(proba: np.ndarray, threshold: dict[str, Any] | None) -> np.ndarray:
+    """The predicted classes: P(positive) at or above the calibrated threshold (`calibrate`), else the argmax."""
+    return proba.argmax(axis=1) if threshold is None else (proba[:, 1] >= threshold["value"]).astype(int)
 
 
 # ---- the zero-shot baseline (lm_label) and one model per dataset (experiment.per_dataset) --------------------
@@ -277,8 +296,7 @@ def train_per_dataset(config: Config, run: Run, prepared: PreparedData, zero_sho
             records[dataset] = {"train_rows": len(own.train), **tuned.summary}
             for split in wanted:
                 proba = scored[split]
-                cut = None if threshold is None else threshold["value"]
-                predicted = proba.argmax(axis=1) if cut is None else (proba[:, 1] >= cut).astype(int)
+                predicted = predicted_classes(proba, threshold)
                 fill(scores[head_name(HEAD_NAME)], split, splits.get(split), dataset, proba, predicted)
                 if zero_shot and tuned.label_words is not None:
                     zero = zero_shot_proba(tuned, config, own.get(split))
@@ -292,28 +310,9 @@ def train_per_dataset(config: Config, run: Run, prepared: PreparedData, zero_sho
 def execute_per_dataset_only(config: Config, run: Run, prepared: PreparedData) -> dict[str, Any]:
     """experiment.pooled false: the per-dataset adapters alone (the primary head), the zero-shot scores of lm_label
     runs and the TF-IDF baseline beside them, evaluated as `execute` evaluates the pooled model."""
-    splits, seed = prepared.splits, config.experiment.seed
-    label_names = list(splits.label_names)
     per_dataset = train_per_dataset(config, run, prepared, zero_shot=config.training.head == "lm_label")
     with run.stage("evaluation"):
-        baseline = fit_baseline(baseline_texts(splits.train), splits.train["label"].to_numpy(), seed)
-        baseline.save(run.dir / "models" / "all")
-        metrics: dict[str, Any] = {}
-        for split in config.evaluation.splits:
-            frame = splits.get(split)
-            base_proba = baseline.predict_proba(baseline_texts(frame))
-            predictions = {
-                name: predictions_frame(frame, *scores[split], splits.label_names)
-                for name, scores in per_dataset.items()
-            }
-            predictions[baseline.name] = predictions_frame(
-                frame, base_proba, baseline.predict(base_proba), splits.label_names
-            )
-            metrics[split] = evaluate_split(run.dir, split, predictions, label_names, config.evaluation, seed)
-        primary = head_name(HEAD_NAME)
-        write_json(
-            run.dir / "metrics.json", {"primary_head": primary, "splits": metrics, **lift_record(metrics, primary)}
-        )
+        metrics = evaluate_run(config, run, prepared, None, per_dataset, head_name(HEAD_NAME))
     with run.stage("visualize"):
         visualize_run(run.dir, config.evaluation.figures)
     return metrics

@@ -217,10 +217,6 @@ def _bnb_config(
 def resolve_quantization(cfg: ModelConfig, device: str, notes: list[str]) -> Literal["4bit", "8bit", "none"]:
     """What `model.quantization` becomes on `device` (auto resolved; an explicit 4bit/8bit that bitsandbytes cannot
     do there is a UserError); a decision beyond the config is appended to `notes`."""
-    return _resolve_quantization(cfg, device, notes)
-
-
-def _resolve_quantization(cfg: ModelConfig, device: str, notes: list[str]) -> Literal["4bit", "8bit", "none"]:
     if cfg.quantization == "none":
         return "none"
     problem = bitsandbytes_problem(device)
@@ -303,7 +299,7 @@ def resolve_identity(cfg: ModelConfig, *, resolve_pairs: bool = True) -> ModelId
     device = resolve_device(cfg)
     if cfg.device == "auto":
         notes.append(f"device auto → {device}")
-    quantization = _resolve_quantization(cfg, device, notes)
+    quantization = resolve_quantization(cfg, device, notes)
     dtype = resolve_compute_dtype(cfg, device, quantization)
     if cfg.compute_dtype == "auto":
         bf16_cpu = device == "cpu" and dtype == torch.bfloat16
@@ -342,9 +338,12 @@ def load_model(
     num_labels: int | None = None,
     *,
     seed: int = 0,
+    unsupported: str | None = None,
 ) -> LoadedModel:
     """Load tokenizer + model for `task`: "encoder" (base model, hidden states for embeddings),
     "causal_lm" (QLoRA on the LM head) or "sequence_classification" (QLoRA with a `num_labels` head).
+    `unsupported`: the UserError message when transformers has no class of `task` for the model's architecture
+    (without it, transformers' ValueError propagates).
 
     Deterministic: freshly initialised weights (a classification head) are drawn under `seed` in a forked
     RNG, so the caller's random state is untouched; NF4 quantization itself has no randomness.
@@ -381,18 +380,23 @@ def load_model(
     target = f"cuda:{gpu}" if device == "cuda" else "cpu"
     with torch.random.fork_rng(devices=[gpu] if device == "cuda" else []), _quiet_loading():
         torch.manual_seed(seed)
-        model, info = auto_class.from_pretrained(
-            source,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            dtype=dtype,
-            device_map={"": target},
-            output_loading_info=True,
-            # A weight whose shape differs from the checkpoint's (a classifier trained for another label count) is
-            # drawn fresh and reported below, instead of stopping the load.
-            ignore_mismatched_sizes=True,
-            **extra,
-        )
+        try:
+            model, info = auto_class.from_pretrained(
+                source,
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
+                dtype=dtype,
+                device_map={"": target},
+                output_loading_info=True,
+                # A weight whose shape differs from the checkpoint's (a classifier trained for another label count)
+                # is drawn fresh and reported below, instead of stopping the load.
+                ignore_mismatched_sizes=True,
+                **extra,
+            )
+        except ValueError as exc:  # transformers' Auto class has no class of this task for the architecture
+            if unsupported is None or "Unrecognized configuration class" not in str(exc):
+                raise
+            raise UserError(unsupported) from exc
     if quantization == "4bit" and device == "cpu":
         _keep_cpu_4bit_weights_unpacked(model, notes)
     report = load_report(info)
@@ -497,14 +501,28 @@ def would_not_fit(cfg: ModelConfig, dtype: str, margin: float = 1.2) -> str | No
     )
 
 
-def check_max_length(loaded: LoadedModel, max_length: int, setting: str) -> None:
+def position_limit(model: LoadedModel | ModelIdentity | Any) -> int | None:
+    """The model's position limit (config.json max_position_embeddings) of a loaded model, a resolved identity or a
+    transformers config; None when it has none."""
+    if isinstance(model, ModelIdentity):
+        return model.max_positions
+    hf_config = model.model.config if isinstance(model, LoadedModel) else model
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
+def check_positions(limit: int | None, max_length: int, setting: str, source: str) -> None:
     """A max_length (`setting` names it) above the model's position limit would index past its position table
     (BERT's 512 learned positions) or run past the lengths it was trained on (rotary decoders)."""
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and max_length > limit:
+    if limit is not None and max_length > limit:
         raise UserError(
-            f"{setting} is {max_length} but {loaded.source} has {limit} positions; set {setting} to {limit} or less"
+            f"{setting} is {max_length} but {source} has {limit} positions; set {setting} to {limit} or less"
         )
+
+
+def check_max_length(model: LoadedModel | ModelIdentity, max_length: int, setting: str) -> None:
+    """`check_positions` against the limit of a loaded model or of its resolved identity."""
+    check_positions(position_limit(model), max_length, setting, model.source)
 
 
 def _keep_cpu_4bit_weights_unpacked(model: Any, notes: list[str]) -> None:

@@ -90,9 +90,10 @@ class Estimate:
     def total(self) -> int:
         return sum(self.parts.values())
 
-    def needed_on_gpu(self) -> int:
-        """What a GPU must hold: torch's allocations with allocator headroom, plus the CUDA context."""
-        return int(self.total * FRAGMENTATION) + CUDA_OVERHEAD_BYTES
+
+def needed_on_gpu(peak: int) -> int:
+    """What a GPU must hold for a `peak` of torch allocations: with allocator headroom, plus the CUDA context."""
+    return int(peak * FRAGMENTATION) + CUDA_OVERHEAD_BYTES
 
 
 def quantized_linear_bytes(weights: int, out_features: int, quantization: str, double_quant: bool) -> int:

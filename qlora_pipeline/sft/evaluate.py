@@ -26,7 +26,7 @@ from qlora_pipeline.data.instructions import last_answer_index
 from qlora_pipeline.evaluation.text_metrics import LOSS_METRICS, TEXT_METRICS, reference_scores, signatures
 from qlora_pipeline.runs import write_json
 from qlora_pipeline.sft.generation import Answer, Generator
-from qlora_pipeline.sft.prompts import IGNORE
+from qlora_pipeline.sft.prompts import IGNORE, fitted_examples
 from qlora_pipeline.sft.recipe import PadRight, Tuned
 
 if TYPE_CHECKING:
@@ -151,14 +151,10 @@ def sample(records: int, samples: int | None, seed: int) -> list[int]:
 
 def loss_rows(tuned: Tuned, config: Config, frame: pd.DataFrame) -> tuple[list[dict[str, list[int]]], np.ndarray]:
     """Every record's answer-only examples, truncated as in training, and the record each one came from."""
-    prompter = tuned.prompter()
     rows, owners = [], []
-    for index, messages in enumerate(frame["messages"]):
-        for example in prompter.encode(messages):
-            fitted = prompter.fit(example, config.training.max_length, config.sft.truncation)
-            if fitted is not None:
-                rows.append({"input_ids": fitted.input_ids, "labels": fitted.labels})
-                owners.append(index)
+    for index, fitted in fitted_examples(tuned.prompter(), frame, config.training.max_length, config.sft.truncation):
+        rows.append({"input_ids": fitted.input_ids, "labels": fitted.labels})
+        owners.append(index)
     return rows, np.asarray(owners, dtype=int)
 
 

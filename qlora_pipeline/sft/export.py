@@ -27,7 +27,8 @@ from typing import Literal
 import torch
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.sft.generation import ADAPTER_DIR, SFT_FILE, run_config
+from qlora_pipeline.sft.generation import SFT_FILE, run_config, stop_ids
+from qlora_pipeline.training.log import ADAPTER_DIR
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,8 @@ def export_merged(
     with quiet_library_warnings():
         merged = PeftModel.from_pretrained(base, run / "models" / "all" / ADAPTER_DIR).merge_and_unload(safe_merge=True)
     merged = merged.to(DTYPES[dtype])
-    stops = [*record["prompt_format"]["stop_token_ids"]]
-    eos = loaded.tokenizer.eos_token_id
     merged.generation_config = GenerationConfig(
-        eos_token_id=list(dict.fromkeys([*stops, *([eos] if eos is not None else [])])),
+        eos_token_id=stop_ids(record["prompt_format"]["stop_token_ids"], loaded.tokenizer),
         pad_token_id=loaded.tokenizer.pad_token_id,
         do_sample=False,
     )

@@ -26,6 +26,7 @@ from qlora_pipeline.data.instructions import ROLES
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.runs import read_json
 from qlora_pipeline.sft.prompts import Prompter, PromptFormat
+from qlora_pipeline.training.log import ADAPTER_DIR
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import Config, GenerationConfig
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Prompt = str | dict[str, Any] | list[dict[str, Any]]
-ADAPTER_DIR = "lora_adapter"  # in models/all/ of a run
 SFT_FILE = "sft.json"  # beside the adapter: the prompt format, so generation renders prompts as training did
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", SFT_FILE)
 _EMPTY_THINKING = re.compile(r"^\s*<think>\s*</think>\s*")  # Qwen3 answers open with one when not thinking
@@ -158,8 +158,7 @@ class Generator:
         return [r for r in results if r is not None]
 
     def stop_ids(self) -> list[int]:
-        eos = self.loaded.tokenizer.eos_token_id
-        return list(dict.fromkeys([*self.prompt.stop_token_ids, *([eos] if eos is not None else [])]))
+        return stop_ids(self.prompt.stop_token_ids, self.loaded.tokenizer)
 
     def _decode(self, new_tokens: list[int]) -> Answer:
         stops = set(self.stop_ids())
@@ -167,6 +166,12 @@ class Generator:
         kept = new_tokens if end is None else new_tokens[:end]
         text = self.loaded.tokenizer.decode(kept, skip_special_tokens=True)
         return Answer(_EMPTY_THINKING.sub("", text).strip(), len(kept), end is not None)
+
+
+def stop_ids(stop_token_ids: Sequence[int], tokenizer: Any) -> list[int]:
+    """The tokens that end an answer: the prompt format's stop tokens, then the tokenizer's eos (once each)."""
+    eos = tokenizer.eos_token_id
+    return list(dict.fromkeys([*stop_token_ids, *([eos] if eos is not None else [])]))
 
 
 # ---- a finished run -------------------------------------------------------------------------------------

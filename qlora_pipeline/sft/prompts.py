@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -288,18 +289,21 @@ def _trim(example: Encoded) -> Encoded:
     return Encoded(example.input_ids[: last + 1], example.labels[: last + 1])
 
 
-def encode_split(prompter: Prompter, frame: pd.DataFrame, max_length: int, strategy: str) -> list[dict[str, list[int]]]:
-    """Training rows (input_ids, attention_mask, labels) of every conversation in `frame`, truncated and counted."""
-    rows = []
-    for messages in frame["messages"]:
+def fitted_examples(
+    prompter: Prompter, frame: pd.DataFrame, max_length: int, strategy: str
+) -> Iterator[tuple[int, Encoded]]:
+    """Every conversation's answer-only examples in `frame`, truncated and counted (those that lost every answer
+    token left out), each with the position of its conversation."""
+    for index, messages in enumerate(frame["messages"]):
         for example in prompter.encode(messages):
             fitted = prompter.fit(example, max_length, strategy)
             if fitted is not None:
-                rows.append(
-                    {
-                        "input_ids": fitted.input_ids,
-                        "attention_mask": [1] * len(fitted.input_ids),
-                        "labels": fitted.labels,
-                    }
-                )
-    return rows
+                yield index, fitted
+
+
+def encode_split(prompter: Prompter, frame: pd.DataFrame, max_length: int, strategy: str) -> list[dict[str, list[int]]]:
+    """Training rows (input_ids, attention_mask, labels) of every conversation in `frame`, truncated and counted."""
+    return [
+        {"input_ids": fitted.input_ids, "attention_mask": [1] * len(fitted.input_ids), "labels": fitted.labels}
+        for _, fitted in fitted_examples(prompter, frame, max_length, strategy)
+    ]

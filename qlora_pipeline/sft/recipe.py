@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.models.loading import LoadedModel, check_max_length, load_model, quiet_library_warnings
-from qlora_pipeline.sft.generation import ADAPTER_DIR, SFT_FILE
+from qlora_pipeline.models.loading import LoadedModel, check_max_length, load_model
+from qlora_pipeline.sft.generation import SFT_FILE
 from qlora_pipeline.sft.prompts import IGNORE, Prompter, PromptFormat, encode_split, resolve_format
-from qlora_pipeline.training.log import reproducible_log, training_summary
-from qlora_pipeline.training.lora import add_lora, check_target_modules, prepare_for_training
-from qlora_pipeline.training.trainer import training_arguments, training_callbacks
+from qlora_pipeline.training.log import ADAPTER_DIR, reproducible_log, training_summary
+from qlora_pipeline.training.lora import add_lora, check_target_modules, output_layer_name, prepare_for_training
+from qlora_pipeline.training.trainer import run_trainer, training_arguments, training_callbacks
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -88,21 +87,16 @@ def setup(config: Config, seed: int) -> Tuned:
 
 
 def load_base(config: Config, seed: int) -> LoadedModel:
-    try:
-        return load_model(config.model, task="causal_lm", seed=seed)
-    except ValueError as exc:  # transformers' Auto class has no causal-LM class for this architecture
-        if "Unrecognized configuration class" not in str(exc):
-            raise
-        raise UserError(
-            f"model.name_or_path {config.model.name_or_path!r}: its architecture has no causal-LM class in "
-            "transformers, and experiment.mode sft trains a model to write answers; choose a decoder (Qwen, Llama, ...)"
-        ) from exc
+    unsupported = (
+        f"model.name_or_path {config.model.name_or_path!r}: its architecture has no causal-LM class in "
+        "transformers, and experiment.mode sft trains a model to write answers; choose a decoder (Qwen, Llama, ...)"
+    )
+    return load_model(config.model, task="causal_lm", seed=seed, unsupported=unsupported)
 
 
 def lm_head_name(loaded: LoadedModel) -> str:
     """The output layer's name (it gets no adapter: peft's all-linear leaves it out too)."""
-    output = loaded.model.get_output_embeddings()
-    name = next((n for n, module in loaded.model.named_modules() if module is output), None)
+    name = output_layer_name(loaded.model)
     if name is None:
         raise UserError(f"model {loaded.source!r} has no output embedding layer to generate with")
     if any(key.startswith(name + ".") for key in loaded.new_weights):
@@ -177,12 +171,11 @@ def train(
 ) -> Tuned:
     """Fit the adapter, checkpointing into `work_dir` (from `resume_from` when given); with early stopping the best
     checkpoint's adapter is restored. The per-step log lands in `log_history`, timings and memory in `summary`."""
-    from transformers import PrinterCallback, Trainer
+    from transformers import Trainer
 
     train_cfg = config.training
-    deterministic_before = torch.are_deterministic_algorithms_enabled()  # see finetune/recipe.py: restored after
-    try:
-        trainer = Trainer(
+    trainer, seconds = run_trainer(
+        lambda: Trainer(
             model=tuned.loaded.model,
             args=training_arguments(train_cfg, tuned.loaded, work_dir, seed, tuned.notes),
             train_dataset=Rows(train_rows),
@@ -190,14 +183,9 @@ def train(
             data_collator=collator(tuned, config.sft.packing),
             processing_class=tuned.loaded.tokenizer,
             callbacks=training_callbacks(train_cfg, marker),
-        )
-        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
-        start = time.perf_counter()
-        with quiet_library_warnings():
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        seconds = time.perf_counter() - start
-    finally:
-        torch.use_deterministic_algorithms(deterministic_before)
+        ),
+        resume_from,
+    )
     tuned.log_history = reproducible_log(trainer.state.log_history)
     tuned.summary = training_summary(
         trainer,

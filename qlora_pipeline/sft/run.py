@@ -17,7 +17,14 @@ from qlora_pipeline.data.instructions import InstructionData, prepare_instructio
 from qlora_pipeline.runs import write_json
 from qlora_pipeline.sft import recipe
 from qlora_pipeline.sft.evaluate import evaluate
-from qlora_pipeline.stages import model_record, seed_everything, update_record, visualize_run
+from qlora_pipeline.stages import (
+    data_stage,
+    model_record,
+    resume_checkpoints,
+    seed_everything,
+    update_record,
+    visualize_run,
+)
 from qlora_pipeline.training import checkpoints
 from qlora_pipeline.training.log import TRAINING_LOG, TRAINING_SUMMARY, write_training_log
 
@@ -39,24 +46,14 @@ def preflight(config: Config, output_root: Path, resume: str | None) -> Path | N
 def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[str, Any]:
     """`resume_from`: a checkpoint of an interrupted run of this config (see `checkpoints.resolve_resume`)."""
     seed = config.experiment.seed
-    seed_everything(seed)
-    with run.stage("data"):
-        data = prepare_instructions(config.data, config.sft, seed)
-        write_json(run.dir / "data_summary.json", data.summary)
-        update_record(run, data={"fingerprint": data.summary["fingerprint"], "sources": data.summary["sources"]})
+    data = data_stage(config, run, lambda: prepare_instructions(config.data, config.sft, seed))
 
     with run.stage("model"):
         tuned = recipe.setup(config, seed)
         update_record(run, model=model_record(tuned.loaded), prompt_format=tuned.prompt.to_dict())
 
     with run.stage("training"):
-        work_dir = run.dir / checkpoints.CHECKPOINTS_DIR
-        if resume_from is not None:
-            update_record(run, resumed_from=str(resume_from))
-            tuned.notes.append(f"resumed from {resume_from} (its checkpoints copied into checkpoints/)")
-            resume_from = checkpoints.adopt(resume_from, work_dir)
-        # Under torchrun: the other ranks wait here until the checkpoints to resume from are copied.
-        distributed.agree(data.summary["fingerprint"], "data fingerprint")
+        work_dir, resume_from = resume_checkpoints(run, resume_from, tuned.notes, data.summary["fingerprint"])
         train_rows, validation_rows, truncation = encode(tuned, config, data)
         recipe.train(
             tuned,

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ADAPTER_DIR = "lora_adapter"  # the saved adapter, in models/<dataset>/ of a run
 TRAINING_LOG = "training_log.csv"
 TRAINING_SUMMARY = "training_summary.json"
 

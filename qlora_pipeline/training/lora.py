@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.models.loading import quiet_library_warnings
+from qlora_pipeline.models.loading import HEAD_NAMES, POOLER, quiet_library_warnings
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import TrainingConfig
@@ -85,6 +85,32 @@ def add_lora(
         torch.manual_seed(seed)
         with quiet_library_warnings():
             return get_peft_model(model, lora)
+
+
+def output_layer_name(model: Any) -> str | None:
+    """The dotted name of the model's output layer (a causal LM's head), None when it has none."""
+    output = model.get_output_embeddings()
+    return next((name for name, module in model.named_modules() if module is output), None)
+
+
+def classification_head(model: torch.nn.Module, source: str) -> str:
+    """The name of a *ForSequenceClassification model's head (`HEAD_NAMES`)."""
+    found = next((n for n in HEAD_NAMES if isinstance(getattr(model, n, None), torch.nn.Module)), None)
+    if found is None:
+        raise UserError(f"model {source!r} has no classification head named {' or '.join(HEAD_NAMES)}")
+    return found
+
+
+def has_module(model: torch.nn.Module, name: str) -> bool:
+    """Some module of the model has `name` as the last component of its path."""
+    return any(path.rsplit(".", 1)[-1] == name for path, _ in model.named_modules())
+
+
+def trained_in_full(model: torch.nn.Module, head: str) -> list[str]:
+    """A new classification head is trained in full and saved beside the adapter; so is a BERT-style pooler, the
+    dense layer between the encoder and the classifier (new when the checkpoint lacks it, else pretrained for
+    another task). peft then puts no LoRA on them, whatever target_modules says."""
+    return [head, *([POOLER] if has_module(model, POOLER) else [])]
 
 
 def linear_layer_names(model: torch.nn.Module) -> list[str]:

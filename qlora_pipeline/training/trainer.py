@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ import torch
 
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.evaluation.metrics import accuracy_macro_f1
+from qlora_pipeline.models.loading import quiet_library_logs, quiet_library_warnings
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import TrainingConfig
@@ -94,21 +96,28 @@ def make_trainer_class() -> type:
     return ClassificationTrainer
 
 
-def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path, seed: int, notes: list[str]) -> Any:
-    """Trainer settings; checkpoints go to `out_dir` (the run's checkpoints/)."""
+def check_optimizer(name: str) -> None:
+    """training.optimizer is an optimizer of the installed transformers (the config checks its own list,
+    config.TRAINER_OPTIMIZERS; another release may differ)."""
     import transformers
-    from transformers import TrainingArguments
     from transformers.training_args import OptimizerNames
 
+    known = sorted(option.value for option in OptimizerNames)
+    if name not in known:
+        raise UserError(
+            f"training.optimizer {name!r} is not an optimizer of the installed transformers "
+            f"{transformers.__version__}; choose one of: {', '.join(known)}"
+        )
+
+
+def training_arguments(train: TrainingConfig, loaded: LoadedModel, out_dir: Path, seed: int, notes: list[str]) -> Any:
+    """Trainer settings; checkpoints go to `out_dir` (the run's checkpoints/)."""
+    from transformers import TrainingArguments
+
+    check_optimizer(train.optimizer)
     cuda = loaded.device == "cuda"
     bf16 = cuda and loaded.compute_dtype == "bfloat16"  # mixed precision follows the compute dtype on a GPU;
     fp16 = cuda and loaded.compute_dtype == "float16"  # CPUs train in float32
-    known = sorted(name.value for name in OptimizerNames)
-    if train.optimizer not in known:  # the config checks its own list (config.TRAINER_OPTIMIZERS); another release
-        raise UserError(
-            f"training.optimizer {train.optimizer!r} is not an optimizer of the installed transformers "
-            f"{transformers.__version__}; choose one of: {', '.join(known)}"
-        )
     # Paging moves optimizer state to CPU memory under GPU memory pressure; on a CPU there is nothing to page and
     # bitsandbytes runs the same 32-bit AdamW update unpaged. Same math, so the requested optimizer is kept (no
     # switch to adamw_torch) and the difference is recorded.
@@ -263,6 +272,29 @@ def progress_callback() -> Any:
                 self.progress = None
 
     return TrainingProgress()
+
+
+def run_trainer(build: Callable[[], Any], resume_from: Path | None) -> tuple[Any, float]:
+    """Build the Trainer (`build()`) and train it (from the checkpoint `resume_from` when given): the trained Trainer
+    and the seconds training took. The Trainer switches deterministic algorithms on for the whole process
+    (full_determinism, set up when it is built): switched back afterwards, so a notebook that trains and then
+    predicts is not left on slower kernels. An interrupted run's progress bar is closed."""
+    from transformers import PrinterCallback
+
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    trainer = None
+    try:
+        trainer = build()
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; training_log.csv keeps them
+        start = time.perf_counter()
+        with quiet_library_warnings(), quiet_library_logs():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        seconds = time.perf_counter() - start
+    finally:
+        torch.use_deterministic_algorithms(deterministic_before)
+        if trainer is not None:  # an interrupted run: the progress bar ends, and the console is itself again
+            close_progress(trainer)
+    return trainer, seconds
 
 
 def close_progress(trainer: Any) -> None:
