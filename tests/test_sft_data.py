@@ -20,6 +20,7 @@ from qlora_pipeline.evaluation.text_metrics import normalize_answer, reference_s
 from qlora_pipeline.sft.prompts import IGNORE, Encoded, Prompter, resolve_format
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SPLITS = ("train", "validation", "test")
 CONVERSATION = [
     {"role": "system", "content": "你是酒店助手。"},
     {"role": "user", "content": "这家酒店怎么样？"},
@@ -422,3 +423,36 @@ def test_qlora_check_plans_an_sft_run_and_names_what_would_fail(capsys: pytest.C
     args = ["check", "instruction_sft_tiny", "--set", "data.max_samples=60", "--set", "sft.truncation=right"]
     assert main([*args, "--set", "training.max_length=16"]) == 2
     assert "every train example loses its whole answer to truncation" in capsys.readouterr().err
+
+
+def test_one_file_per_split_keeps_each_records_split(tmp_path: Path) -> None:
+    """`files:` in mode sft: every record stays in the split its file names (it hit an assert before)."""
+    train = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(20))
+    test = write_jsonl(
+        tmp_path / "test.jsonl", [dict(r, output=f"测试{i}") for i, r in enumerate(alpaca_rows(30)[20:])]
+    )
+    config = Config.from_dict(
+        {
+            "experiment": {"mode": "sft"},
+            "data": {"sources": [{"name": "mine", "type": "local", "files": {"train": str(train), "test": str(test)}}],
+                     "val_ratio": 0.2},
+        }
+    )  # fmt: skip
+    data = prepare_instructions(config.data, config.sft, 0)
+    answers = {name: {m[-1]["content"] for m in getattr(data.splits, name)["messages"]} for name in SPLITS}
+    assert answers["test"] == {f"测试{i}" for i in range(10)}
+    assert answers["train"] | answers["validation"] == {f"答案{i}" for i in range(20)}
+    assert len(answers["validation"]) == 4
+    assert data.summary["sources"][0]["origin"] == f"train: {train.resolve()}; test: {test.resolve()}"
+
+
+def test_a_local_file_is_read_with_the_sources_encoding(tmp_path: Path) -> None:
+    """`encoding: gbk` is honoured in mode sft and recorded (it was ignored: the file was read as UTF-8)."""
+    path = tmp_path / "gbk.jsonl"
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in alpaca_rows(10)).encode("gbk"))
+    config = Config.from_dict({**config_for(path).to_dict(), "data": {"sources": [
+        {"name": "mine", "type": "local", "path": str(path), "encoding": "gbk"}]}})  # fmt: skip
+    data = prepare_instructions(config.data, config.sft, 0)
+    answers = {m[-1]["content"] for name in SPLITS for m in getattr(data.splits, name)["messages"]}
+    assert answers == {f"答案{i}" for i in range(10)}
+    assert data.summary["sources"][0]["encoding"] == "gbk"

