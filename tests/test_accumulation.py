@@ -6,16 +6,12 @@ and the same probabilities afterwards."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import accumulation_config, train_briefly
+from helpers import REPO, accumulation_config, torchrun, train_briefly
 
-REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 CASES = [("classification", "balanced"), ("lm_label", "balanced"), ("classification", "none"), ("lm_label", "none")]
 WEIGHTED, UNWEIGHTED = CASES[:2], CASES[2:]
@@ -79,10 +75,8 @@ def test_four_by_two_trains_as_eight_by_one_without_class_weights(
 @pytest.mark.slow  # one torchrun job of two processes that trains all four cases: ~1 min here
 def test_two_processes_of_four_train_as_one_of_eight(one_batch_of_8: References, tmp_path: Path) -> None:
     out = tmp_path / "ddp.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    worker = [str(REPO / "tests" / "accumulation_worker.py"), str(out), *(f"{h}:{w}" for h, w in CASES)]
-    done = subprocess.run([*command, *worker], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    worker = REPO / "tests" / "accumulation_worker.py"
+    done = torchrun(str(out), *(f"{h}:{w}" for h, w in CASES), script=worker, path=(REPO / "tests",))
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(out.read_text())
     for case in CASES:

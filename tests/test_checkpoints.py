@@ -10,72 +10,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import CHECKPOINTED as CONFIG
+from helpers import INTERRUPT_AT, error_lines
+from helpers import checkpointed_args as args
 from safetensors.numpy import load_file
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import load_config
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.finetune import recipe as finetune
-from qlora_pipeline.runs import RunInterrupted
 
-BASE = [
-    "data.max_samples=160",
-    "training.gradient_accumulation_steps=1",
-    "evaluation.bootstrap=0",
-    "evaluation.figures=false",
-]
-# One configuration serves every test: evaluation and a checkpoint every 2 steps, early stopping with patience 2
-# (this run stops at step 6; its best step is 2), a calibrated threshold, the data layer's class weights.
-CONFIG = [
-    *BASE,
-    "training.max_steps=12",
-    "training.eval_steps=2",
-    "training.early_stopping_patience=2",
-    "training.threshold_metric=macro_f1",
-    "data.balance=class_weights",
-    "training.class_weights=none",
-]
-INTERRUPT_AT = 4  # after the step-4 checkpoint: past the best step, with one evaluation of patience used up
-
-
-def args(root: Path, overrides: list[str], *options: str) -> list[str]:
-    out = ["run", "--config", "qlora_tiny", "--output-dir", str(root), *options]  # what quick-test --mode qlora runs
-    for item in overrides:
-        out += ["--set", item]
-    return out
+# One configuration serves every test (helpers.CHECKPOINTED); `uninterrupted` and `interrupted` (the same run cut
+# after its step-4 checkpoint) are tests/conftest.py's.
 
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("whole")
-    assert main(args(root, CONFIG)) == 0
-    return root / "run_001"
-
-
-@pytest.fixture(scope="module")
-def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same run, interrupted right after its step-4 checkpoint (as SIGTERM would: RunInterrupted)."""
-    from transformers import TrainerCallback
-
-    class Interrupt(TrainerCallback):
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step == INTERRUPT_AT:
-                raise RunInterrupted(f"test interruption after the step-{INTERRUPT_AT} checkpoint")
-
-    root = tmp_path_factory.mktemp("cut")
-    original = finetune.training_callbacks
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            finetune,
-            "training_callbacks",
-            lambda cfg, marker: [*original(cfg, marker), Interrupt()],
-        )
-        assert main(args(root, CONFIG)) == 143  # as SIGTERM ends it: one line, exit 128 + 15
-    return root / "run_001"
 
 
 def test_early_stopping_evaluates_and_saves_the_best_checkpoint(uninterrupted: Path) -> None:
@@ -195,7 +144,7 @@ def test_resume_from_a_checkpoint_of_another_config_is_refused(
 ) -> None:
     changed = [*CONFIG, "training.learning_rate=5e-4"]
     assert main(args(interrupted.parent, changed, "--resume", str(interrupted))) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlora: error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "written by a different config" in errors[0]
 
 
@@ -223,7 +172,7 @@ def test_base_without_a_sequence_classification_class_is_one_line_exit_2(
     shutil.copytree(ensure_tiny_qwen3(), base, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     (base / "config.json").write_text(json.dumps({"model_type": "clip_text_model", "vocab_size": 512}))
     code = main(args(tmp_path, [*CONFIG, f"model.name_or_path={base}"]))
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlora: error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert code == 2 and len(errors) == 1
     assert "has no sequence-classification class" in errors[0] and "experiment.mode embeddings" in errors[0]
 

@@ -5,17 +5,15 @@ processes share the encoding through the cache, and the run equals a one-process
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import sets, torchrun
 
 from qlora_pipeline.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/qlora_tiny.yaml"
 STEPS, BATCH = 4, 8
 SETTINGS = [
@@ -30,22 +28,6 @@ SETTINGS = [
 ]
 
 
-def overrides(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
-
-
-def torchrun(*args: str, processes: int = 2, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """`torchrun --nproc_per_node N --standalone -m qlora_pipeline ARGS` from the repository root; `cache`: another
-    QLORA_CACHE_DIR than the session's (conftest's)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    if cache is not None:
-        env["QLORA_CACHE_DIR"] = str(cache)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--standalone"]
-    return subprocess.run(
-        [*command, "-m", "qlora_pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
 def failure(done: subprocess.CompletedProcess[str]) -> str:
     """What a failed launch printed: the first lines of every rank's traceback (a crash on one rank shows on the
     others only as a closed connection), then the end of stderr."""
@@ -56,7 +38,7 @@ def failure(done: subprocess.CompletedProcess[str]) -> str:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     root = tmp_path_factory.mktemp("ddp")
-    done = torchrun("run", "--config", CONFIG, "--output-dir", str(root), *overrides(*SETTINGS))
+    done = torchrun("run", "--config", CONFIG, "--output-dir", str(root), *sets(*SETTINGS))
     assert done.returncode == 0, failure(done)
     return root / "run_001", done
 
@@ -107,7 +89,7 @@ def test_a_two_process_checkpoint_does_not_resume_in_one_process(
     ddp_run: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir, _ = ddp_run
-    args = ["run", "--config", CONFIG, "--output-dir", str(tmp_path), *overrides(*SETTINGS)]
+    args = ["run", "--config", CONFIG, "--output-dir", str(tmp_path), *sets(*SETTINGS)]
     assert main([*args, "--resume", str(run_dir / "checkpoints" / "checkpoint-2")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.endswith(
@@ -134,7 +116,7 @@ def test_a_two_process_run_resumed_on_two_processes_matches_the_uninterrupted_on
     run_dir, _ = ddp_run
     root = run_dir.parent
     resume = str(run_dir / "checkpoints" / "checkpoint-2")
-    done = torchrun("run", "--config", CONFIG, "--output-dir", str(root), *overrides(*SETTINGS), "--resume", resume)
+    done = torchrun("run", "--config", CONFIG, "--output-dir", str(root), *sets(*SETTINGS), "--resume", resume)
     assert done.returncode == 0, failure(done)
     resumed = root / "run_002"
     assert sorted(p.name for p in (resumed / "checkpoints" / "checkpoint-2").glob("rng_state_*")) == [
@@ -162,7 +144,7 @@ def test_an_embeddings_run_on_two_processes_equals_the_one_process_run(tmp_path:
     the one-process run below starts cold too); rank 0 reads them back and writes the run."""
     from qlora_pipeline.reproduce import compare_runs
 
-    args = ["run", "--config", "quick_test.yaml", *overrides(*EMBEDDING_SETTINGS)]
+    args = ["run", "--config", "quick_test.yaml", *sets(*EMBEDDING_SETTINGS)]
     done = torchrun(*args, "--output-dir", str(tmp_path / "two"), cache=tmp_path / "cache")
     assert done.returncode == 0, failure(done)
     assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0

@@ -15,36 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CACHE_SETTINGS as SETTINGS
+from helpers import DIM, REPO, assert_right, fill, keys_of, vector_of
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.embeddings import cache as cache_module
-from qlora_pipeline.embeddings.cache import INDEX, EmbeddingCache, cache_info, clear_cache, read_chunk, text_key
-
-REPO = Path(__file__).resolve().parents[1]
-SETTINGS = {"model": "made-up", "pooling": "mean"}
-DIM = 16
-
-
-def vector_of(key: bytes) -> np.ndarray:
-    """A vector determined by its key, so any process can check what it reads."""
-    return np.frombuffer(hashlib.sha512(key).digest(), dtype=np.uint8)[:DIM].astype(np.float32) / 255
-
-
-def keys_of(numbers: range) -> list[bytes]:
-    return [text_key(f"text {i}") for i in numbers]
-
-
-def fill(cache: EmbeddingCache, numbers: range, per_chunk: int = 50) -> list[bytes]:
-    keys = keys_of(numbers)
-    for start in range(0, len(keys), per_chunk):
-        part = keys[start : start + per_chunk]
-        cache.put(part, np.stack([vector_of(k) for k in part]))
-    return keys
-
-
-def assert_right(found: dict[bytes, np.ndarray]) -> None:
-    for key, vector in found.items():
-        np.testing.assert_array_equal(vector, vector_of(key))
+from qlora_pipeline.embeddings.cache import INDEX, EmbeddingCache, cache_info, clear_cache, read_chunk
 
 
 def test_a_lookup_reads_the_records_asked_for_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,7 +126,7 @@ import sys, time
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, {tests!r})
-from test_embedding_cache import SETTINGS, assert_right, keys_of, vector_of
+from helpers import CACHE_SETTINGS as SETTINGS, assert_right, keys_of, vector_of
 from qlora_pipeline.embeddings.cache import EmbeddingCache
 
 root, worker = Path(sys.argv[1]), int(sys.argv[2])

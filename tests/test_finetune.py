@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import fast_args, score_plainly
+from helpers import error_lines, fast_args, score_plainly, transformers_records
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import load_config
@@ -88,7 +88,7 @@ def test_target_modules_matching_nothing_list_the_linear_layers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(fast_args(tmp_path, "training.target_modules=[q_proj, query]")) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlora: error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1
     assert "training.target_modules: 'query' matches no linear layer" in errors[0]
     assert "q_proj" in errors[0] and "down_proj" in errors[0]
@@ -176,15 +176,6 @@ def test_auc_early_stopping_is_refused_for_more_than_two_classes() -> None:
     check_early_stopping_metric(train, 2, [0, 1])
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_the_checkpoint_mtime_notice_stays_off_the_console_and_other_lines_pass(tmp_path: Path) -> None:
     from transformers.trainer_utils import sort_checkpoints
 
@@ -192,9 +183,7 @@ def test_the_checkpoint_mtime_notice_stays_off_the_console_and_other_lines_pass(
 
     for step in (1, 2):
         (tmp_path / f"checkpoint-{step}").mkdir()  # made in the same second: equal mtimes
-    seen, library = _Records(), logging.getLogger("transformers")
-    library.addHandler(seen)  # where transformers' own console handler sits
-    try:
+    with transformers_records() as seen:
         logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]  # transformers' lru_cache
         with quiet_library_logs():
             sort_checkpoints(str(tmp_path), use_mtime=True)
@@ -203,8 +192,6 @@ def test_the_checkpoint_mtime_notice_stays_off_the_console_and_other_lines_pass(
         logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]
         sort_checkpoints(str(tmp_path), use_mtime=True)  # outside: the notice is there, so the test has power
         assert any("mtime may not be reliable" in m for m in seen.messages)
-    finally:
-        library.removeHandler(seen)
 
 
 def test_training_shows_progress_and_each_evaluation_and_stops_on_roc_auc(
@@ -213,8 +200,6 @@ def test_training_shows_progress_and_each_evaluation_and_stops_on_roc_auc(
     from qlora_pipeline import progress
 
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)  # no terminal here: a line at every step
-    seen, library = _Records(), logging.getLogger("transformers")
-    library.addHandler(seen)
     logging.Logger.warning_once.cache_clear()  # type: ignore[attr-defined]
     settings = [
         "training.early_stopping_metric=roc_auc",
@@ -224,10 +209,8 @@ def test_training_shows_progress_and_each_evaluation_and_stops_on_roc_auc(
         "training.lr_scheduler=linear",
         "training.save_steps=3",
     ]
-    try:
+    with transformers_records() as seen:
         assert main(fast_args(tmp_path, *settings)) == 0
-    finally:
-        library.removeHandler(seen)
     run = tmp_path / "run_001"
     log_text = (run / "experiment.log").read_text(encoding="utf-8")
     step = re.compile(

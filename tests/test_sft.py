@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import open_in_chromium, plain_nf4_base
+from helpers import open_in_chromium, plain_nf4_base, sets, torchrun
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.runs import RunInterrupted
@@ -27,10 +27,7 @@ FAST = [
 
 
 def sft_args(root: Path, *extra: str) -> list[str]:
-    args = ["quick-test", "--mode", "sft", "--output-dir", str(root)]
-    for item in [*FAST, *extra]:
-        args += ["--set", item]
-    return args
+    return ["quick-test", "--mode", "sft", "--output-dir", str(root), *sets(*FAST, *extra)]
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -239,21 +236,8 @@ def test_an_interrupted_sft_run_resumes_to_the_same_result(
 
 @pytest.mark.slow  # a torchrun job of two CPU processes: ~40 s here
 def test_two_processes_train_one_sft_run_written_by_rank_0(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     args = sft_args(tmp_path, "training.max_steps=4", "training.eval_steps=2", "evaluation.figures=false")
-    done = subprocess.run(
-        [*command, "-m", "qlora_pipeline", *args],
-        cwd=repo,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = torchrun(*args)
     assert done.returncode == 0, done.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_001"]
     run_dir = tmp_path / "run_001"

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from helpers import error_lines, sets
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import Config, ConfigError, SftConfig, load_config
@@ -52,15 +53,6 @@ def config_for(path: Path, **sft: Any) -> Config:
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    from qlora_pipeline.models.tiny import ensure_tiny_qwen3
-
-    return AutoTokenizer.from_pretrained(ensure_tiny_qwen3())
 
 
 @pytest.fixture()
@@ -161,19 +153,17 @@ def test_splits_never_share_a_prompt_and_are_seeded(tmp_path: Path) -> None:
     assert again.summary["fingerprint"] == data.summary["fingerprint"] != other.summary["fingerprint"]
 
 
-def run_exit(tmp_path: Path, rows: list[dict[str, Any]], capsys: pytest.CaptureFixture[str], *sets: str) -> str:
+def run_exit(tmp_path: Path, rows: list[dict[str, Any]], capsys: pytest.CaptureFixture[str], *settings: str) -> str:
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     config = tmp_path / "c.yaml"
     config.write_text(
         f"experiment: {{mode: sft}}\ndata: {{sources: [{{name: mine, type: local, path: {path}}}]}}\n",
         encoding="utf-8",
     )
-    args = ["run", "--config", str(config), "--output-dir", str(tmp_path / "out")]
-    for item in sets:
-        args += ["--set", item]
+    args = ["run", "--config", str(config), "--output-dir", str(tmp_path / "out"), *sets(*settings)]
     assert main(args) == 2
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("qlora: error:")]
+    errors = error_lines(err)
     assert len(errors) == 1 and "Traceback" not in err, err
     return errors[0]
 

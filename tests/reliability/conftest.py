@@ -1,10 +1,12 @@
-"""Fixtures of the reliability suite: the tiny model built once, and a fresh cache per test that shares it."""
+"""Fixtures of the reliability suite: the tiny model built once, a fresh cache per test that shares it, and the
+small embeddings run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from helpers import cache_with_model
 
 
 @pytest.fixture(scope="session")
@@ -15,14 +17,22 @@ def tiny_model(isolated_cache: Path) -> Path:
     return ensure_tiny_qwen3()
 
 
-def cache_with_model(folder: Path, model: Path) -> Path:
-    """A cache folder of its own (an empty embedding cache) that reaches the tiny model through a link."""
-    cache = folder / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / model.name).symlink_to(model, target_is_directory=True)
-    return cache
-
-
 @pytest.fixture
 def fresh_cache(tmp_path: Path, tiny_model: Path) -> Path:
     return cache_with_model(tmp_path, tiny_model)
+
+
+@pytest.fixture(scope="session")
+def embeddings_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tuple[Path, Path]:
+    """A small embeddings run (procs.EMBEDDINGS) that succeeded with a cold cache of its own, and that cache. Its
+    users read both, or change copies."""
+    from procs import EMBEDDINGS
+
+    from qlora_pipeline.cli import main
+
+    folder = tmp_path_factory.mktemp("embeddings")
+    cache = cache_with_model(folder, tiny_model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QLORA_CACHE_DIR", str(cache))
+        assert main([*EMBEDDINGS, "--output-dir", str(folder / "out")]) == 0
+    return folder / "out" / "run_001", cache

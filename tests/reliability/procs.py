@@ -13,16 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from helpers import CHECKPOINTED, sets
+from helpers import error_lines as _error_lines
+
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = Path(__file__).with_name("harness.py")
 WAIT_S = 600  # generous on a busy shared machine; a hang fails the test instead of waiting forever
 
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -signal.SIGKILL}
-
-
-def sets(*items: str) -> list[str]:
-    return [arg for item in items for arg in ("--set", item)]
 
 
 # A small embeddings run: 120 texts, batches of 8 (so encoding takes several forward passes), no figures.
@@ -39,24 +38,8 @@ EMBEDDINGS = [
     ),
 ]
 # A small QLoRA run that checkpoints every 2 steps, keeps 2 checkpoints and the best, and stops early at step 6
-# with step 2 the best (tests/test_checkpoints.py's configuration): at step 6 the Trainer deletes checkpoint-4.
-QLORA = [
-    "run",
-    "--config",
-    "qlora_tiny",
-    *sets(
-        "data.max_samples=160",
-        "training.gradient_accumulation_steps=1",
-        "evaluation.bootstrap=0",
-        "evaluation.figures=false",
-        "training.max_steps=12",
-        "training.eval_steps=2",
-        "training.early_stopping_patience=2",
-        "training.threshold_metric=macro_f1",
-        "data.balance=class_weights",
-        "training.class_weights=none",
-    ),
-]
+# with step 2 the best (helpers.CHECKPOINTED, tests/test_checkpoints.py's): at step 6 the Trainer deletes checkpoint-4.
+QLORA = ["run", "--config", "qlora_tiny", *sets(*CHECKPOINTED)]
 
 
 def child_env(cache: Path, **extra: str) -> dict[str, str]:
@@ -158,4 +141,5 @@ def read_json(path: Path) -> Any:
 
 
 def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("qlora:")]
+    """Every line the command printed as itself (`qlora: error: ...`, `qlora: interrupted ...`)."""
+    return _error_lines(stderr, prefix="qlora:")

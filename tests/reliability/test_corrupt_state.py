@@ -14,16 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import cache_with_model
+from helpers import CHECKPOINTED, cache_with_model
 from procs import EMBEDDINGS, QLORA, error_lines, read_json
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.config import load_config
 from qlora_pipeline.embeddings.cache import EmbeddingCache, embeddings_root
 from qlora_pipeline.errors import UserError
-from qlora_pipeline.finetune import recipe
 from qlora_pipeline.integrity import CHECKSUMS, MANIFEST
-from qlora_pipeline.runs import RunInterrupted
 from qlora_pipeline.training.checkpoints import MARKER, resolve_resume
 
 # ---- the embedding cache --------------------------------------------------------------------------------------
@@ -89,17 +87,6 @@ def test_a_damaged_cache_file_is_detected_and_never_used(
     assert tried >= 18
 
 
-@pytest.fixture(scope="module")
-def embeddings_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tuple[Path, Path]:
-    """A small embeddings run that succeeded, and its cache."""
-    folder = tmp_path_factory.mktemp("embeddings")
-    cache = cache_with_model(folder, tiny_model)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QLORA_CACHE_DIR", str(cache))
-        assert main([*EMBEDDINGS, "--output-dir", str(folder / "out")]) == 0
-    return folder / "out" / "run_001", cache
-
-
 def test_a_rerun_over_a_damaged_cache_recomputes_and_matches(
     embeddings_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,30 +111,11 @@ def test_a_rerun_over_a_damaged_cache_recomputes_and_matches(
 # ---- checkpoints ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def interrupted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
-    """A QLoRA run interrupted right after its step-4 checkpoint: checkpoints 2 and 4 complete."""
-    from transformers import TrainerCallback
-
-    class Interrupt(TrainerCallback):
-        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step == 4:
-                raise RunInterrupted("test interruption after the step-4 checkpoint")
-
-    folder = tmp_path_factory.mktemp("interrupted")
-    original = recipe.training_callbacks
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QLORA_CACHE_DIR", str(cache_with_model(folder, tiny_model)))
-        patch.setattr(recipe, "training_callbacks", lambda cfg, marker: [*original(cfg, marker), Interrupt()])
-        assert main([*QLORA, "--output-dir", str(folder / "out")]) == 143
-    run = folder / "out" / "run_001"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    return run
+# `interrupted` (tests/conftest.py): the QLoRA run of procs.QLORA interrupted right after its step-4 checkpoint.
 
 
 def qlora_config() -> Any:
-    overrides = [item for flag, item in zip(QLORA[3::2], QLORA[4::2], strict=True) if flag == "--set"]
-    return load_config("qlora_tiny", overrides)
+    return load_config("qlora_tiny", CHECKPOINTED)
 
 
 def damaged_copy(run: Path, tmp_path: Path, damage: str) -> Path:

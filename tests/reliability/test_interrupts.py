@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cache_with_model
 from procs import EMBEDDINGS, EXIT_CODES, QLORA, error_lines, read_json, start
 
 from qlora_pipeline import runs
@@ -191,23 +190,16 @@ def test_resume_refuses_a_run_whose_process_still_lives(tmp_path: Path, capsys: 
 # ---- the matrix: every point of both paths, each with a signal; reruns and resumes match -----------------------
 
 
-@pytest.fixture(scope="module")
-def embeddings_reference(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
-    """The small embeddings run, never interrupted, with a cold cache of its own."""
-    folder = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QLORA_CACHE_DIR", str(cache_with_model(folder, tiny_model)))
-        assert main([*EMBEDDINGS, "--output-dir", str(folder / "out")]) == 0
-    return folder / "out" / "run_001"
+@pytest.fixture
+def embeddings_reference(embeddings_run: tuple[Path, Path]) -> Path:
+    """The small embeddings run, never interrupted, with a cold cache of its own (conftest's)."""
+    return embeddings_run[0]
 
 
-@pytest.fixture(scope="module")
-def qlora_reference(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
-    folder = tmp_path_factory.mktemp("reference")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QLORA_CACHE_DIR", str(cache_with_model(folder, tiny_model)))
-        assert main([*QLORA, "--output-dir", str(folder / "out")]) == 0
-    return folder / "out" / "run_001"
+@pytest.fixture
+def qlora_reference(uninterrupted: Path) -> Path:
+    """procs.QLORA never interrupted (tests/conftest.py's)."""
+    return uninterrupted
 
 
 EMBEDDING_POINTS = [  # (point, signal, rerun and compare): 7 points with the data stage above, each signal 3+ times

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import cache_with_model
+from helpers import cache_with_model
 from procs import EMBEDDINGS, REPO, WAIT_S, child_env, error_lines, read_json
 
 from qlora_pipeline import runs

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cache_with_model
-from procs import EMBEDDINGS, error_lines, read_json, sets, start
+from helpers import cache_with_model, sets
+from procs import EMBEDDINGS, error_lines, read_json, start
 
 from qlora_pipeline.cli import main
 from qlora_pipeline.errors import UserError
@@ -206,19 +206,10 @@ def test_a_hostile_file_name_is_read_and_names_no_output(tmp_path: Path, tiny_mo
 # ---- heads: only the run's own, only as saved ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def embeddings_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
-    folder = tmp_path_factory.mktemp("embeddings")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QLORA_CACHE_DIR", str(cache_with_model(folder, tiny_model)))
-        assert main([*EMBEDDINGS, "--output-dir", str(folder / "out")]) == 0
-    return folder / "out" / "run_001"
-
-
 def test_a_head_symlinked_from_outside_the_run_is_not_unpickled(
-    embeddings_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    embeddings_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    copy = Path(shutil.copytree(embeddings_run, tmp_path / "run"))
+    copy = Path(shutil.copytree(embeddings_run[0], tmp_path / "run"))
     evil = tmp_path / "evil.joblib"
     shutil.copyfile(copy / "models" / "all" / "logreg.joblib", evil)
     (copy / "models" / "all" / "logreg.joblib").unlink()
@@ -229,12 +220,12 @@ def test_a_head_symlinked_from_outside_the_run_is_not_unpickled(
 
 
 def test_a_head_is_never_unpickled_before_its_checksum_is_checked(
-    embeddings_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    embeddings_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A head replaced by a pickle that would run code when loaded: refused by its checksum, the code never runs."""
     import pickle
 
-    copy = Path(shutil.copytree(embeddings_run, tmp_path / "run"))
+    copy = Path(shutil.copytree(embeddings_run[0], tmp_path / "run"))
     witness = tmp_path / "unpickled"
 
     class Payload:
