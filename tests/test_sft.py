@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,26 @@ def test_an_sft_run_is_not_a_classifier_and_a_classifier_run_writes_no_answers(
                                                   .to_dict()}))  # fmt: skip
     assert main(["generate", "--run", str(fake), "--prompt", "你好"]) == 2
     assert "is a qlora run (a classifier)" in capsys.readouterr().err
+
+
+def test_an_sft_checkpoint_records_its_data_and_resumes_only_on_it(
+    sft_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each checkpoint is stamped with the data fingerprint, and a resume on other data is refused in one line
+    before the model loads (the sft path stamped none and checked nothing)."""
+    from qlora_pipeline.training.checkpoints import MARKER
+
+    checkpoint = sorted((sft_run / "checkpoints").glob("checkpoint-*"))[0]
+    marker = json.loads((checkpoint / MARKER).read_text())
+    assert marker["data_fingerprint"] == json.loads((sft_run / "data_summary.json").read_text())["fingerprint"]
+    copy = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, copy)
+    (copy / MARKER).write_text(json.dumps({**marker, "data_fingerprint": "0" * 64}))
+    config = tmp_path / "config.json"  # the run's resolved config, as `qlora reproduce` reads it
+    config.write_text(json.dumps(json.loads((sft_run / "config.json").read_text())["config"]))
+    args = ["run", "--config", str(config), "--output-dir", str(tmp_path / "out")]
+    assert main([*args, "--resume", str(copy)]) == 2
+    assert "trained on other data" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a second full run: ~25 s here

@@ -47,13 +47,16 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
     """`resume_from`: a checkpoint of an interrupted run of this config (see `checkpoints.resolve_resume`)."""
     seed = config.experiment.seed
     data = data_stage(config, run, lambda: prepare_instructions(config.data, config.sft, seed))
+    fingerprint = data.summary["fingerprint"]
+    if resume_from is not None:  # before the model loads: a checkpoint continues only on the data it trained on
+        checkpoints.check_data(resume_from, fingerprint)
 
     with run.stage("model"):
         tuned = recipe.setup(config, seed)
         update_record(run, model=model_record(tuned.loaded), prompt_format=tuned.prompt.to_dict())
 
     with run.stage("training"):
-        work_dir, resume_from = resume_checkpoints(run, resume_from, tuned.notes, data.summary["fingerprint"])
+        work_dir, resume_from = resume_checkpoints(run, resume_from, tuned.notes, fingerprint)
         train_rows, validation_rows, truncation = encode(tuned, config, data)
         recipe.train(
             tuned,
@@ -62,7 +65,7 @@ def execute(config: Config, run: Run, resume_from: Path | None = None) -> dict[s
             validation_rows,
             seed,
             work_dir,
-            marker=checkpoints.marker_callback(checkpoints.config_hash(config), run.name),
+            marker=checkpoints.marker_callback(checkpoints.config_hash(config), run.name, fingerprint),
             resume_from=resume_from,
         )
         tuned.summary["truncation"] = truncation
@@ -131,6 +134,6 @@ def train_replica(config: Config, run_dir: Path, resume: str | None) -> None:
         validation_rows,
         seed,
         work_dir,
-        marker=checkpoints.marker_callback(checkpoints.config_hash(config), run_dir.name),
+        marker=checkpoints.marker_callback(checkpoints.config_hash(config), run_dir.name, data.summary["fingerprint"]),
         resume_from=work_dir / resume if resume else None,
     )
