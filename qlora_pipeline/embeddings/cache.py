@@ -418,6 +418,21 @@ def _is_gone(exc: sqlite3.Error) -> bool:
     )
 
 
+def _switch_to_wal(connection: sqlite3.Connection) -> None:
+    """WAL mode. Switching a new index to it takes the file to itself: when processes open a new index at the same
+    moment, SQLite can find them waiting on each other and answers "locked" at once, without the busy timeout
+    (it refuses to wait on a deadlock). One of them gets the switch; the others try again shortly."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class _Index:
     """One connection to a model key's `index.sqlite`."""
 
@@ -433,7 +448,7 @@ class _Index:
         except sqlite3.OperationalError as exc:  # its folder was deleted just now
             raise _IndexGone(str(exc)) from exc
         try:
-            connection.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(connection)
             connection.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last commits, never
             connection.executescript(SCHEMA)  # the index's consistency; what they registered is recomputed
             connection.execute("SELECT COUNT(*) FROM segments").fetchone()  # a damaged file fails here
