@@ -14,7 +14,13 @@ DIAGRAMS = REPO / "diagrams"
 
 
 def stages(*files: str) -> set[str]:
-    return {stage for name in files for stage in re.findall(r'run\.stage\("(\w+)"\)', (PACKAGE / name).read_text())}
+    """The stages a module runs: its own `run.stage("...")` blocks, and the data stage when it calls the shared
+    `data_stage` (the sft path passes its own preparation of instruction records to it)."""
+    found = set()
+    for name in files:
+        code = (PACKAGE / name).read_text()
+        found |= set(re.findall(r'run\.stage\("(\w+)"\)', code)) | ({"data"} if "data_stage(" in code else set())
+    return found
 
 
 SHARED = stages("pipeline.py", "stages.py")
