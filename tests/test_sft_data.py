@@ -446,3 +446,19 @@ def test_a_local_file_is_read_with_the_sources_encoding(tmp_path: Path) -> None:
     answers = {m[-1]["content"] for name in SPLITS for m in getattr(data.splits, name)["messages"]}
     assert answers == {f"答案{i}" for i in range(10)}
     assert data.summary["sources"][0]["encoding"] == "gbk"
+
+
+@pytest.mark.parametrize("mode", ["sft", "embeddings"])
+def test_an_encoding_on_a_save_to_disk_folder_is_refused(tmp_path: Path, mode: str) -> None:
+    import datasets
+
+    from qlora_pipeline.data.prepare import prepare_data
+
+    datasets.Dataset.from_list(alpaca_rows(4)).save_to_disk(tmp_path / "ds")
+    source = {"name": "mine", "type": "local", "path": str(tmp_path / "ds"), "encoding": "gbk"}
+    config = Config.from_dict({"experiment": {"mode": mode}, "data": {"sources": [source]}})
+    with pytest.raises(DataError, match=r"encoding is only read for text files, and .* is a folder"):
+        if mode == "sft":
+            prepare_instructions(config.data, config.sft, 0)
+        else:
+            prepare_data(config.data, 0)

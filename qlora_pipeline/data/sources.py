@@ -174,11 +174,6 @@ def load_local(source: SourceConfig) -> SourceData:
     assert source.path is not None  # the config refuses a local source without a path or files
     path = Path(source.path).expanduser()
     if path.is_dir():
-        if source.encoding is not None:
-            raise DataError(
-                f"data source '{source.name}': encoding is only read for text files, and {path} is a folder "
-                "(save_to_disk); remove it"
-            )
         from qlora_pipeline.data.hub import load_saved
 
         return load_saved(source, path)
@@ -206,10 +201,19 @@ def read_source_file(
     return raw, table, chosen
 
 
-def load_split_files(source: SourceConfig) -> SourceData:
-    """`files: {train: ..., validation: ..., test: ...}`: one file per split of one dataset, each row keeping the
-    split its file names (a missing validation or test is carved from train later, by the ratios). Every file is
-    read with the source's `encoding`; the record names each file's codec."""
+@dataclasses.dataclass
+class SplitFiles:
+    """The files of `files:`, each read once, in split order: (split, path, table) for each, the origin and
+    sha256 of all of them, and the codec record (one, or each split's when they differ; None for parquet)."""
+
+    tables: list[tuple[str, Path, pd.DataFrame]]
+    origin: str
+    sha256: str
+    encoding: dict[str, str] | None
+
+
+def read_split_files(source: SourceConfig) -> SplitFiles:
+    """Read every file `source.files` names with the source's `encoding`; a missing file is refused in one line."""
     assert source.files is not None
     digest = hashlib.sha256()
     tables, origins, codecs = [], [], {}
@@ -221,6 +225,30 @@ def load_split_files(source: SourceConfig) -> SourceData:
             )
         raw = path.read_bytes()
         table, encoding = read_local_file(path, source.encoding, data=raw)
+        tables.append((split, path, table))
+        digest.update(f"[{split}]\n".encode())
+        digest.update(raw)
+        origins.append(f"{split}: {path.resolve()}")
+        if encoding is not None:
+            codecs[split] = encoding.record()
+    records = list(codecs.values())
+    same = records and all(record == records[0] for record in records)
+    record = (
+        records[0]
+        if same
+        else {"encoding": ", ".join(f"{k}: {v['encoding']}" for k, v in codecs.items())}
+        if codecs
+        else None
+    )
+    return SplitFiles(tables, "; ".join(origins), digest.hexdigest(), record)
+
+
+def load_split_files(source: SourceConfig) -> SourceData:
+    """`files: {train: ..., validation: ..., test: ...}`: one file per split of one dataset, each row keeping the
+    split its file names (a missing validation or test is carved from train later, by the ratios). Every file is
+    read with the source's `encoding`; the record names each file's codec."""
+    read = read_split_files(source)
+    for split, path, table in read.tables:
         wanted = [source.text_column, source.text_pair_column, source.label_column]
         missing = [c for c in wanted if c is not None and c not in table.columns]
         if missing:
@@ -231,22 +259,7 @@ def load_split_files(source: SourceConfig) -> SourceData:
             )
         table["__id__"] = [f"{source.name}:{split}:{i}" for i in range(len(table))]
         table["__split__"] = split
-        tables.append(table)
-        digest.update(f"[{split}]\n".encode())
-        digest.update(raw)
-        origins.append(f"{split}: {path.resolve()}")
-        if encoding is not None:
-            codecs[split] = encoding.record()
-    table = pd.concat(tables, ignore_index=True)
-    where = " + ".join(Path(source.files[split]).name for split in SPLIT_NAMES if split in source.files)
-    loaded = from_table(table, source, where, "; ".join(origins), digest.hexdigest())
-    records = list(codecs.values())
-    same = records and all(record == records[0] for record in records)
-    record = (
-        records[0]
-        if same
-        else {"encoding": ", ".join(f"{k}: {v['encoding']}" for k, v in codecs.items())}
-        if codecs
-        else None
-    )
-    return dataclasses.replace(loaded, encoding=record)
+    table = pd.concat([table for _, _, table in read.tables], ignore_index=True)
+    where = " + ".join(path.name for _, path, _ in read.tables)
+    loaded = from_table(table, source, where, read.origin, read.sha256)
+    return dataclasses.replace(loaded, encoding=read.encoding)
